@@ -1,0 +1,155 @@
+"""The append-only audit history of alias changes, in sqlite (default) or PostgreSQL (by URL).
+
+Every alias move happens inside `AuditLog.lock(model, alias)`: a per-model lock (a PostgreSQL advisory
+lock, or a file lock beside the sqlite file) held in the same transaction that appends the event, so
+concurrent promotions from many processes serialise and the history stays a consistent chain.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+_metadata = sa.MetaData()
+alias_events = sa.Table(
+    "champion_alias_events",
+    _metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("model_name", sa.String(256), nullable=False, index=True),
+    sa.Column("alias", sa.String(64), nullable=False),
+    sa.Column("action", sa.String(32), nullable=False),  # assign | promote | rollback | external
+    sa.Column("from_version", sa.String(32)),
+    sa.Column("to_version", sa.String(32)),
+    sa.Column("actor", sa.String(256), nullable=False),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("evidence", sa.Text, nullable=False),  # JSON
+)
+
+
+@dataclass(frozen=True)
+class AliasEvent:
+    model_name: str
+    alias: str
+    action: str
+    from_version: str | None
+    to_version: str | None
+    actor: str
+    reason: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+    at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    id: int | None = None
+
+
+def current_actor() -> str:
+    """Who is acting: `CHAMPION_ACTOR` if set (CI, schedulers), else user@host."""
+    if actor := os.environ.get("CHAMPION_ACTOR"):
+        return actor
+    try:
+        user = os.getlogin()
+    except OSError:
+        user = os.environ.get("USER") or str(os.getuid())
+    return f"{user}@{os.uname().nodename}"
+
+
+class AuditLog:
+    """A thin interface over the audit table; inject a URL to switch sqlite for PostgreSQL."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = sa.create_engine(url, future=True, pool_pre_ping=True)
+        self._sqlite_path = None
+        if self.engine.dialect.name == "sqlite" and self.engine.url.database not in (None, "", ":memory:"):
+            self._sqlite_path = Path(self.engine.url.database)
+            self._sqlite_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.engine.begin() as conn:
+            if self.engine.dialect.name == "postgresql":  # two processes creating the table at once collide
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key("create")})
+            _metadata.create_all(conn, checkfirst=True)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def lock(self, model_name: str, alias: str) -> Iterator[_LockedHistory]:
+        """Serialise alias changes for one model across processes; appends commit when the block exits."""
+        with self._file_lock(), self.engine.begin() as conn:
+            if self.engine.dialect.name == "postgresql":
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key(model_name)})
+            yield _LockedHistory(conn, model_name, alias)
+
+    @contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        if self._sqlite_path is None:
+            yield
+            return
+        with open(self._sqlite_path.with_suffix(".lock"), "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def events(self, model_name: str, alias: str | None = None) -> list[AliasEvent]:
+        with self.engine.connect() as conn:
+            return _select_events(conn, model_name, alias)
+
+
+class _LockedHistory:
+    def __init__(self, conn: sa.Connection, model_name: str, alias: str):
+        self._conn, self.model_name, self.alias = conn, model_name, alias
+
+    def events(self) -> list[AliasEvent]:
+        return _select_events(self._conn, self.model_name, self.alias)
+
+    def append(self, event: AliasEvent) -> AliasEvent:
+        values = {
+            "model_name": event.model_name,
+            "alias": event.alias,
+            "action": event.action,
+            "from_version": event.from_version,
+            "to_version": event.to_version,
+            "actor": event.actor,
+            "at": event.at,
+            "reason": event.reason,
+            "evidence": json.dumps(event.evidence, sort_keys=True, default=str),
+        }
+        new_id = self._conn.execute(alias_events.insert().values(**values)).inserted_primary_key[0]
+        return AliasEvent(**{**event.__dict__, "id": int(new_id)})
+
+
+def _select_events(conn: sa.Connection, model_name: str, alias: str | None) -> list[AliasEvent]:
+    query = sa.select(alias_events).where(alias_events.c.model_name == model_name)
+    if alias is not None:
+        query = query.where(alias_events.c.alias == alias)
+    rows = conn.execute(query.order_by(alias_events.c.id)).mappings()
+    return [
+        AliasEvent(
+            id=row["id"],
+            model_name=row["model_name"],
+            alias=row["alias"],
+            action=row["action"],
+            from_version=row["from_version"],
+            to_version=row["to_version"],
+            actor=row["actor"],
+            at=row["at"] if row["at"].tzinfo else row["at"].replace(tzinfo=UTC),
+            reason=row["reason"],
+            evidence=json.loads(row["evidence"]),
+        )
+        for row in rows
+    ]
+
+
+def _lock_key(name: str) -> int:
+    """A stable signed 64-bit key for pg_advisory_xact_lock."""
+    return int.from_bytes(hashlib.sha256(f"champion:{name}".encode()).digest()[:8], "big", signed=True)

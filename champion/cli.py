@@ -1,0 +1,273 @@
+"""The `champion` command. Heavy libraries are imported inside each verb, so `--help` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+from champion.errors import ChampionError, InterruptedRun
+
+
+def _terminate_as_interrupt(signum, frame):  # SIGTERM (kill, schedulers) gets the Ctrl-C clean-up path
+    raise KeyboardInterrupt
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from champion.config import load_config
+    from pipelines.finetune import FinetuneConfig, finetune
+
+    cfg = load_config(FinetuneConfig, args.config, args.overrides)
+    result = finetune(cfg)
+    m = result.metrics
+    print(f"registered {result.model_name} v{result.version} as '{cfg.registry.alias}' (run {result.run_id})")
+    print(f"  validation: accuracy {m['val_accuracy']:.4f}, macro-F1 {m['val_macro_f1']:.4f}")
+    print(f"  test:       accuracy {m['test_accuracy']:.4f}, macro-F1 {m['test_macro_f1']:.4f}")
+    print(f'  next: champion promote {result.model_name} {result.version} --reason "..."')
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from champion.registry import connect, list_models, show_model
+
+    reg = connect()
+    if args.models_verb == "list":
+        models = list_models(reg)
+        if args.json:
+            print(json.dumps(models, indent=2))
+        elif not models:
+            print(f"no registered models in {reg.tracking_uri}; run `champion finetune CONFIG` first.")
+        else:
+            _table(
+                [
+                    [
+                        m["name"],
+                        m["aliases"].get("champion", "-"),
+                        m["aliases"].get("challenger", "-"),
+                        m["latest"] or "-",
+                        m["updated"] or "-",
+                    ]
+                    for m in models
+                ],
+                ["NAME", "CHAMPION", "CHALLENGER", "LATEST", "UPDATED"],
+            )
+        return 0
+    info = show_model(reg, args.name)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(
+        f"{info['name']}  aliases: "
+        + (", ".join(f"{k}=v{v}" for k, v in sorted(info["aliases"].items())) or "none")
+    )
+    rows = []
+    for v in info["versions"]:
+        t = v["tags"]
+        rows.append(
+            [
+                v["version"],
+                ",".join(v["aliases"]) or "-",
+                t.get("metric.val_macro_f1", "-")[:6],
+                t.get("metric.test_accuracy", "-")[:6],
+                t.get("method", "-"),
+                t.get("data_sha256", "-")[:12],
+                v["created"],
+            ]
+        )
+    _table(rows, ["VERSION", "ALIASES", "VAL_F1", "TEST_ACC", "METHOD", "DATA", "CREATED"])
+    return 0
+
+
+def _decision_exit(decision, verb: str) -> int:
+    if decision.allowed:
+        print(f"{verb}: {decision.reason} (audit event #{decision.event_id})")
+        return 0
+    print(f"{verb} refused: {decision.reason}", file=sys.stderr)
+    return 1
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from champion.registry import connect, promote
+
+    decision = promote(connect(), args.name, args.version, args.reason, force=args.force, metric=args.metric)
+    return _decision_exit(decision, "promote")
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from champion.registry import connect, rollback
+
+    return _decision_exit(rollback(connect(), args.name, args.reason), "rollback")
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from champion.registry import connect, history
+
+    events = history(connect(), args.name)
+    if args.json:
+        print(json.dumps([{**e.__dict__, "at": e.at.isoformat()} for e in events], indent=2, default=str))
+        return 0
+    if not events:
+        print(f"no alias changes recorded for {args.name} yet.")
+        return 0
+    _table(
+        [
+            [
+                str(e.id),
+                e.at.isoformat(timespec="seconds"),
+                e.alias,
+                e.action,
+                f"{e.from_version or '-'} -> {e.to_version or '-'}",
+                e.actor,
+                e.reason,
+            ]
+            for e in events
+        ],
+        ["#", "AT", "ALIAS", "ACTION", "VERSION", "BY", "REASON"],
+    )
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from champion.config import artifact_root, champion_home, prepare_environment, tracking_uri
+
+    prepare_environment()
+    uri = tracking_uri()
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--workers",
+        "1",
+    ]
+    if uri.startswith("sqlite:"):
+        champion_home().mkdir(parents=True, exist_ok=True)
+        command += ["--default-artifact-root", artifact_root().as_uri()]
+    print(f"MLflow UI on http://{args.host}:{args.port} for {uri} (Ctrl-C stops it)", flush=True)
+    os.execv(sys.executable, command)
+    return 0  # not reached
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from pipelines.ticketgen import write_tickets
+
+    kwargs = {"seed": args.seed, "typo_rate": args.typo_rate, "vocabulary_shift": args.vocabulary_shift}
+    if args.intents:
+        kwargs["intents"] = args.intents.split(",")
+    try:
+        path = write_tickets(args.out, args.rows, **kwargs)
+    except ValueError as err:
+        raise ChampionError(str(err)) from None
+    print(f"wrote {args.rows} support tickets to {path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from champion.demo import run_demo
+
+    run_demo(rows=args.rows, epochs=args.epochs, base=args.base)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="champion",
+        description="Keep the best model in production: fine-tune, register, promote, roll back.",
+        epilog="State lives in $CHAMPION_HOME (default ./.champion); MLFLOW_TRACKING_URI and "
+        "CHAMPION_AUDIT_URL point it at a shared server instead.",
+    )
+    from champion import __version__
+
+    parser.add_argument("--version", action="version", version=f"champion {__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = verbs.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    p = verb("finetune", cmd_finetune, "Fine-tune a model from a YAML config and register it as challenger.")
+    p.add_argument("config", help="YAML config, e.g. configs/minilm_lora_cpu.yaml")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="override config values, e.g. train.epochs=1"
+    )
+
+    p = verb("models", cmd_models, "List registered models or show one model's versions.")
+    sub = p.add_subparsers(dest="models_verb", required=True, metavar="list|show")
+    sub.add_parser("list", help="all registered models with their aliases").add_argument(
+        "--json", action="store_true"
+    )
+    show = sub.add_parser("show", help="one model's versions, aliases, metrics and lineage")
+    show.add_argument("name")
+    show.add_argument("--json", action="store_true")
+
+    p = verb("promote", cmd_promote, "Point the champion alias at a version, if it beats the champion.")
+    p.add_argument("name")
+    p.add_argument("version")
+    p.add_argument("--reason", required=True, help="why; recorded in the audit history")
+    p.add_argument("--force", action="store_true", help="promote even if its validation metric is worse")
+    p.add_argument(
+        "--metric", default="val_macro_f1", help="version metric to compare (default val_macro_f1)"
+    )
+
+    p = verb("rollback", cmd_rollback, "Return the champion alias to the previous champion.")
+    p.add_argument("name")
+    p.add_argument("--reason", required=True, help="why; recorded in the audit history")
+
+    p = verb("history", cmd_history, "The audit history of a model's alias changes.")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+
+    p = verb("ui", cmd_ui, "Start the MLflow UI on Champion's store.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+
+    p = verb("data", cmd_data, "Generate synthetic support-ticket data (CSV, JSONL or Parquet by suffix).")
+    p.add_argument("out", help="output file, e.g. .champion/data/tickets.csv")
+    p.add_argument("--rows", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--intents", help="comma-separated subset of intents")
+    p.add_argument("--typo-rate", type=float, default=0.03)
+    p.add_argument("--vocabulary-shift", type=float, default=0.0)
+
+    p = verb("demo", cmd_demo, "Run the loop end to end on generated data: fine-tune, register, promote.")
+    p.add_argument("--rows", type=int, default=2400)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--base", help="base model instead of all-MiniLM-L6-v2 (a local folder or hub id)")
+    return parser
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    for row in [header, *rows]:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=False)).rstrip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    try:
+        return args.func(args)
+    except InterruptedRun as err:
+        print(f"interrupted: {err}", file=sys.stderr)
+        return 130
+    except ChampionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,109 @@
+"""Shared configuration: strict pydantic models, YAML loading, and where Champion keeps its state."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from champion.errors import ChampionError
+
+OFFLINE_ENV = {
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",  # also turns off evidently's telemetry
+    "BENTOML_DO_NOT_TRACK": "True",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+T = TypeVar("T", bound="StrictModel")
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+def champion_home() -> Path:
+    """The folder Champion owns for its embedded state (`CHAMPION_HOME`, default `./.champion`)."""
+    return Path(os.environ.get("CHAMPION_HOME", ".champion")).expanduser().resolve()
+
+
+def tracking_uri(override: str | None = None) -> str:
+    """MLflow tracking/registry URI: override, then `MLFLOW_TRACKING_URI`, then sqlite in the home."""
+    uri = override or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{champion_home() / 'mlflow.db'}"
+
+
+def artifact_root() -> Path:
+    """Where runs store artifacts when the tracking store is the embedded sqlite one."""
+    return champion_home() / "artifacts"
+
+
+def audit_url(override: str | None = None) -> str:
+    """SQLAlchemy URL of the audit history: override, then `CHAMPION_AUDIT_URL`, then sqlite in the home."""
+    url = override or os.environ.get("CHAMPION_AUDIT_URL")
+    if url:
+        return url
+    return f"sqlite:///{champion_home() / 'audit.db'}"
+
+
+def prepare_environment() -> None:
+    """Quiet, home-contained defaults for the libraries we drive; an explicit user setting always wins."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("BENTOML_HOME", str(champion_home() / "bentoml"))
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{where}'; remove it or fix its spelling."
+    if first["type"] == "missing":
+        return f"{source}: required key '{where}' is missing; add it."
+    return f"{source}: '{where}' {first['msg'].lower()} (got {first.get('input')!r}); fix that value."
+
+
+def parse_config(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
+    """Validate a mapping into `cls`, turning pydantic's report into one sentence about the first problem."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ChampionError(_format_validation_error(err, source)) from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings (values parsed as YAML) on top of a config mapping."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ChampionError(f"override '{item}' is not of the form section.key=value; fix it.")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ChampionError(f"override '{item}': '{part}' is not a section; fix the key.")
+        node[leaf] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(cls: type[T], path: str | os.PathLike[str], overrides: list[str] | None = None) -> T:
+    """Read a YAML config into `cls`; every problem is reported as one sentence naming the file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ChampionError(f"config file '{path}' does not exist; pass the path of a YAML config.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ChampionError(f"config file '{path}' is not valid YAML ({err}); fix its syntax.") from None
+    if not isinstance(data, dict):
+        raise ChampionError(f"config file '{path}' must hold a mapping of sections; it holds a {type(data)}.")
+    return parse_config(cls, apply_overrides(data, overrides or []), source=str(path))

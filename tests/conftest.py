@@ -1,0 +1,157 @@
+"""Shared fixtures: an isolated CHAMPION_HOME per test, a tiny random BERT built here, generated data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Offline and quiet, before any test imports transformers or mlflow.
+for _key, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "BENTOML_DO_NOT_TRACK": "True",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+TINY_INTENTS = ["track_order", "reset_password", "card_declined", "invoice_request"]
+TINY_CORPUS = [
+    "where is my order",
+    "i want a refund for my order",
+    "my card was declined at checkout",
+    "please reset my password",
+    "my account is locked",
+    "cancel my subscription please",
+    "the package arrived damaged",
+    "i received the wrong item",
+    "update my payment method",
+    "send me an invoice",
+    "my delivery is late",
+    "the promo code does not work",
+    "close my account",
+    "change my shipping address",
+    "track my package",
+    "dispute a charge on my bill",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide random BERT encoder and a WordPiece tokenizer trained on a few sentences."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    from pipelines.ticketgen import generate_tickets
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    corpus = TINY_CORPUS + list(generate_tickets(400, seed=1)["text"])
+    tok.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=600, special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=128,
+    )
+    fast.save_pretrained(out)
+    config = BertConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """An empty CHAMPION_HOME with the embedded sqlite stores; shared-store variables cleared."""
+    path = tmp_path / "home"
+    monkeypatch.setenv("CHAMPION_HOME", str(path))
+    monkeypatch.setenv("CHAMPION_ACTOR", "pytest")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("CHAMPION_AUDIT_URL", raising=False)
+    return path
+
+
+@pytest.fixture
+def registry(home):
+    from champion.registry import connect
+
+    reg = connect()
+    yield reg
+    reg.close()
+
+
+@pytest.fixture
+def tickets_csv(tmp_path) -> Path:
+    from pipelines.ticketgen import write_tickets
+
+    # Four intents with distinct vocabulary: a tiny random model learns them in a few epochs.
+    return write_tickets(tmp_path / "tickets.csv", 320, seed=3, intents=TINY_INTENTS)
+
+
+def tiny_finetune_config(data: Path, model_dir: Path, /, **sections):
+    """A FinetuneConfig that trains the tiny model in a few seconds; keyword sections override defaults."""
+    from pipelines.finetune import FinetuneConfig
+
+    base = {
+        "data": {"source": str(data), "seed": 0},
+        "model": {"base": str(model_dir), "max_length": 32},
+        "method": "lora",
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {
+            "epochs": 2,
+            "batch_size": 16,
+            "learning_rate": 5e-3,
+            "device": "cpu",
+            "progress": False,
+            "seed": 0,
+        },
+        "registry": {"model_name": "tiny-intents", "experiment": "tests"},
+    }
+    for key, value in sections.items():
+        base[key] = (
+            {**base[key], **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        )
+    return FinetuneConfig.model_validate(base)
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh PostgreSQL database on 127.0.0.1:5432 for this test, dropped afterwards."""
+    import uuid
+
+    import psycopg2
+
+    admin = "dbname=postgres user=postgres host=127.0.0.1 port=5432"
+    name = f"champion_test_{uuid.uuid4().hex[:10]}"
+    try:
+        conn = psycopg2.connect(admin, connect_timeout=5)
+    except psycopg2.OperationalError as err:
+        pytest.fail(f"PostgreSQL on 127.0.0.1:5432 is not reachable ({err}); start it as .ci/run does.")
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
+    with conn.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    conn.close()

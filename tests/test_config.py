@@ -1,0 +1,74 @@
+"""Configs: every shipped YAML validates; unknown keys and bad values are one clear sentence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from champion.config import load_config
+from champion.errors import ChampionError
+from pipelines.finetune import FinetuneConfig
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+
+
+def test_configs_are_shipped():
+    assert {p.name for p in CONFIGS} >= {
+        "minilm_lora_cpu.yaml",
+        "minilm_full_cpu.yaml",
+        "minilm_lora_gpu.yaml",
+    }
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_validates_and_names_its_command(path):
+    cfg = load_config(FinetuneConfig, path)
+    assert cfg.model.base == "all-MiniLM-L6-v2"
+    assert cfg.method in path.name
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and f"champion finetune configs/{path.name}" in first
+
+
+def _write(tmp_path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "message"),
+    [
+        ("data: {source: x.csv}\ntrain: {epoch: 3}\n", [], "unknown key 'train.epoch'; remove it"),
+        ("data: {source: x.csv}\nmodle: {}\n", [], "unknown key 'modle'"),
+        ("train: {epochs: 3}\n", [], "required key 'data' is missing"),
+        ("data: {source: x.csv}\ntrain: {epochs: 0}\n", [], "'train.epochs' input should be greater"),
+        ("data: {source: x.csv}\nmethod: qlora\n", [], "'method' input should be 'lora' or 'full'"),
+        ("data: {source: x.csv}\n", ["train.lr=1"], "unknown key 'train.lr'"),
+        ("data: {source: x.csv}\n", ["train.epochs"], "not of the form section.key=value"),
+        ("data: [unclosed\n", [], "is not valid YAML"),
+        ("- a\n- b\n", [], "must hold a mapping"),
+        ("data: {source: x.csv, validation_size: 0.5, test_size: 0.45}\n", [], "must stay below 0.9"),
+    ],
+)
+def test_bad_config_is_one_clear_sentence(tmp_path, text, overrides, message):
+    with pytest.raises(ChampionError, match=message):
+        load_config(FinetuneConfig, _write(tmp_path, text), overrides)
+
+
+def test_overrides_apply_with_yaml_types(tmp_path):
+    cfg = load_config(
+        FinetuneConfig,
+        _write(tmp_path, "data: {source: x.csv}\n"),
+        ["train.epochs=7", "lora.target_modules=[query, key]", "train.num_threads=null"],
+    )
+    assert (
+        cfg.train.epochs == 7
+        and cfg.lora.target_modules == ["query", "key"]
+        and cfg.train.num_threads is None
+    )
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ChampionError, match="config file '.*nope.yaml' does not exist"):
+        load_config(FinetuneConfig, tmp_path / "nope.yaml")

@@ -1,0 +1,146 @@
+"""Promotion, rollback and the audit history on a real sqlite MLflow registry in a temp folder."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import make_versions
+
+from champion.audit import AliasEvent
+from champion.errors import ChampionError
+from champion.registry import (
+    assign_alias,
+    champion_lineage,
+    decide_promotion,
+    decide_rollback,
+    history,
+    list_models,
+    promote,
+    rollback,
+    show_model,
+)
+
+M = "metric.val_macro_f1"
+
+
+def _event(action: str, to: str | None, frm: str | None = None) -> AliasEvent:
+    return AliasEvent("m", "champion", action, frm, to, "t", "r")
+
+
+def test_decide_promotion_rules():
+    better = decide_promotion("2", {M: "0.9"}, "1", {M: "0.8"})
+    assert better.allowed and better.target_version == "2" and "0.9000 >= champion v1" in better.reason
+    worse = decide_promotion("2", {M: "0.7"}, "1", {M: "0.8"})
+    assert not worse.allowed and "worse" in worse.reason and "--force" in worse.reason
+    assert decide_promotion("2", {M: "0.8"}, "1", {M: "0.8"}).allowed  # equal is not worse
+    forced = decide_promotion("2", {M: "0.7"}, "1", {M: "0.8"}, force=True)
+    assert forced.allowed and forced.evidence["forced"] is True
+    assert decide_promotion("1", {}, None, {}).allowed  # first champion needs no metric
+    assert not decide_promotion("2", {}, "1", {M: "0.8"}).allowed  # nothing to compare
+    assert not decide_promotion("1", {M: "0.9"}, "1", {M: "0.9"}).allowed  # already champion
+    other_metric = decide_promotion(
+        "2",
+        {"metric.val_accuracy": "0.6", M: "0.9"},
+        "1",
+        {"metric.val_accuracy": "0.7", M: "0.8"},
+        metric="val_accuracy",
+    )
+    assert not other_metric.allowed
+
+
+def test_lineage_replays_promotions_and_rollbacks():
+    events = [_event("promote", "1"), _event("promote", "2"), _event("promote", "3"), _event("rollback", "2")]
+    assert champion_lineage(events) == ["1", "2"]
+    decision = decide_rollback(events, "2")
+    assert decision.allowed and decision.target_version == "1"
+    assert not decide_rollback(events[:1], "1").allowed
+    assert not decide_rollback([], None).allowed
+
+
+def test_promote_rollback_and_audit(registry):
+    v1, v2, v3 = make_versions(registry, "clf", [0.80, 0.85, 0.70])
+    first = promote(registry, "clf", v1, reason="first release")
+    assert first.allowed and show_model(registry, "clf")["aliases"] == {"champion": v1}
+    assert promote(registry, "clf", v2, reason="better").allowed
+
+    refused = promote(registry, "clf", v3, reason="worse one")
+    assert not refused.allowed and "worse" in refused.reason
+    assert show_model(registry, "clf")["aliases"]["champion"] == v2
+    assert len(history(registry, "clf")) == 2  # a refusal writes nothing
+
+    forced = promote(registry, "clf", v3, reason="hotfix for a known bug", force=True)
+    assert forced.allowed
+    back = rollback(registry, "clf", reason="v3 misbehaves")
+    assert back.allowed and back.target_version == v2
+    assert rollback(registry, "clf", reason="again").target_version == v1
+    assert not rollback(registry, "clf", reason="nothing before v1").allowed
+    assert show_model(registry, "clf")["aliases"]["champion"] == v1
+
+    events = history(registry, "clf")
+    assert [(e.action, e.from_version, e.to_version) for e in events] == [
+        ("promote", None, v1),
+        ("promote", v1, v2),
+        ("promote", v2, v3),
+        ("rollback", v3, v2),
+        ("rollback", v2, v1),
+    ]
+    assert all(e.actor == "pytest" and e.reason and e.at.tzinfo for e in events)
+    assert events[2].evidence["forced"] is True and events[2].evidence["candidate_value"] == 0.7
+
+    tags = registry.client.get_model_version("clf", v1).tags
+    assert tags["audit.champion.action"] == "rollback" and tags["audit.champion.reason"] == "again"
+    assert tags["audit.champion.event_id"] == str(events[-1].id)
+    assert "by v2" in registry.client.get_model_version("clf", v3).tags["audit.champion.replaced"]
+
+
+def test_alias_moved_outside_champion_is_recorded(registry):
+    v1, v2 = make_versions(registry, "clf", [0.8, 0.9])
+    promote(registry, "clf", v1, reason="first")
+    registry.client.set_registered_model_alias("clf", "champion", v2)  # e.g. someone in the MLflow UI
+    rollback(registry, "clf", reason="undo the manual change")
+    events = history(registry, "clf")
+    assert [(e.action, e.to_version) for e in events] == [("promote", v1), ("external", v2), ("rollback", v1)]
+    assert events[1].actor.startswith("unknown")
+
+
+def test_assign_challenger_is_audited_separately(registry):
+    (v1,) = make_versions(registry, "clf", [0.8])
+    assert assign_alias(registry, "clf", "challenger", v1, reason="trained").allowed
+    assert not assign_alias(registry, "clf", "challenger", v1, reason="again").allowed
+    assert [e.alias for e in history(registry, "clf")] == ["challenger"]
+    assert list_models(registry) == [
+        {
+            "name": "clf",
+            "aliases": {"challenger": v1},
+            "latest": v1,
+            "updated": list_models(registry)[0]["updated"],
+        }
+    ]
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda r: promote(r, "nope", "1", reason="x"), "model 'nope' is not in the registry"),
+        (lambda r: promote(r, "clf", "9", reason="x"), "version '9' of model 'clf' does not exist"),
+        (lambda r: promote(r, "clf", "1", reason="  "), "--reason"),
+        (lambda r: rollback(r, "nope", reason="x"), "model 'nope' is not in the registry"),
+        (lambda r: history(r, "nope"), "champion models list"),
+    ],
+)
+def test_bad_input_is_one_clear_sentence(registry, call, message):
+    make_versions(registry, "clf", [0.8])
+    with pytest.raises(ChampionError, match=message):
+        call(registry)
+    assert history(registry, "clf") == []
+    assert show_model(registry, "clf")["aliases"] == {}
+
+
+def test_rollback_to_a_deleted_version_is_refused_clearly(registry):
+    v1, v2 = make_versions(registry, "clf", [0.8, 0.9])
+    promote(registry, "clf", v1, reason="a")
+    promote(registry, "clf", v2, reason="b")
+    registry.client.delete_model_version("clf", v1)
+    with pytest.raises(ChampionError, match="version '1' of model 'clf' does not exist"):
+        rollback(registry, "clf", reason="c")
+    assert show_model(registry, "clf")["aliases"]["champion"] == v2
+    assert len(history(registry, "clf")) == 2
