@@ -104,8 +104,7 @@ def finetune(cfg: FinetuneConfig, registry: Registry | None = None) -> FinetuneR
     val_loader = _loader(splits.validation, tokenizer, label_ids, cfg, collate, shuffle=False)
     test_loader = _loader(splits.test, tokenizer, label_ids, cfg, collate, shuffle=False)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+    optimizer = _optimizer(model, cfg.train)
     steps = len(train_loader) * cfg.train.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, int(steps * cfg.train.warmup_ratio), steps)
 
@@ -142,20 +141,20 @@ def finetune(cfg: FinetuneConfig, registry: Registry | None = None) -> FinetuneR
         mlflow.log_dict({"labels": splits.labels}, "labels.json")
 
         # Train, evaluating on the validation split after every epoch; keep the best epoch's weights.
-        best, best_epoch, best_state, train_seconds, seen = -1.0, 0, None, 0.0, 0
+        best_val, best_epoch, best_state, train_seconds, seen, peak_memory_mb = None, 0, None, 0.0, 0, 0.0
         try:
             for epoch in range(1, cfg.train.epochs + 1):
                 started = time.perf_counter()
                 train_loss, n = _train_epoch(model, train_loader, optimizer, scheduler, device, cfg, epoch)
                 train_seconds += time.perf_counter() - started
+                peak_memory_mb = max(peak_memory_mb, _peak_memory_mb(device))
                 seen += n
                 val = evaluate(model, val_loader, device, splits.labels)
                 mlflow.log_metrics(
                     {"train_loss": train_loss, **val.scalars("val"), **val.per_class_f1("val_f1")}, step=epoch
                 )
-                score = val.scalars("val")[f"val_{cfg.train.metric}"]
-                if score > best:
-                    best, best_epoch, best_state = score, epoch, _trainable_state(model)
+                if best_val is None or getattr(val, cfg.train.metric) > getattr(best_val, cfg.train.metric):
+                    best_val, best_epoch, best_state = val, epoch, _trainable_state(model)
                 elif (
                     cfg.train.early_stopping_patience
                     and epoch - best_epoch >= cfg.train.early_stopping_patience
@@ -173,14 +172,14 @@ def finetune(cfg: FinetuneConfig, registry: Registry | None = None) -> FinetuneR
             ) from None
         model.load_state_dict(best_state, strict=False)
 
-        # Evaluate the chosen weights on validation and test; these numbers go on the registered version.
-        val = evaluate(model, val_loader, device, splits.labels)
+        # Test the chosen weights; these numbers and the best epoch's go on the registered version.
         test = evaluate(model, test_loader, device, splits.labels)
         metrics = {
-            **val.scalars("val"),
+            **best_val.scalars("val"),
             **test.scalars("test"),
             "best_epoch": best_epoch,
             "train_samples_per_second": seen / train_seconds,
+            "train_peak_memory_mb": peak_memory_mb,
         }
         mlflow.log_metrics(metrics)
         log_evaluation(test, "test")
@@ -236,6 +235,32 @@ def _loader(frame, tokenizer, label_ids: dict[str, int], cfg: FinetuneConfig, co
         generator=generator,
         collate_fn=collate,
     )
+
+
+def _optimizer(model, train: TrainConfig):
+    """AdamW without weight decay on biases and LayerNorm weights (as the HF Trainer does), fused kernels."""
+    import torch
+
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=train.learning_rate, fused=True)
+
+
+def _peak_memory_mb(device) -> float:
+    """Peak memory so far: CUDA allocations on a GPU, the process's peak resident set on CPU."""
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
 def _train_epoch(
