@@ -21,9 +21,9 @@ def ensure_experiment(name: str) -> str:
     found = mlflow.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    location = None
-    if mlflow.get_tracking_uri().startswith("sqlite:"):
-        location = (artifact_root() / name).as_uri()
+    location = None  # a tracking server decides where its artifacts go
+    if not mlflow.get_tracking_uri().startswith(("http:", "https:", "databricks")):
+        location = (artifact_root() / name).as_uri()  # a database store would default to ./mlruns
     try:
         return mlflow.create_experiment(name, artifact_location=location)
     except Exception:  # another process created it between our lookup and create

@@ -96,7 +96,7 @@ def read_table(
         if fmt == "csv":
             return pd.read_csv(path, keep_default_na=False, na_values=[""])
         if fmt == "jsonl":
-            return pd.read_json(path, lines=True)
+            return pd.read_json(path, lines=True, dtype=False, convert_dates=False)
         return pd.read_parquet(path)
     except (ValueError, pd.errors.ParserError, OSError) as err:
         if isinstance(err, pd.errors.EmptyDataError):

@@ -23,7 +23,7 @@ from champion.config import StrictModel, prepare_environment
 from champion.errors import InterruptedRun
 from champion.registry import CHALLENGER, METRIC_TAG, Registry, connect, register_version
 from pipelines.data import DataConfig, load_splits
-from pipelines.evaluate import evaluate, log_evaluation
+from pipelines.evaluate import Evaluation, evaluate, log_evaluation
 from pipelines.model import (
     LoraConfig,
     ModelConfig,
@@ -140,59 +140,37 @@ def finetune(cfg: FinetuneConfig, registry: Registry | None = None) -> FinetuneR
         mlflow.log_text(config_yaml, "config.yaml")
         mlflow.log_dict({"labels": splits.labels}, "labels.json")
 
-        # Train, evaluating on the validation split after every epoch; keep the best epoch's weights.
-        best_val, best_epoch, best_state, train_seconds, seen, peak_memory_mb = None, 0, None, 0.0, 0, 0.0
+        # Train -> test -> log the model. Ctrl-C or SIGTERM anywhere here leaves nothing registered.
         try:
-            for epoch in range(1, cfg.train.epochs + 1):
-                started = time.perf_counter()
-                train_loss, n = _train_epoch(model, train_loader, optimizer, scheduler, device, cfg, epoch)
-                train_seconds += time.perf_counter() - started
-                peak_memory_mb = max(peak_memory_mb, _peak_memory_mb(device))
-                seen += n
-                val = evaluate(model, val_loader, device, splits.labels)
-                mlflow.log_metrics(
-                    {"train_loss": train_loss, **val.scalars("val"), **val.per_class_f1("val_f1")}, step=epoch
-                )
-                if best_val is None or getattr(val, cfg.train.metric) > getattr(best_val, cfg.train.metric):
-                    best_val, best_epoch, best_state = val, epoch, _trainable_state(model)
-                elif (
-                    cfg.train.early_stopping_patience
-                    and epoch - best_epoch >= cfg.train.early_stopping_patience
-                ):
-                    print(
-                        f"early stopping after epoch {epoch}: no val_{cfg.train.metric} gain for "
-                        f"{cfg.train.early_stopping_patience} epoch(s)"
-                    )
-                    break
+            fit = _fit(model, train_loader, val_loader, optimizer, scheduler, device, cfg, splits.labels)
+            model.load_state_dict(fit.best_state, strict=False)
+            test = evaluate(model, test_loader, device, splits.labels)
+            metrics = {
+                **fit.best_val.scalars("val"),
+                **test.scalars("test"),
+                "best_epoch": fit.best_epoch,
+                "train_samples_per_second": fit.samples / fit.seconds,
+                "train_peak_memory_mb": fit.peak_memory_mb,
+            }
+            mlflow.log_metrics(metrics)
+            log_evaluation(test, "test")
+
+            # The model as served: LoRA merged into the base, transformers flavour, safetensors; adapter kept.
+            model.eval().to("cpu")
+            if cfg.method == "lora":
+                with tempfile.TemporaryDirectory() as tmp:
+                    model.save_pretrained(tmp)
+                    mlflow.log_artifacts(tmp, "lora_adapter")
+                model = model.merge_and_unload()
+            info = tracking.log_classifier(model, tokenizer, example=list(splits.validation["text"][:2]))
         except KeyboardInterrupt:
             mlflow.end_run(status="KILLED")
             raise InterruptedRun(
-                f"training was interrupted in epoch {epoch}; nothing was registered and the aliases are "
+                f"the run was interrupted before registration; nothing was registered and the aliases are "
                 f"unchanged (MLflow run {run.info.run_id} is marked KILLED)."
             ) from None
-        model.load_state_dict(best_state, strict=False)
 
-        # Test the chosen weights; these numbers and the best epoch's go on the registered version.
-        test = evaluate(model, test_loader, device, splits.labels)
-        metrics = {
-            **best_val.scalars("val"),
-            **test.scalars("test"),
-            "best_epoch": best_epoch,
-            "train_samples_per_second": seen / train_seconds,
-            "train_peak_memory_mb": peak_memory_mb,
-        }
-        mlflow.log_metrics(metrics)
-        log_evaluation(test, "test")
-
-        # Log the model: LoRA merged into the base, transformers flavour, safetensors; the adapter too.
-        model.eval().to("cpu")
-        if cfg.method == "lora":
-            with tempfile.TemporaryDirectory() as tmp:
-                model.save_pretrained(tmp)
-                mlflow.log_artifacts(tmp, "lora_adapter")
-            model = model.merge_and_unload()
-        info = tracking.log_classifier(model, tokenizer, example=list(splits.validation["text"][:2]))
-
+        # Register and point the alias at it: all or nothing, and a Ctrl-C waits until it is done.
         tags = {
             **lineage,
             "run_id": run.info.run_id,
@@ -215,6 +193,45 @@ def finetune(cfg: FinetuneConfig, registry: Registry | None = None) -> FinetuneR
         f"models:/{cfg.registry.model_name}/{version}",
         metrics,
     )
+
+
+@dataclass
+class _Fit:
+    best_val: Evaluation
+    best_epoch: int
+    best_state: dict
+    samples: int
+    seconds: float  # training steps only, without evaluation
+    peak_memory_mb: float
+
+
+def _fit(model, train_loader, val_loader, optimizer, scheduler, device, cfg: FinetuneConfig, labels) -> _Fit:
+    """Train, evaluating after every epoch; keep the best epoch (and stop early if configured)."""
+    import mlflow
+
+    best: _Fit | None = None
+    samples, seconds, peak = 0, 0.0, 0.0
+    for epoch in range(1, cfg.train.epochs + 1):
+        started = time.perf_counter()
+        train_loss, n = _train_epoch(model, train_loader, optimizer, scheduler, device, cfg, epoch)
+        seconds += time.perf_counter() - started
+        samples, peak = samples + n, max(peak, _peak_memory_mb(device))
+        val = evaluate(model, val_loader, device, labels)
+        mlflow.log_metrics(
+            {"train_loss": train_loss, **val.scalars("val"), **val.per_class_f1("val_f1")}, step=epoch
+        )
+        if best is None or getattr(val, cfg.train.metric) > getattr(best.best_val, cfg.train.metric):
+            best = _Fit(val, epoch, _trainable_state(model), 0, 0.0, 0.0)
+        elif (
+            cfg.train.early_stopping_patience and epoch - best.best_epoch >= cfg.train.early_stopping_patience
+        ):
+            print(
+                f"early stopping after epoch {epoch}: no val_{cfg.train.metric} gain "
+                f"in {cfg.train.early_stopping_patience} epoch(s)"
+            )
+            break
+    best.samples, best.seconds, best.peak_memory_mb = samples, seconds, peak
+    return best
 
 
 def _loader(frame, tokenizer, label_ids: dict[str, int], cfg: FinetuneConfig, collate, shuffle: bool):
