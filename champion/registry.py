@@ -222,7 +222,8 @@ def _move_alias(
                         recorded,
                         current,
                         "unknown (outside champion)",
-                        f"alias '{alias}' was found on v{current} although the history ended at v{recorded}.",
+                        f"alias '{alias}' was found on {_v(current)} "
+                        f"although the history ended at {_v(recorded)}.",
                         {"noticed_by": actor},
                     )
                 )
@@ -253,6 +254,10 @@ def _move_alias(
             _restore_alias(reg, name, alias, current)
             raise  # the transaction rolls back, so the event is not recorded either
         return Decision(True, decision.reason, target, decision.evidence, event.id)
+
+
+def _v(version: str | None) -> str:
+    return "no version" if version is None else f"v{version}"
 
 
 def _restore_alias(reg: Registry, name: str, alias: str, version: str | None) -> None:

@@ -83,3 +83,36 @@ def test_data_verb_writes_tickets(tmp_path, capsys):
     assert main(["data", str(out), "--rows", "50", "--intents", "track_order,refund_request"]) == 0
     lines = out.read_text().splitlines()
     assert len(lines) == 50 and {json.loads(x)["label"] for x in lines} == {"track_order", "refund_request"}
+
+
+def test_ui_serves_the_projects_store(home, tmp_path):
+    import os
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "champion.cli", "ui", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline, body = time.monotonic() + 90, ""
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    body = r.read().decode()
+                    break
+            except OSError:
+                time.sleep(0.5)
+        assert body == "OK", proc.stdout.read() if proc.poll() is not None else "no answer in 90 s"
+        assert (home / "mlflow.db").exists()  # the UI opened the project's store, not ./mlruns
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)

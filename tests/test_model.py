@@ -1,0 +1,36 @@
+"""Base-model resolution and device selection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from champion.errors import ChampionError
+from pipelines.model import resolve_base_model, resolve_device
+
+
+def test_packaged_minilm_resolves_offline():
+    path = Path(resolve_base_model("all-MiniLM-L6-v2"))
+    assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
+    assert resolve_base_model("sentence-transformers/all-MiniLM-L6-v2") == str(path)
+
+
+def test_local_folder_and_hub_ids(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my-model").mkdir()
+    assert resolve_base_model("my-model") == str(tmp_path / "my-model")
+    assert resolve_base_model("org/some-model") == "org/some-model"  # left for from_pretrained (online users)
+
+
+def test_device_choice_on_a_cpu_machine():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    device = resolve_device("auto", "auto")
+    assert device.type == "cpu" and device.precision == "fp32"
+    with pytest.raises(ChampionError, match="train.device: 'cuda' was asked for but no CUDA GPU is visible"):
+        resolve_device("cuda", "auto")
+    with pytest.raises(ChampionError, match="train.precision: bf16"):
+        resolve_device("cpu", "bf16")
