@@ -83,13 +83,23 @@ def model_requirements() -> list[str]:
 
 def log_classifier(model, tokenizer, example: list[str], name: str = "model"):
     """Log a sequence classifier with the transformers flavour (safetensors) into the active run."""
+    import logging
+
     import mlflow
 
-    # A {"model", "tokenizer"} dict, not a checkpoint path: mlflow 3.17 + transformers 5.23 fail on a path.
-    return mlflow.transformers.log_model(
-        transformers_model={"model": model, "tokenizer": tokenizer},
-        name=name,
-        task="text-classification",
-        input_example=example,
-        pip_requirements=model_requirements(),  # mlflow's defaults would add torchvision, which we lack
-    )
+    # For a local base model mlflow warns that the hub's model card and licence cannot be fetched; that is
+    # expected offline and says nothing about our model, so only errors get through while logging.
+    flavor_logger = logging.getLogger("mlflow.transformers")
+    level = flavor_logger.level
+    flavor_logger.setLevel(logging.ERROR)
+    try:
+        # A {"model", "tokenizer"} dict, not a path: mlflow 3.17 with transformers 5.23 fails on a path.
+        return mlflow.transformers.log_model(
+            transformers_model={"model": model, "tokenizer": tokenizer},
+            name=name,
+            task="text-classification",
+            input_example=example,
+            pip_requirements=model_requirements(),  # mlflow's defaults would add torchvision, which we lack
+        )
+    finally:
+        flavor_logger.setLevel(level)

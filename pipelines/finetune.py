@@ -214,12 +214,20 @@ def _fit(model, train_loader, val_loader, optimizer, scheduler, device, cfg: Fin
     for epoch in range(1, cfg.train.epochs + 1):
         started = time.perf_counter()
         train_loss, n = _train_epoch(model, train_loader, optimizer, scheduler, device, cfg, epoch)
-        seconds += time.perf_counter() - started
+        epoch_seconds = time.perf_counter() - started
+        seconds += epoch_seconds
         samples, peak = samples + n, max(peak, _peak_memory_mb(device))
         val = evaluate(model, val_loader, device, labels)
         mlflow.log_metrics(
             {"train_loss": train_loss, **val.scalars("val"), **val.per_class_f1("val_f1")}, step=epoch
         )
+        if cfg.train.progress:
+            print(
+                f"epoch {epoch}/{cfg.train.epochs}: train_loss {train_loss:.4f}, "
+                f"val_accuracy {val.accuracy:.4f}, val_macro_f1 {val.macro_f1:.4f} "
+                f"({n / epoch_seconds:.0f} samples/s)",
+                flush=True,
+            )
         if best is None or getattr(val, cfg.train.metric) > getattr(best.best_val, cfg.train.metric):
             best = _Fit(val, epoch, _trainable_state(model), 0, 0.0, 0.0)
         elif (
