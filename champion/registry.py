@@ -7,10 +7,7 @@ Champion, asks a small decision function, then moves the alias and appends the e
 
 from __future__ import annotations
 
-import signal
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -18,6 +15,7 @@ from typing import Any
 from champion.audit import AliasEvent, AuditLog, current_actor
 from champion.config import artifact_root, audit_url, champion_home, prepare_environment, tracking_uri
 from champion.errors import ChampionError
+from champion.signals import signals_deferred
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -208,7 +206,7 @@ def _move_alias(
 ) -> Decision:
     reason = _require_reason(reason)
     actor = actor or current_actor()
-    with _signals_deferred(), reg.audit.lock(name, alias) as history:  # commit before signals return
+    with signals_deferred(), reg.audit.lock(name, alias) as history:  # commit before signals return
         current = _alias_version(reg, name, alias)
         events = history.events()
         recorded = events[-1].to_version if events else None
@@ -294,24 +292,6 @@ def _mirror_tags(reg: Registry, event: AliasEvent) -> None:
         )
 
 
-@contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM until an alias move and its audit row are both written."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    handler = lambda signum, _frame: received.append(signum)  # noqa: E731
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-        for sig in received[:1]:
-            signal.raise_signal(sig)
-
-
 # --- the operations the CLI and pipelines call -----------------------------------------------------
 
 
@@ -385,7 +365,7 @@ def register_version(
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    with _signals_deferred():
+    with signals_deferred():
         try:
             reg.client.get_registered_model(name)
             created_model = False

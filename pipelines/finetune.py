@@ -22,6 +22,7 @@ from champion import tracking
 from champion.config import StrictModel, prepare_environment
 from champion.errors import InterruptedRun
 from champion.registry import CHALLENGER, METRIC_TAG, Registry, connect, register_version
+from champion.signals import StopRequest, graceful_stop
 from pipelines.data import DataConfig, load_splits
 from pipelines.evaluate import Evaluation, evaluate, log_evaluation
 from pipelines.model import (
@@ -140,29 +141,34 @@ def finetune(cfg: FinetuneConfig, registry: Registry | None = None) -> FinetuneR
         mlflow.log_text(config_yaml, "config.yaml")
         mlflow.log_dict({"labels": splits.labels}, "labels.json")
 
-        # Train -> test -> log the model. Ctrl-C or SIGTERM anywhere here leaves nothing registered.
+        # Train -> test -> log the model. Ctrl-C or SIGTERM stops at the next safe point, registering nothing.
         try:
-            fit = _fit(model, train_loader, val_loader, optimizer, scheduler, device, cfg, splits.labels)
-            model.load_state_dict(fit.best_state, strict=False)
-            test = evaluate(model, test_loader, device, splits.labels)
-            metrics = {
-                **fit.best_val.scalars("val"),
-                **test.scalars("test"),
-                "best_epoch": fit.best_epoch,
-                "train_samples_per_second": fit.samples / fit.seconds,
-                "train_peak_memory_mb": fit.peak_memory_mb,
-            }
-            mlflow.log_metrics(metrics)
-            log_evaluation(test, "test")
+            with graceful_stop() as stop:
+                fit = _fit(
+                    model, train_loader, val_loader, optimizer, scheduler, device, cfg, splits.labels, stop
+                )
+                model.load_state_dict(fit.best_state, strict=False)
+                test = evaluate(model, test_loader, device, splits.labels)
+                metrics = {
+                    **fit.best_val.scalars("val"),
+                    **test.scalars("test"),
+                    "best_epoch": fit.best_epoch,
+                    "train_samples_per_second": fit.samples / fit.seconds,
+                    "train_peak_memory_mb": fit.peak_memory_mb,
+                }
+                mlflow.log_metrics(metrics)
+                log_evaluation(test, "test")
+                stop.check()
 
-            # The model as served: LoRA merged into the base, transformers flavour, safetensors; adapter kept.
-            model.eval().to("cpu")
-            if cfg.method == "lora":
-                with tempfile.TemporaryDirectory() as tmp:
-                    model.save_pretrained(tmp)
-                    mlflow.log_artifacts(tmp, "lora_adapter")
-                model = model.merge_and_unload()
-            info = tracking.log_classifier(model, tokenizer, example=list(splits.validation["text"][:2]))
+                # The model as served: LoRA merged into the base, transformers flavour, safetensors.
+                model.eval().to("cpu")
+                if cfg.method == "lora":
+                    with tempfile.TemporaryDirectory() as tmp:
+                        model.save_pretrained(tmp)
+                        mlflow.log_artifacts(tmp, "lora_adapter")
+                    model = model.merge_and_unload()
+                info = tracking.log_classifier(model, tokenizer, example=list(splits.validation["text"][:2]))
+                stop.check()
         except KeyboardInterrupt:
             mlflow.end_run(status="KILLED")
             raise InterruptedRun(
@@ -205,7 +211,9 @@ class _Fit:
     peak_memory_mb: float
 
 
-def _fit(model, train_loader, val_loader, optimizer, scheduler, device, cfg: FinetuneConfig, labels) -> _Fit:
+def _fit(
+    model, train_loader, val_loader, optimizer, scheduler, device, cfg: FinetuneConfig, labels, stop
+) -> _Fit:
     """Train, evaluating after every epoch; keep the best epoch (and stop early if configured)."""
     import mlflow
 
@@ -213,11 +221,12 @@ def _fit(model, train_loader, val_loader, optimizer, scheduler, device, cfg: Fin
     samples, seconds, peak = 0, 0.0, 0.0
     for epoch in range(1, cfg.train.epochs + 1):
         started = time.perf_counter()
-        train_loss, n = _train_epoch(model, train_loader, optimizer, scheduler, device, cfg, epoch)
+        train_loss, n = _train_epoch(model, train_loader, optimizer, scheduler, device, cfg, epoch, stop)
         epoch_seconds = time.perf_counter() - started
         seconds += epoch_seconds
         samples, peak = samples + n, max(peak, _peak_memory_mb(device))
         val = evaluate(model, val_loader, device, labels)
+        stop.check()
         mlflow.log_metrics(
             {"train_loss": train_loss, **val.scalars("val"), **val.per_class_f1("val_f1")}, step=epoch
         )
@@ -289,7 +298,14 @@ def _peak_memory_mb(device) -> float:
 
 
 def _train_epoch(
-    model, loader, optimizer, scheduler, device, cfg: FinetuneConfig, epoch: int
+    model,
+    loader,
+    optimizer,
+    scheduler,
+    device,
+    cfg: FinetuneConfig,
+    epoch: int,
+    stop: StopRequest | None = None,
 ) -> tuple[float, int]:
     """One pass over `loader`; returns the mean training loss and the number of samples seen."""
     import torch
@@ -313,6 +329,8 @@ def _train_epoch(
         optimizer.zero_grad(set_to_none=True)
         total_loss += loss.detach()
         seen += batch["labels"].shape[0]
+        if stop is not None:
+            stop.check()
         if step % 20 == 0:  # reading the loss syncs the GPU, so only now and then
             bar.set_postfix(loss=f"{total_loss.item() / step:.4f}")
     return total_loss.item() / max(1, len(loader)), seen
