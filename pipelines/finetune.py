@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import yaml
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from champion import tracking
 from champion.config import StrictModel, prepare_environment
 from champion.errors import InterruptedRun
-from champion.registry import CHALLENGER, METRIC_TAG, Registry, connect, register_version
+from champion.registry import CHALLENGER, CHAMPION, METRIC_TAG, Registry, connect, register_version
 from champion.signals import StopRequest, graceful_stop
 from pipelines.data import DataConfig, load_splits
 from pipelines.evaluate import Evaluation, evaluate, log_evaluation
@@ -49,9 +49,8 @@ class TrainConfig(StrictModel):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on a bf16-capable GPU
     num_threads: int | None = Field(None, ge=1)  # torch CPU threads; None keeps torch's default
     early_stopping_patience: int | None = Field(None, ge=1)  # epochs without improvement before stopping
-    metric: Literal["macro_f1", "accuracy"] = (
-        "macro_f1"  # picks the best epoch; promotion compares val_<metric>
-    )
+    # Picks the best epoch; `champion promote --metric val_<metric>` compares the same number.
+    metric: Literal["macro_f1", "accuracy"] = "macro_f1"
     progress: bool = True
 
 
@@ -60,6 +59,13 @@ class RegistryConfig(StrictModel):
     experiment: str = "champion-finetune"
     alias: str = CHALLENGER  # the alias the new version gets; promotion to champion is a separate step
     tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else sqlite under CHAMPION_HOME
+
+    @field_validator("alias")
+    @classmethod
+    def _not_champion(cls, alias: str) -> str:
+        if alias == CHAMPION:
+            raise ValueError("must not be 'champion': only `champion promote` moves it; use 'challenger'")
+        return alias
 
 
 class FinetuneConfig(StrictModel):

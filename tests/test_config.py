@@ -48,6 +48,11 @@ def _write(tmp_path, text: str) -> Path:
         ("data: {source: x.csv}\n", ["train.epochs"], "not of the form section.key=value"),
         ("data: [unclosed\n", [], "is not valid YAML"),
         ("- a\n- b\n", [], "must hold a mapping"),
+        (
+            "data: {source: x.csv}\nregistry: {alias: champion}\n",
+            [],
+            "'registry.alias' value error, must not be",
+        ),
         ("data: {source: x.csv, validation_size: 0.5, test_size: 0.45}\n", [], "must stay below 0.9"),
     ],
 )
