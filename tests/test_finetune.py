@@ -148,18 +148,22 @@ def test_interrupted_training_registers_nothing(home, tickets_csv, tiny_model_di
             env=os.environ.copy(),
             cwd=ROOT,
         )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # wait until training has started and logged an epoch
-            runs = mlflow.search_runs(
-                experiment_names=["tests"], filter_string="attributes.status = 'RUNNING'"
-            )
-            if len(runs) and "metrics.train_loss" in runs and runs["metrics.train_loss"].notna().any():
-                break
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.5)
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=60)
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:  # wait until training has started and logged an epoch
+                runs = mlflow.search_runs(
+                    experiment_names=["tests"], filter_string="attributes.status = 'RUNNING'"
+                )
+                if len(runs) and "metrics.train_loss" in runs and runs["metrics.train_loss"].notna().any():
+                    break
+                assert proc.poll() is None, proc.communicate()
+                time.sleep(0.5)
+            proc.send_signal(sig)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()  # never leave a 500-epoch run behind when the test fails
         assert proc.returncode == 130, err
+        assert "stopping after the current step" in err
         assert "nothing was registered and the aliases are unchanged" in err
 
     info = show_model(registry, "tiny-intents")
