@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -68,14 +67,6 @@ def _config(
     }
 
 
-def _peak_memory_mb(device: str) -> float:
-    if device == "cuda":
-        import torch
-
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-
-
 def run_ours(cfg: dict) -> dict:
     """Our pipeline end to end (train, evaluate, log, register); training throughput from its own clock."""
     from pipelines.finetune import FinetuneConfig, finetune
@@ -97,7 +88,7 @@ def run_trainer(cfg: dict) -> dict:
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     from pipelines.data import DataConfig, load_splits
-    from pipelines.model import LoraConfig, apply_lora, load_classifier, load_tokenizer
+    from pipelines.model import LoraConfig, apply_lora, load_classifier, load_tokenizer, peak_memory_mb
 
     if cfg["train"]["num_threads"]:
         torch.set_num_threads(cfg["train"]["num_threads"])
@@ -140,7 +131,7 @@ def run_trainer(cfg: dict) -> dict:
     return {
         "samples_per_s": metrics["train_samples_per_second"],
         "wall_s": metrics["train_runtime"],
-        "peak_memory_mb": _peak_memory_mb(t["device"]),
+        "peak_memory_mb": peak_memory_mb(t["device"]),
     }
 
 

@@ -32,6 +32,7 @@ from pipelines.model import (
     count_parameters,
     load_classifier,
     load_tokenizer,
+    peak_memory_mb,
     resolve_device,
 )
 
@@ -230,7 +231,7 @@ def _fit(
         train_loss, n = _train_epoch(model, train_loader, optimizer, scheduler, device, cfg, epoch, stop)
         epoch_seconds = time.perf_counter() - started
         seconds += epoch_seconds
-        samples, peak = samples + n, max(peak, _peak_memory_mb(device))
+        samples, peak = samples + n, max(peak, peak_memory_mb(device.type))
         val = evaluate(model, val_loader, device, labels)
         stop.check()
         mlflow.log_metrics(
@@ -290,17 +291,6 @@ def _optimizer(model, train: TrainConfig):
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=train.learning_rate, fused=True)
-
-
-def _peak_memory_mb(device) -> float:
-    """Peak memory so far: CUDA allocations on a GPU, the process's peak resident set on CPU."""
-    import resource
-
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
 def _train_epoch(

@@ -128,6 +128,17 @@ def resolve_device(
     return Device(kind, torch.bfloat16 if bf16 else None)
 
 
+def peak_memory_mb(device_type: str) -> float:
+    """Peak memory so far: CUDA allocations on a GPU, the process's peak resident set on CPU."""
+    import resource
+
+    import torch
+
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

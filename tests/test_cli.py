@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import make_versions
+from helpers import http_process, make_versions
 
 from champion.cli import main
 
@@ -86,33 +86,6 @@ def test_data_verb_writes_tickets(tmp_path, capsys):
 
 
 def test_ui_serves_the_projects_store(home, tmp_path):
-    import os
-    import signal
-    import socket
-    import time
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "champion.cli", "ui", "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        deadline, body = time.monotonic() + 90, ""
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    body = r.read().decode()
-                    break
-            except OSError:
-                time.sleep(0.5)
-        assert body == "OK", proc.stdout.read() if proc.poll() is not None else "no answer in 90 s"
+    command = lambda port: [sys.executable, "-m", "champion.cli", "ui", "--port", str(port)]  # noqa: E731
+    with http_process(command, tmp_path / "ui.log", timeout=90):
         assert (home / "mlflow.db").exists()  # the UI opened the project's store, not ./mlruns
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
