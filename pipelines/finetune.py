@@ -9,6 +9,7 @@ Run it with `champion finetune configs/minilm_lora_cpu.yaml`, or from a notebook
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import tempfile
 import time
@@ -27,12 +28,12 @@ from pipelines.data import DataConfig, load_splits
 from pipelines.evaluate import Evaluation, evaluate, log_evaluation
 from pipelines.model import (
     LoraConfig,
+    MemoryTracker,
     ModelConfig,
     apply_lora,
     count_parameters,
     load_classifier,
     load_tokenizer,
-    peak_memory_mb,
     resolve_device,
 )
 
@@ -161,7 +162,8 @@ def finetune(cfg: FinetuneConfig, registry: Registry | None = None) -> FinetuneR
                     **test.scalars("test"),
                     "best_epoch": fit.best_epoch,
                     "train_samples_per_second": fit.samples / fit.seconds,
-                    "train_peak_memory_mb": fit.peak_memory_mb,
+                    "train_peak_memory_mb": fit.memory.peak_mb,
+                    "train_memory_growth_mb": fit.memory.growth_mb,
                 }
                 mlflow.log_metrics(metrics)
                 log_evaluation(test, "test")
@@ -215,7 +217,7 @@ class _Fit:
     best_state: dict
     samples: int
     seconds: float  # training steps only, without evaluation
-    peak_memory_mb: float
+    memory: MemoryTracker
 
 
 def _fit(
@@ -225,13 +227,17 @@ def _fit(
     import mlflow
 
     best: _Fit | None = None
-    samples, seconds, peak = 0, 0.0, 0.0
+    samples, seconds = 0, 0.0
+    # Memory is measured over the first epoch: it allocates the optimizer state and sees every step's
+    # activations; later epochs add only the copy of the best weights.
+    memory = MemoryTracker(device.type)
     for epoch in range(1, cfg.train.epochs + 1):
         started = time.perf_counter()
-        train_loss, n = _train_epoch(model, train_loader, optimizer, scheduler, device, cfg, epoch, stop)
+        with memory if epoch == 1 else contextlib.nullcontext():
+            train_loss, n = _train_epoch(model, train_loader, optimizer, scheduler, device, cfg, epoch, stop)
         epoch_seconds = time.perf_counter() - started
         seconds += epoch_seconds
-        samples, peak = samples + n, max(peak, peak_memory_mb(device.type))
+        samples += n
         val = evaluate(model, val_loader, device, labels)
         stop.check()
         mlflow.log_metrics(
@@ -245,7 +251,7 @@ def _fit(
                 flush=True,
             )
         if best is None or getattr(val, cfg.train.metric) > getattr(best.best_val, cfg.train.metric):
-            best = _Fit(val, epoch, _trainable_state(model), 0, 0.0, 0.0)
+            best = _Fit(val, epoch, _trainable_state(model), 0, 0.0, memory)
         elif (
             cfg.train.early_stopping_patience and epoch - best.best_epoch >= cfg.train.early_stopping_patience
         ):
@@ -254,7 +260,7 @@ def _fit(
                 f"in {cfg.train.early_stopping_patience} epoch(s)"
             )
             break
-    best.samples, best.seconds, best.peak_memory_mb = samples, seconds, peak
+    best.samples, best.seconds = samples, seconds
     return best
 
 

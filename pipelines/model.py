@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -128,15 +130,59 @@ def resolve_device(
     return Device(kind, torch.bfloat16 if bf16 else None)
 
 
-def peak_memory_mb(device_type: str) -> float:
-    """Peak memory so far: CUDA allocations on a GPU, the process's peak resident set on CPU."""
-    import resource
+class MemoryTracker:
+    """Peak memory while a block runs, and how far it rose above the level at the start.
 
-    import torch
+    On a GPU: the CUDA allocator's statistics. On CPU: the process's resident set, sampled every 10 ms by
+    a background thread (the peak of a training step is reached mid-backward, between any two calls).
+    """
 
-    if device_type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    def __init__(self, device_type: str, interval_s: float = 0.01):
+        self.device_type, self.interval_s = device_type, interval_s
+        self.baseline_mb = self.peak_mb = 0.0
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def growth_mb(self) -> float:
+        return self.peak_mb - self.baseline_mb
+
+    def __enter__(self) -> MemoryTracker:
+        if self.device_type == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+            self.baseline_mb = self.peak_mb = torch.cuda.memory_allocated() / 2**20
+        else:
+            self.baseline_mb = self.peak_mb = _rss_mb()
+            self._thread = threading.Thread(target=self._sample, daemon=True, name="memory-tracker")
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device_type == "cuda":
+            import torch
+
+            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            self._done.set()
+            self._thread.join()
+            self.peak_mb = max(self.peak_mb, _rss_mb())
+
+    def _sample(self) -> None:
+        while not self._done.wait(self.interval_s):
+            self.peak_mb = max(self.peak_mb, _rss_mb())
+
+
+def _rss_mb() -> float:
+    """The current resident set size (Linux /proc), else the process's peak so far."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def count_parameters(model) -> tuple[int, int]:

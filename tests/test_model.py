@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,15 @@ def test_device_choice_on_a_cpu_machine():
         resolve_device("cuda", "auto")
     with pytest.raises(ChampionError, match="train.precision: bf16"):
         resolve_device("cpu", "bf16")
+
+
+def test_memory_tracker_sees_a_transient_peak():
+    import torch
+
+    from pipelines.model import MemoryTracker
+
+    with MemoryTracker("cpu") as memory:
+        block = torch.ones(64 * 2**20 // 4 * 4)  # 256 MiB, touched so it is resident
+        time.sleep(0.1)  # let the sampler see it
+        del block
+    assert memory.growth_mb > 200 and memory.peak_mb >= memory.baseline_mb + memory.growth_mb - 1e-6
