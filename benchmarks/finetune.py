@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -194,8 +195,12 @@ def main() -> None:
         print(json.dumps(run_ours(cfg) if case.startswith("ours") else run_trainer(cfg)))
         return
 
+    import torch
+
     train_csv, test_csv = args.data / "train.csv", args.data / "test.csv"
+    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}
     report: dict = {
+        "machine": machine,
         "device": args.device,
         "threads": args.threads,
         "batch_size": args.batch_size,
@@ -206,9 +211,7 @@ def main() -> None:
         "quality": {},
     }
     if args.device == "cuda":
-        import torch
-
-        report["gpu"] = torch.cuda.get_device_name()
+        machine["gpu"] = torch.cuda.get_device_name()
 
     # 1 + 2: throughput and memory, ours and the Trainer alternating so drift in machine load hits both.
     for method in ("lora", "full"):
