@@ -233,14 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("data", cmd_data, "Generate synthetic support-ticket data (CSV, JSONL or Parquet by suffix).")
     p.add_argument("out", help="output file, e.g. .champion/data/tickets.csv")
-    p.add_argument("--rows", type=int, default=2000)
+    p.add_argument("--rows", type=int, default=2400)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--intents", help="comma-separated subset of intents")
     p.add_argument("--typo-rate", type=float, default=0.03)
     p.add_argument("--vocabulary-shift", type=float, default=0.0)
 
     p = verb("demo", cmd_demo, "Run the loop end to end on generated data: fine-tune, register, promote.")
-    p.add_argument("--rows", type=int, default=2000)
+    p.add_argument("--rows", type=int, default=2400)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--base", help="base model instead of all-MiniLM-L6-v2 (a local folder or hub id)")
     return parser

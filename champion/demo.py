@@ -14,7 +14,7 @@ SAMPLE_TICKETS = [
 ]
 
 
-def run_demo(rows: int = 2000, epochs: int = 3, base: str | None = None, config: Path = DEMO_CONFIG) -> None:
+def run_demo(rows: int = 2400, epochs: int = 3, base: str | None = None, config: Path = DEMO_CONFIG) -> None:
     import mlflow
 
     from champion.registry import connect, promote, show_model
