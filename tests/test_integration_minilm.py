@@ -16,25 +16,24 @@ pytestmark = pytest.mark.integration
 BANKING77 = Path(__file__).resolve().parents[2] / "shared" / "data" / "banking77"
 
 
+def _minilm(data: dict, method: str, train: dict, name: str) -> FinetuneConfig:
+    """The real MiniLM on CPU with short inputs, pinned threads and no progress bars."""
+    return FinetuneConfig.model_validate(
+        {
+            "data": data,
+            "model": {"max_length": 48},
+            "method": method,
+            "train": {"device": "cpu", "num_threads": 2, "progress": False, **train},
+            "registry": {"model_name": name},
+        }
+    )
+
+
 def test_minilm_lora_on_tickets_registers_a_working_model(registry, tmp_path):
     import mlflow
 
     data = write_tickets(tmp_path / "tickets.csv", 600, seed=11)
-    cfg = FinetuneConfig.model_validate(
-        {
-            "data": {"source": str(data)},
-            "model": {"max_length": 48},
-            "method": "lora",
-            "train": {
-                "epochs": 2,
-                "learning_rate": 3e-3,
-                "device": "cpu",
-                "num_threads": 2,
-                "progress": False,
-            },
-            "registry": {"model_name": "minilm-tickets"},
-        }
-    )
+    cfg = _minilm({"source": str(data)}, "lora", {"epochs": 2, "learning_rate": 3e-3}, "minilm-tickets")
     result = finetune(cfg, registry=registry)
     assert result.metrics["val_accuracy"] > 0.25  # 19 intents: chance is about 0.05
 
@@ -51,26 +50,13 @@ def test_minilm_full_on_banking77_with_fixed_test_set(registry, tmp_path):
 
     test = pd.read_csv(BANKING77 / "test.csv").groupby("category").head(4)  # 308 of the 3,080 test rows
     test.to_csv(tmp_path / "test.csv", index=False)
-    cfg = FinetuneConfig.model_validate(
-        {
-            "data": {
-                "source": str(BANKING77 / "train.csv"),
-                "test_source": str(tmp_path / "test.csv"),
-                "label_column": "category",
-                "max_rows": 1200,
-            },
-            "model": {"max_length": 48},
-            "method": "full",
-            "train": {
-                "epochs": 1,
-                "learning_rate": 2e-4,
-                "device": "cpu",
-                "num_threads": 2,
-                "progress": False,
-            },
-            "registry": {"model_name": "minilm-banking77"},
-        }
-    )
+    data = {
+        "source": str(BANKING77 / "train.csv"),
+        "test_source": str(tmp_path / "test.csv"),
+        "label_column": "category",
+        "max_rows": 1200,
+    }
+    cfg = _minilm(data, "full", {"epochs": 1, "learning_rate": 2e-4}, "minilm-banking77")
     result = finetune(cfg, registry=registry)
     tags = registry.client.get_model_version("minilm-banking77", result.version).tags
     assert tags["data_file_sha256.test_source"] and tags["data_file_sha256.source"]
