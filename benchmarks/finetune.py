@@ -91,6 +91,7 @@ def run_trainer(cfg: dict) -> dict:
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     from pipelines.data import DataConfig, load_splits
+    from pipelines.finetune import encode_rows
     from pipelines.model import LoraConfig, MemoryTracker, apply_lora, load_classifier, load_tokenizer
 
     if cfg["train"]["num_threads"]:
@@ -101,8 +102,7 @@ def run_trainer(cfg: dict) -> dict:
     if cfg["method"] == "lora":
         model = apply_lora(model, LoraConfig.model_validate(cfg["lora"]))
     ids = {label: i for i, label in enumerate(splits.labels)}
-    enc = tok(list(splits.train["text"]), truncation=True, max_length=cfg["model"]["max_length"])
-    rows = [{**{k: enc[k][i] for k in enc}, "labels": ids[y]} for i, y in enumerate(splits.train["label"])]
+    rows = encode_rows(splits.train, tok, ids, cfg["model"]["max_length"])  # exactly what our loader sees
     t = cfg["train"]
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(

@@ -226,7 +226,7 @@ def _fit(
     """Train, evaluating after every epoch; keep the best epoch (and stop early if configured)."""
     import mlflow
 
-    best: _Fit | None = None
+    best_val, best_epoch, best_state = None, 0, None
     samples, seconds = 0, 0.0
     # Memory is measured over the first epoch: it allocates the optimizer state and sees every step's
     # activations; later epochs add only the copy of the best weights.
@@ -250,33 +250,34 @@ def _fit(
                 f"({n / epoch_seconds:.0f} samples/s)",
                 flush=True,
             )
-        if best is None or getattr(val, cfg.train.metric) > getattr(best.best_val, cfg.train.metric):
-            best = _Fit(val, epoch, _trainable_state(model), 0, 0.0, memory)
-        elif (
-            cfg.train.early_stopping_patience and epoch - best.best_epoch >= cfg.train.early_stopping_patience
-        ):
+        if best_val is None or getattr(val, cfg.train.metric) > getattr(best_val, cfg.train.metric):
+            best_val, best_epoch, best_state = val, epoch, _trainable_state(model)
+        elif cfg.train.early_stopping_patience and epoch - best_epoch >= cfg.train.early_stopping_patience:
             print(
                 f"early stopping after epoch {epoch}: no val_{cfg.train.metric} gain "
                 f"in {cfg.train.early_stopping_patience} epoch(s)"
             )
             break
-    best.samples, best.seconds = samples, seconds
-    return best
+    return _Fit(best_val, best_epoch, best_state, samples, seconds, memory)
+
+
+def encode_rows(frame, tokenizer, label_ids: dict[str, int], max_length: int) -> list[dict]:
+    """Tokenised, unpadded rows with integer `labels`; a collator pads each batch to its longest row."""
+    encoded = tokenizer(list(frame["text"]), truncation=True, max_length=max_length)
+    keys = list(encoded.keys())
+    return [
+        {**{k: encoded[k][i] for k in keys}, "labels": label_ids[label]}
+        for i, label in enumerate(frame["label"])
+    ]
 
 
 def _loader(frame, tokenizer, label_ids: dict[str, int], cfg: FinetuneConfig, collate, shuffle: bool):
     import torch
     from torch.utils.data import DataLoader
 
-    encoded = tokenizer(list(frame["text"]), truncation=True, max_length=cfg.model.max_length)
-    keys = list(encoded.keys())
-    rows = [
-        {**{k: encoded[k][i] for k in keys}, "labels": label_ids[label]}
-        for i, label in enumerate(frame["label"])
-    ]
     generator = torch.Generator().manual_seed(cfg.train.seed)
     return DataLoader(
-        rows,
+        encode_rows(frame, tokenizer, label_ids, cfg.model.max_length),
         batch_size=cfg.train.batch_size if shuffle else cfg.train.eval_batch_size,
         shuffle=shuffle,
         generator=generator,
