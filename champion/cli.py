@@ -171,6 +171,90 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import secrets
+
+    from champion.config import prepare_environment
+    from serving.config import API_KEY_ENV, CONFIG_ENV, load_serve_config, write_config
+
+    prepare_environment()
+    cfg = load_serve_config(args.config, args.name, port=args.port, host=args.host, workers=args.workers)
+    env = dict(os.environ)
+    env[CONFIG_ENV] = str(write_config(cfg))
+    # Each worker pins its own torch threads; these keep OpenMP/MKL pools from oversubscribing the cores.
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(var, str(cfg.threads))
+    if not env.get(API_KEY_ENV):
+        env[API_KEY_ENV] = secrets.token_urlsafe(24)
+        print(f"{API_KEY_ENV} was not set; this server's key for /reload and /feedback is {env[API_KEY_ENV]}")
+    print(
+        f"serving {cfg.model}@champion ({cfg.traffic.policy} policy) on http://{cfg.host}:{cfg.port} "
+        f"with {cfg.workers} worker(s); Ctrl-C stops it",
+        flush=True,
+    )
+    command = [sys.executable, "-m", "bentoml", "serve", "serving.service:ChampionService",
+               "--host", cfg.host, "--port", str(cfg.port)]  # fmt: skip
+    os.execve(sys.executable, command, env)
+    return 0  # not reached
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    if args.url:
+        answers = _predict_http(args.url, args.texts, args.probabilities)
+    else:
+        from champion.registry import connect
+        from serving.model import load_version
+
+        reg = connect()
+        version = _champion_version(reg, args.name)
+        model = load_version(reg.client, args.name, version, device="cpu")
+        rows = model.predict_proba(args.texts)
+        answers = []
+        for row in rows:
+            best = int(row.argmax())
+            answer = {"label": model.labels[best], "score": float(row[best]), "version": version}
+            if args.probabilities:
+                answer["probabilities"] = dict(zip(model.labels, map(float, row), strict=True))
+            answers.append(answer)
+    if args.json:
+        print(json.dumps(answers, indent=2))
+        return 0
+    for text, answer in zip(args.texts, answers, strict=True):
+        print(f"{answer['label']}\t{answer['score']:.3f}\tv{answer['version']}\t{text}")
+    return 0
+
+
+def _champion_version(reg, name: str) -> str:
+    from champion.registry import CHAMPION, show_model
+
+    version = show_model(reg, name)["aliases"].get(CHAMPION)
+    if version is None:
+        raise ChampionError(f"model '{name}' has no champion; promote a version with `champion promote`.")
+    return version
+
+
+def _predict_http(url: str, texts: list[str], probabilities: bool) -> list[dict]:
+    import urllib.error
+    import urllib.request
+
+    route = "/predict_proba" if probabilities else "/predict"
+    request = urllib.request.Request(
+        url.rstrip("/") + route,
+        data=json.dumps({"texts": texts}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        detail = json.loads(err.read() or b"{}").get("error", err.reason)
+        raise ChampionError(f"{url} answered {err.code}: {detail}") from None
+    except urllib.error.URLError as err:
+        raise ChampionError(
+            f"no server answers at {url} ({err.reason}); start one with `champion serve`."
+        ) from None
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from champion.demo import run_demo
 
@@ -238,6 +322,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--intents", help="comma-separated subset of intents")
     p.add_argument("--typo-rate", type=float, default=0.03)
     p.add_argument("--vocabulary-shift", type=float, default=0.0)
+
+    p = verb("serve", cmd_serve, "Serve NAME@champion over HTTP with BentoML, following the registry.")
+    p.add_argument("name", help="registered model name")
+    p.add_argument("--config", help="serving YAML, e.g. configs/serve_cpu.yaml (defaults otherwise)")
+    p.add_argument("--port", type=int, help="port (default 3000, or the config's)")
+    p.add_argument("--host", help="interface (default 127.0.0.1, or the config's)")
+    p.add_argument("--workers", type=int, help="server worker processes (default 1, or the config's)")
+
+    p = verb("predict", cmd_predict, "Label texts with NAME@champion, locally or through a running server.")
+    p.add_argument("name", help="registered model name")
+    p.add_argument("texts", nargs="+", metavar="TEXT")
+    p.add_argument("--url", help="ask a running `champion serve` at this URL instead of loading the model")
+    p.add_argument("--probabilities", action="store_true", help="include every class's probability")
+    p.add_argument("--json", action="store_true")
 
     p = verb("demo", cmd_demo, "Run the loop end to end on generated data: fine-tune, register, promote.")
     p.add_argument("--rows", type=int, default=2400)

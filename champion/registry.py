@@ -349,6 +349,56 @@ def rollback(reg: Registry, name: str, reason: str, actor: str | None = None) ->
     return _move_alias(reg, name, CHAMPION, "rollback", reason, decide, actor)
 
 
+def decide_canary_outcome(
+    promote_it: bool,
+    champion: str,
+    challenger: str,
+    current_champion: str | None,
+    current_challenger: str | None,
+    reason: str,
+    evidence: dict[str, Any],
+) -> Decision:
+    """Act on a canary verdict only if the aliases are still the pair the canary measured."""
+    evidence = {**evidence, "canary_champion": champion, "canary_challenger": challenger}
+    if current_champion != champion or current_challenger != challenger:
+        return Decision(
+            False,
+            f"the aliases moved while the canary ran (champion {_v(current_champion)}, "
+            f"challenger {_v(current_challenger)}); its verdict on v{challenger} is void.",
+            evidence=evidence,
+        )
+    return Decision(True, reason, challenger if promote_it else None, evidence)
+
+
+def conclude_canary(
+    reg: Registry,
+    name: str,
+    champion: str,
+    challenger: str,
+    promote_it: bool,
+    reason: str,
+    evidence: dict[str, Any],
+    actor: str | None = None,
+) -> Decision:
+    """Record a canary verdict: promote the challenger to champion, or retire it (delete `challenger`).
+
+    Several server workers may reach a verdict at once; the audit lock makes the first one win and the
+    others find the aliases moved.
+    """
+    actor = actor or f"canary@{current_actor()}"
+    other = CHALLENGER if promote_it else CHAMPION
+
+    def decide(current: str | None, _events: list[AliasEvent]) -> Decision:
+        pair = (current, _alias_version(reg, name, other))
+        if not promote_it:
+            pair = pair[::-1]
+        return decide_canary_outcome(promote_it, champion, challenger, *pair, reason, evidence)
+
+    alias = CHAMPION if promote_it else CHALLENGER
+    action = "canary_promote" if promote_it else "canary_rollback"
+    return _move_alias(reg, name, alias, action, reason, decide, actor)
+
+
 def register_version(
     reg: Registry,
     name: str,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ for _key, _value in {
     "TOKENIZERS_PARALLELISM": "false",
 }.items():
     os.environ.setdefault(_key, _value)
+# prometheus_client picks its multiprocess mode when first imported; `bentoml serve` sets this itself (B2).
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="champion-prometheus-"))
 
 TINY_INTENTS = ["track_order", "reset_password", "card_declined", "invoice_request"]
 TINY_CORPUS = [

@@ -28,8 +28,14 @@ def make_versions(
 
 
 @contextmanager
-def http_process(command: Callable[[int], list[str]], log: Path, timeout: float = 120) -> Iterator[str]:
-    """Start `command(port)` on a free loopback port, wait for GET /health == OK, yield the base URL.
+def http_process(
+    command: Callable[[int], list[str]],
+    log: Path,
+    timeout: float = 120,
+    ready: str = "/health",
+    env: dict[str, str] | None = None,
+) -> Iterator[str]:
+    """Start `command(port)` on a free loopback port, wait until GET `ready` answers 200, yield the base URL.
 
     Output goes to `log` (a pipe nobody reads would fill up and stall the server); the whole process
     group is stopped afterwards.
@@ -39,22 +45,69 @@ def http_process(command: Callable[[int], list[str]], log: Path, timeout: float 
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     with open(log, "w") as out:
-        proc = subprocess.Popen(command(port), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            command(port), stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
     try:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.read() == b"OK":
+                with urllib.request.urlopen(f"{url}{ready}", timeout=2) as response:
+                    if response.status == 200:
                         break
             except OSError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(
-                    f"{command(port)[:4]} did not answer /health:\n{log.read_text()[-3000:]}"
+                    f"{command(port)[:4]} did not answer {ready}:\n{log.read_text()[-3000:]}"
                 )
             time.sleep(0.5)
         yield url
     finally:
+        stop_process_group(proc)
+
+
+def stop_process_group(proc: subprocess.Popen, timeout: float = 60) -> int:
+    """SIGTERM the whole group (graceful shutdown), SIGKILL it if it is still there after `timeout`."""
+    try:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+    except ProcessLookupError:
+        return proc.wait()
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+
+
+def register_tiny_versions(
+    reg, model_dir: Path, labels: list[str], count: int, name: str = "tiny-intents"
+) -> list[str]:
+    """Register `count` versions of the tiny model, each with its own random head, without training.
+
+    Version i is tagged metric.val_macro_f1 = 0.5 + i/100 (each later one "better") and leans towards
+    label i, so versions disagree (random heads on a random encoder would all answer alike). The last
+    version is challenger.
+    """
+    import mlflow
+    import torch
+
+    from champion.registry import CHALLENGER, register_version
+    from champion.tracking import ensure_experiment, log_classifier
+    from pipelines.model import load_classifier, load_tokenizer
+
+    tokenizer = load_tokenizer(str(model_dir))
+    mlflow.set_experiment(experiment_id=ensure_experiment("tests"))
+    versions = []
+    for i in range(count):
+        torch.manual_seed(100 + i)
+        model = load_classifier(str(model_dir), labels).eval()
+        with torch.no_grad():
+            model.classifier.bias[i % len(labels)] += 3.0
+        with mlflow.start_run(run_name=f"tiny-{i}"):
+            mlflow.log_param("model.max_length", 32)
+            info = log_classifier(model, tokenizer, ["where is my order"])
+        tags = {"metric.val_macro_f1": str(0.5 + i / 100), "data_sha256": "d" * 64}
+        versions.append(register_version(reg, name, info.model_uri, tags, CHALLENGER, "test version"))
+    return versions

@@ -10,7 +10,9 @@ from champion.config import load_config
 from champion.errors import ChampionError
 from pipelines.finetune import FinetuneConfig
 
-CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+ALL_CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+CONFIGS = [p for p in ALL_CONFIGS if not p.name.startswith("serve_")]
+SERVE_CONFIGS = [p for p in ALL_CONFIGS if p.name.startswith("serve_")]
 
 
 def test_configs_are_shipped():
@@ -19,6 +21,40 @@ def test_configs_are_shipped():
         "minilm_full_cpu.yaml",
         "minilm_lora_gpu.yaml",
     }
+    assert {p.name for p in SERVE_CONFIGS} >= {"serve_cpu.yaml", "serve_canary.yaml"}
+
+
+@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=lambda p: p.name)
+def test_shipped_serve_config_validates_and_names_its_command(path):
+    from serving.config import load_serve_config
+
+    cfg = load_serve_config(path, "support-intents")
+    assert cfg.model == "support-intents" and cfg.threads * cfg.workers <= 2  # sized for the 2-core default
+    first = path.read_text().splitlines()[0]
+    assert first == f"# champion serve support-intents --config configs/{path.name}"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("traffic: {policy: blue-green}\n", "'traffic.policy' input should be 'champion', 'ab', 'shadow' or"),
+        ("traffic: {canary: {share: 1.5}}\n", "'traffic.canary.share' input should be less than 1"),
+        ("batching: {max_latency_ms: 90000}\n", "must not exceed timeout_seconds"),
+        ("follow: {poll: 1}\n", "unknown key 'follow.poll'"),
+    ],
+)
+def test_bad_serve_config_is_one_sentence(tmp_path, text, message):
+    from serving.config import load_serve_config
+
+    with pytest.raises(ChampionError, match=message):
+        load_serve_config(_write(tmp_path, text), "m")
+
+
+def test_serve_config_needs_a_model_name():
+    from serving.config import load_serve_config
+
+    with pytest.raises(ChampionError, match="model: name the registered model"):
+        load_serve_config(None)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

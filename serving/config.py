@@ -1,0 +1,124 @@
+"""The model server's one typed config: which model, how to batch, follow the registry, route and log."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from champion.config import StrictModel, champion_home, load_config, parse_config
+from champion.errors import ChampionError
+
+CONFIG_ENV = "CHAMPION_SERVE_CONFIG"  # how `champion serve` hands the resolved config to `bentoml serve`
+API_KEY_ENV = "CHAMPION_API_KEY"  # guards the mutating endpoints; never in code or configs
+LOG_URL_ENV = "CHAMPION_INFERENCE_LOG_URL"
+
+
+class BatchingConfig(StrictModel):
+    max_batch_size: int = Field(32, ge=1, le=1024)  # MiniLM on 2 CPU cores: 32 short texts take ~60 ms
+    max_latency_ms: int = Field(10_000, ge=10)  # a hard budget in BentoML: past it requests get 503 (B1)
+
+
+class LimitsConfig(StrictModel):
+    max_text_chars: int = Field(2_000, ge=1)
+    max_items: int = Field(64, ge=1)  # texts per request
+
+
+class FollowConfig(StrictModel):
+    poll_seconds: float = Field(1.0, gt=0, le=3600)  # how often each worker asks the registry for aliases
+    keep_previous: bool = True  # the replaced champion stays loaded, so a rollback swaps instantly
+    retry_failed_seconds: float = Field(60.0, ge=0)  # a version that failed to load is retried this late
+
+
+class CanaryConfig(StrictModel):
+    share: float = Field(0.1, gt=0, lt=1)  # of requests answered by the challenger
+    min_requests: int = Field(200, ge=1)  # canary answers before the guardrails can promote
+    max_error_rate: float = Field(0.01, ge=0, le=1)
+    max_p99_ms: float = Field(1_000.0, gt=0)  # challenger model latency, per batch
+    min_agreement: float = Field(0.8, ge=0, le=1)  # share of canary answers equal to the champion's
+    min_requests_to_fail: int = Field(20, ge=1)  # evidence needed before a breach rolls the canary back
+
+
+class TrafficConfig(StrictModel):
+    policy: Literal["champion", "ab", "shadow", "canary"] = "champion"
+    challenger_weight: float = Field(0.1, gt=0, lt=1)  # A/B: share of requests answered by the challenger
+    shadow_queue: int = Field(1_000, ge=1)  # shadow copies waiting; beyond it copies are skipped and counted
+    canary: CanaryConfig = CanaryConfig()
+
+
+class LogConfig(StrictModel):
+    url: str | None = None  # SQLAlchemy URL; default $CHAMPION_INFERENCE_LOG_URL, else sqlite in the home
+    queue_size: int = Field(10_000, ge=1)  # requests wait (not fail, not drop) when it is full
+    batch_size: int = Field(256, ge=1)
+    flush_seconds: float = Field(0.5, gt=0)
+    retention_days: float | None = Field(30.0, gt=0)
+
+
+class ServeConfig(StrictModel):
+    model: str = ""  # registered model name; `champion serve NAME` fills it
+    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else the embedded sqlite store
+    host: str = "127.0.0.1"
+    port: int = Field(3000, ge=1, le=65535)
+    workers: int = Field(1, ge=1, le=64)  # each worker loads the model and follows the registry on its own
+    threads: int = Field(2, ge=1, le=256)  # torch threads per worker; workers × threads ≤ cores
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_tokens: int | None = Field(None, ge=8, le=512)  # default: the max_length the version was trained with
+    timeout_seconds: int = Field(60, ge=1)
+    batching: BatchingConfig = BatchingConfig()
+    limits: LimitsConfig = LimitsConfig()
+    follow: FollowConfig = FollowConfig()
+    traffic: TrafficConfig = TrafficConfig()
+    log: LogConfig = LogConfig()
+
+    @model_validator(mode="after")
+    def _latency_fits_timeout(self) -> ServeConfig:
+        if self.batching.max_latency_ms > self.timeout_seconds * 1000:
+            raise ValueError(
+                f"batching.max_latency_ms ({self.batching.max_latency_ms}) must not exceed "
+                f"timeout_seconds ({self.timeout_seconds} s)"
+            )
+        return self
+
+
+def inference_log_url(cfg: ServeConfig) -> str:
+    if cfg.log.url:
+        return cfg.log.url
+    return os.environ.get(LOG_URL_ENV) or f"sqlite:///{champion_home() / 'inference.db'}"
+
+
+def load_serve_config(path: str | os.PathLike[str] | None, model: str | None = None, **fields) -> ServeConfig:
+    """The YAML at `path` (or the defaults), with the model name and any top-level fields filled in."""
+    cfg = load_config(ServeConfig, path) if path else ServeConfig()
+    data = cfg.model_dump()
+    data.update({k: v for k, v in fields.items() if v is not None})
+    if model:
+        data["model"] = model
+    cfg = parse_config(ServeConfig, data, source=str(path or "serve config"))
+    if not cfg.model:
+        raise ChampionError(
+            "model: name the registered model to serve, e.g. `champion serve support-intents`."
+        )
+    return cfg
+
+
+def config_from_env() -> ServeConfig:
+    """The config `champion serve` wrote for the `bentoml serve` workers it starts."""
+    path = os.environ.get(CONFIG_ENV)
+    if not path:
+        raise ChampionError(
+            f"{CONFIG_ENV} is not set; start the service with `champion serve NAME`, which sets it."
+        )
+    data = json.loads(Path(path).read_text())
+    return parse_config(ServeConfig, data, source=path)
+
+
+def write_config(cfg: ServeConfig) -> Path:
+    """Write the resolved config where the server workers read it; returns the file."""
+    folder = champion_home() / "serving"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{cfg.model}-{cfg.port}.json"
+    path.write_text(cfg.model_dump_json(indent=2))
+    return path

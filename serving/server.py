@@ -1,0 +1,372 @@
+"""The model server's logic, free of HTTP: route each text to an arm, answer, log, watch the canary.
+
+`serving/service.py` wraps one `ModelServer` per BentoML worker. Kept apart so it can be driven directly
+in tests and notebooks, and so the request path is plain Python that is easy to read top to bottom.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from serving.config import ServeConfig, inference_log_url
+from serving.follower import Follower, Served, Swap
+from serving.inference_log import InferenceLog, PredictionRecord
+from serving.metrics import metrics
+from serving.model import LoadedModel, load_version
+from serving.traffic import CANARY_ARM, CHALLENGER_ARM, CHAMPION_ARM, SHADOW_ARM, CanaryMonitor, choose_arms
+
+log = logging.getLogger(__name__)
+
+
+class NotReadyError(RuntimeError):
+    """No champion is loaded yet (none promoted, or still loading)."""
+
+
+class Answer(BaseModel):
+    """One prediction as the service returns it; every answer names the version that produced it."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    request_id: str
+    label: str
+    score: float
+    model: str
+    version: str
+    arm: str
+
+
+class AnswerWithProbabilities(Answer):
+    probabilities: dict[str, float]
+
+
+class ModelServer:
+    """One worker's state: the follower, the inference log, the shadow worker and the canary monitor."""
+
+    def __init__(self, cfg: ServeConfig, registry=None, inference_log: InferenceLog | None = None):
+        from champion.registry import connect
+
+        self.cfg = cfg
+        self.name = cfg.model
+        self.registry = registry or connect(cfg.tracking_uri)
+        self.log = inference_log or InferenceLog(
+            inference_log_url(cfg),
+            queue_size=cfg.log.queue_size,
+            batch_size=cfg.log.batch_size,
+            flush_seconds=cfg.log.flush_seconds,
+            retention_days=cfg.log.retention_days,
+        )
+        self.metrics = metrics()
+        self.canary = CanaryMonitor(cfg.traffic.canary)
+        self.canary_decisions: list[Any] = []
+        self._rng = random.Random()
+        self._shadow: queue.Queue = queue.Queue(maxsize=cfg.traffic.shadow_queue)
+        self._threads: list[threading.Thread] = []
+        self._closed = threading.Event()
+        self.follower = Follower(
+            name=self.name,
+            read_aliases=self._read_aliases,
+            load=self._load,
+            poll_seconds=cfg.follow.poll_seconds,
+            need_challenger=cfg.traffic.policy != "champion",
+            keep_previous=cfg.follow.keep_previous,
+            retry_failed_seconds=cfg.follow.retry_failed_seconds,
+            on_swap=self._on_swap,
+        )
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+
+    def start(self) -> ModelServer:
+        import torch
+
+        torch.set_num_threads(self.cfg.threads)
+        self.log.start()
+        self.follower.start()
+        if self.cfg.traffic.policy == "shadow":
+            self._spawn(self._shadow_loop, "shadow")
+        return self
+
+    def ready(self) -> bool:
+        return self.follower.served.champion is not None
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            if time.monotonic() > deadline:
+                raise NotReadyError(self._not_ready_reason())
+            time.sleep(0.05)
+
+    def close(self, timeout: float = 30.0) -> int:
+        """Stop following, finish shadow work, flush the inference log; returns records not written."""
+        if self._closed.is_set():
+            return 0
+        self._closed.set()
+        self.follower.stop()
+        for thread in self._threads:
+            thread.join(timeout)
+        lost = self.log.close(timeout)
+        self.registry.close()
+        return lost
+
+    # --- the request path -----------------------------------------------------------------------------
+
+    def predict(self, texts: list[str], probabilities: bool = False) -> list[Answer]:
+        """Answer a batch: each text goes to the arm the traffic policy picks, and is logged once."""
+        started = time.perf_counter()
+        served = self.follower.served  # one snapshot per batch: a swap never splits a batch
+        champion = served.champion
+        if champion is None:
+            raise NotReadyError(self._not_ready_reason())
+        challenger = served.challenger if _distinct(served) else None
+        arms = choose_arms(self.cfg.traffic, len(texts), challenger is not None, self._rng)
+
+        # The champion scores its own texts and the canary's (to compare, and to fall back on).
+        on_champion = [i for i, arm in enumerate(arms) if arm in (CHAMPION_ARM, CANARY_ARM)]
+        on_challenger = [i for i, arm in enumerate(arms) if arm in (CHALLENGER_ARM, CANARY_ARM)]
+        probs: dict[int, tuple[LoadedModel, Any]] = {}
+        champion_rows = self._forward(champion, texts, on_champion, CHAMPION_ARM)
+        probs.update({i: (champion, row) for i, row in zip(on_champion, champion_rows, strict=True)})
+        champion_labels = {
+            i: champion.labels[int(row.argmax())] for i, row in zip(on_champion, champion_rows, strict=True)
+        }
+        if on_challenger:
+            chall_started = time.perf_counter()
+            try:
+                rows = self._forward(challenger, texts, on_challenger, arms[on_challenger[0]])
+            except Exception:  # the champion answers instead; the canary guardrail counts it
+                log.exception("challenger v%s failed on %d texts", challenger.version, len(on_challenger))
+                rows = None
+            chall_ms = (time.perf_counter() - chall_started) * 1000
+            if rows is None:
+                fallback = [i for i in on_challenger if i not in probs]
+                for i, row in zip(
+                    fallback, self._forward(champion, texts, fallback, CHAMPION_ARM), strict=True
+                ):
+                    probs[i] = (champion, row)
+                for i in on_challenger:
+                    arms[i] = CHAMPION_ARM
+            else:
+                probs.update({i: (challenger, row) for i, row in zip(on_challenger, rows, strict=True)})
+            canary_idx = [i for i in on_challenger if i in champion_labels]
+            if self.cfg.traffic.policy == "canary" and canary_idx:
+                agree = (
+                    0
+                    if rows is None
+                    else sum(
+                        challenger.labels[int(probs[i][1].argmax())] == champion_labels[i] for i in canary_idx
+                    )
+                )
+                self._record_canary(champion, challenger, len(canary_idx), rows is None, agree, chall_ms)
+
+        latency_ms = (time.perf_counter() - started) * 1000
+        now = datetime.now(UTC)
+        answers, records = [], []
+        for i, text in enumerate(texts):
+            model, row = probs[i]
+            best = int(row.argmax())
+            fields = {
+                "request_id": uuid.uuid4().hex,
+                "label": model.labels[best],
+                "score": float(row[best]),
+                "model": self.name,
+                "version": model.version,
+                "arm": arms[i],
+            }
+            if probabilities:
+                probs_by_label = dict(zip(model.labels, map(float, row), strict=True))
+                answer = AnswerWithProbabilities(**fields, probabilities=probs_by_label)
+            else:
+                answer = Answer(**fields)
+            answers.append(answer)
+            agrees = None if arms[i] != CANARY_ARM else answer.label == champion_labels[i]
+            records.append(
+                PredictionRecord(
+                    answer.request_id,
+                    now,
+                    self.name,
+                    model.version,
+                    answer.arm,
+                    text,
+                    answer.label,
+                    answer.score,
+                    latency_ms,
+                    agrees,
+                )
+            )
+        self.log.append(records)  # waits when the log's queue is full: slower, never lost
+        self._count(answers)
+        if self.cfg.traffic.policy == "shadow" and challenger is not None:
+            self._offer_shadow(challenger, texts, answers)
+        return answers
+
+    def feedback(self, request_id: str, label: str) -> None:
+        self.log.add_feedback(request_id, label)
+
+    def reload(self, timeout: float = 120.0) -> dict[str, Any]:
+        """Check the registry now instead of at the next poll; returns what is served afterwards."""
+        served = self.follower.sync_now(timeout)
+        return self.status(served)
+
+    def status(self, served: Served | None = None) -> dict[str, Any]:
+        served = served or self.follower.served
+        return {
+            "model": self.name,
+            "policy": self.cfg.traffic.policy,
+            "champion": served.champion.version if served.champion else None,
+            "challenger": served.challenger.version if served.challenger else None,
+            "previous": served.previous.version if served.previous else None,
+            "ready": served.champion is not None,
+            "last_error": self.follower.last_error,
+            "canary": self.canary.snapshot() if self.cfg.traffic.policy == "canary" else None,
+        }
+
+    # --- helpers --------------------------------------------------------------------------------------
+
+    def _forward(self, model: LoadedModel, texts: list[str], idx: list[int], arm: str):
+        if not idx:
+            return []
+        started = time.perf_counter()
+        try:
+            rows = model.predict_proba([texts[i] for i in idx])
+        except Exception:
+            self.metrics.errors.labels(self.name, model.version, arm, "model_error").inc(len(idx))
+            raise
+        self.metrics.model_latency.labels(self.name, model.version, arm).observe(
+            time.perf_counter() - started
+        )
+        self.metrics.batch_size.labels(self.name, model.version, arm).observe(len(idx))
+        return rows
+
+    def _count(self, answers: list[Answer]) -> None:
+        m = self.metrics
+        for a in answers:
+            m.requests.labels(self.name, a.version, a.arm).inc()
+            m.predicted.labels(self.name, a.version, a.arm, a.label).inc()
+            m.confidence.labels(self.name, a.version, a.arm).observe(a.score)
+        m.log_pending.labels(self.name).set(self.log.pending)
+
+    def _read_aliases(self) -> dict[str, str]:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            model = self.registry.client.get_registered_model(self.name)
+        except MlflowException:
+            return {}  # not registered yet: stay unready and keep looking
+        return {alias: str(version) for alias, version in model.aliases.items()}
+
+    def _load(self, version: str) -> LoadedModel:
+        return load_version(self.registry.client, self.name, version, self.cfg.device, self.cfg.max_tokens)
+
+    def _on_swap(self, swap: Swap, served: Served) -> None:
+        m = self.metrics
+        m.swaps.labels(self.name, swap.alias).inc()
+        if swap.from_version is not None:
+            m.served.labels(self.name, swap.alias, swap.from_version).set(0)
+        m.served.labels(self.name, swap.alias, swap.to_version).set(1)
+
+    def _not_ready_reason(self) -> str:
+        error = self.follower.last_error
+        return (
+            f"model '{self.name}' has no champion loaded yet"
+            + (f" ({error})" if error else "")
+            + f"; promote a version with `champion promote {self.name} VERSION --reason ...`."
+        )
+
+    def _spawn(self, target, name: str) -> None:
+        thread = threading.Thread(target=target, name=f"{name}-{self.name}", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    # --- shadow ---------------------------------------------------------------------------------------
+
+    def _offer_shadow(self, challenger: LoadedModel, texts: list[str], answers: list[Answer]) -> None:
+        try:
+            self._shadow.put_nowait((challenger, texts, answers))
+        except queue.Full:  # shadow scoring is best effort; the answer never waits for it
+            self.metrics.shadow_skipped.labels(self.name).inc(len(texts))
+
+    def _shadow_loop(self) -> None:
+        while not (self._closed.is_set() and self._shadow.empty()):
+            try:
+                challenger, texts, answers = self._shadow.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            started = time.perf_counter()
+            try:
+                rows = self._forward(challenger, texts, list(range(len(texts))), SHADOW_ARM)
+            except Exception:
+                log.exception("shadow v%s failed on %d texts", challenger.version, len(texts))
+                continue
+            latency_ms = (time.perf_counter() - started) * 1000
+            now = datetime.now(UTC)
+            records = []
+            for answer, text, row in zip(answers, texts, rows, strict=True):
+                best = int(row.argmax())
+                label = challenger.labels[best]
+                agrees = label == answer.label
+                records.append(
+                    PredictionRecord(
+                        answer.request_id,
+                        now,
+                        self.name,
+                        challenger.version,
+                        SHADOW_ARM,
+                        text,
+                        label,
+                        float(row[best]),
+                        latency_ms,
+                        agrees,
+                    )
+                )
+                self.metrics.agreement.labels(self.name, challenger.version, SHADOW_ARM, str(agrees)).inc()
+            self.log.append(records)
+
+    # --- canary ---------------------------------------------------------------------------------------
+
+    def _record_canary(
+        self, champion: LoadedModel, challenger: LoadedModel, n: int, failed: bool, agree: int, ms: float
+    ) -> None:
+        m = self.metrics
+        if failed:
+            m.errors.labels(self.name, challenger.version, CANARY_ARM, "canary_error").inc(n)
+        else:
+            m.agreement.labels(self.name, challenger.version, CANARY_ARM, "True").inc(agree)
+            m.agreement.labels(self.name, challenger.version, CANARY_ARM, "False").inc(n - agree)
+        decision = self.canary.record(champion.version, challenger.version, n, n if failed else 0, agree, ms)
+        if decision is not None:  # act off the request path; the follower then picks up the alias move
+            self._spawn(
+                lambda: self._conclude_canary(champion.version, challenger.version, decision), "canary"
+            )
+
+    def _conclude_canary(self, champion: str, challenger: str, decision) -> None:
+        from champion.registry import conclude_canary
+
+        try:
+            outcome = conclude_canary(
+                self.registry,
+                self.name,
+                champion,
+                challenger,
+                decision.action == "promote",
+                decision.reason,
+                decision.evidence,
+            )
+        except Exception:
+            log.exception("canary decision for v%s could not be recorded", challenger)
+            return
+        self.canary_decisions.append((decision, outcome))
+        log.warning("canary: %s -> %s", decision.reason, outcome.reason)
+        self.follower.sync_now()
+
+
+def _distinct(served: Served) -> bool:
+    """A challenger that is also the champion adds nothing to route to."""
+    return served.challenger is not None and served.challenger.version != served.champion.version

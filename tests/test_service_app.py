@@ -1,0 +1,124 @@
+"""The BentoML service's HTTP surface, in-process through its ASGI app (starlette's TestClient)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import TINY_INTENTS
+from helpers import register_tiny_versions
+from test_serving import NAME, TEXTS, serve_config
+
+from champion.registry import promote
+
+KEY = "test-key-not-a-secret"
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory, tiny_model_dir):
+    """One app for the module: BentoML registers its HTTP metrics once per process."""
+    import time
+
+    from starlette.testclient import TestClient
+
+    from champion.registry import connect
+    from serving.service import build_service
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CHAMPION_HOME", str(tmp_path_factory.mktemp("service-app") / "home"))
+        mp.setenv("CHAMPION_ACTOR", "pytest")
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.delenv("CHAMPION_AUDIT_URL", raising=False)
+        mp.setenv("CHAMPION_API_KEY", KEY)
+        registry = connect()
+        versions = register_tiny_versions(registry, tiny_model_dir, TINY_INTENTS, 2)
+        promote(registry, NAME, versions[0], reason="first")
+        service = build_service(serve_config(limits={"max_text_chars": 50, "max_items": 4}))
+        with TestClient(app=service.to_asgi(), raise_server_exceptions=False) as c:
+            deadline = time.monotonic() + 60
+            while c.get("/readyz").status_code != 200:
+                assert time.monotonic() < deadline, "the service never became ready"
+                time.sleep(0.05)
+            c.registry = registry
+            yield c
+        registry.close()
+
+
+def test_predict_answers_with_version_header_and_request_ids(client):
+    r = client.post("/predict", json={"texts": TEXTS})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [set(item) for item in body] == [{"request_id", "label", "score", "model", "version", "arm"}] * 4
+    assert r.headers["x-model-version"] == "1" and r.headers["x-model-name"] == NAME
+    assert len({item["request_id"] for item in body}) == 4
+    r = client.post("/predict_proba", json={"texts": TEXTS[:1]})
+    probs = r.json()[0]["probabilities"]
+    assert set(probs) == set(TINY_INTENTS) and abs(sum(probs.values()) - 1) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "words"),
+    [
+        ({"texts": []}, "texts", "at least 1 item"),
+        ({"texts": ["ok"] * 5}, "texts", "at most 4 items"),
+        ({"texts": [""]}, "texts[0]", "at least 1 character"),
+        ({"texts": ["ok", "   "]}, "texts[1]", "is blank"),
+        ({"texts": ["x" * 51]}, "texts[0]", "at most 50 characters"),
+        ({"texts": ["ok", 3]}, "texts[1]", "valid string"),
+        ({"texts": "where is my order"}, "texts", "valid array"),
+        ({"texts": ["bad \x00 byte"]}, "texts[0]", "null byte"),
+        ({"text": ["hello"]}, "texts", "required"),
+    ],
+)
+def test_bad_input_is_a_4xx_naming_the_field(client, body, field, words):
+    r = client.post("/predict", json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()
+    assert error["field"] == field and words in error["error"], error
+    assert client.post("/predict", json={"texts": ["still up"]}).status_code == 200
+
+
+def test_invalid_json_is_a_400(client):
+    r = client.post(
+        "/predict", content=b'{"texts": ["unclosed"', headers={"Content-Type": "application/json"}
+    )
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"], r.text
+
+
+def test_feedback_needs_the_api_key_and_a_known_request(client):
+    request_id = client.post("/predict", json={"texts": TEXTS[:1]}).json()[0]["request_id"]
+    body = {"request_id": request_id, "label": "track_order"}
+    r = client.post("/feedback", json=body)
+    assert r.status_code == 401 and r.json()["field"] == "X-API-Key"
+    r = client.post("/feedback", json=body, headers={"X-API-Key": "wrong"})
+    assert r.status_code == 401 and "wrong API key" in r.json()["error"]
+    r = client.post("/feedback", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200 and r.json()["recorded"] is True
+    r = client.post("/feedback", json={"request_id": "nope", "label": "x"}, headers={"X-API-Key": KEY})
+    assert r.status_code == 404 and r.json()["field"] == "request_id" and "nope" in r.json()["error"]
+    r = client.post("/feedback", json={"request_id": request_id}, headers={"X-API-Key": KEY})
+    assert r.status_code == 400 and r.json()["field"] == "label"
+
+
+def test_mutating_endpoints_are_off_without_a_server_key(client, monkeypatch):
+    monkeypatch.delenv("CHAMPION_API_KEY")  # read per request: no restart needed to lock the endpoints
+    r = client.post("/reload", json={}, headers={"X-API-Key": KEY})
+    assert r.status_code == 403 and "CHAMPION_API_KEY is not set" in r.json()["error"]
+
+
+def test_reload_switches_to_the_new_champion_at_once(client):
+    registry = client.registry
+    promote(registry, NAME, "2", reason="better")
+    r = client.post("/reload", json={}, headers={"X-API-Key": KEY})
+    assert r.status_code == 200 and r.json()["champion"] == "2" and r.json()["previous"] == "1"
+    assert client.post("/predict", json={"texts": TEXTS}).headers["x-model-version"] == "2"
+
+
+def test_health_and_metrics_are_labelled_by_version_and_arm(client):
+    for path in ("/healthz", "/livez", "/readyz"):
+        assert client.get(path).status_code == 200
+    client.post("/predict", json={"texts": TEXTS})
+    client.post("/predict", json={"texts": []})
+    text = client.get("/metrics").text
+    assert f'champion_requests_total{{arm="champion",model="{NAME}",version="1"}}' in text
+    assert "champion_request_latency_seconds_bucket" in text and "champion_batch_size_bucket" in text
+    assert "champion_predicted_class_total" in text and "champion_confidence_bucket" in text
+    assert 'kind="bad_request"' in text

@@ -1,0 +1,169 @@
+"""A real `champion serve` (BentoML over HTTP on loopback): swaps under load, graceful shutdown."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+from conftest import TINY_INTENTS
+from helpers import http_process, register_tiny_versions
+
+from champion.registry import promote, rollback
+
+NAME = "tiny-intents"
+
+
+def write_yaml(path: Path, **sections) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump({"threads": 1, "follow": {"poll_seconds": 0.2}, **sections}))
+    return path
+
+
+def serve_command(config: Path):
+    return lambda port: [sys.executable, "-m", "champion.cli", "serve", NAME, "--config", str(config),
+                         "--port", str(port)]  # fmt: skip
+
+
+class Client:
+    """One keep-alive HTTP connection, as a load generator thread would hold."""
+
+    def __init__(self, url: str):
+        parsed = urlparse(url)
+        self.conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=60)
+
+    def predict(self, texts: list[str]) -> tuple[int, dict[str, str], object]:
+        body = json.dumps({"texts": texts})
+        self.conn.request("POST", "/predict", body=body, headers={"Content-Type": "application/json"})
+        response = self.conn.getresponse()
+        data = response.read()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, json.loads(data or b"null")
+
+
+@pytest.fixture
+def served_versions(home, registry, tiny_model_dir):
+    versions = register_tiny_versions(registry, tiny_model_dir, TINY_INTENTS, 3)
+    promote(registry, NAME, versions[0], reason="first champion")
+    return versions
+
+
+def read_log(home: Path):
+    from serving.inference_log import InferenceLog
+
+    log = InferenceLog(f"sqlite:///{home / 'inference.db'}")
+    try:
+        return log.read(NAME)
+    finally:
+        log.close()
+
+
+def test_swaps_under_load_fail_nothing_and_log_every_request_once(tmp_path, home, registry, served_versions):
+    """16 clients for 30 s while the champion moves 5 times and rolls back once."""
+    config = write_yaml(tmp_path / "serve.yaml", batching={"max_batch_size": 16, "max_latency_ms": 20_000})
+    results: list[tuple[float, int, str, list[str]]] = []  # (time, status, version header, request ids)
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def load(url: str, worker: int) -> None:
+        client = Client(url)
+        texts = [f"where is my order number {worker}"]
+        while not stop.is_set():
+            try:
+                status, headers, body = client.predict(texts)
+            except Exception as err:  # a dropped connection is a failed request too
+                failures.append(f"{type(err).__name__}: {err}")
+                client = Client(url)
+                continue
+            if status != 200:
+                failures.append(f"{status}: {body}")
+                continue
+            ids = [item["request_id"] for item in body]
+            assert {item["version"] for item in body} == {headers["x-model-version"]}
+            results.append((time.time(), status, headers["x-model-version"], ids))
+
+    with http_process(serve_command(config), tmp_path / "serve.log", ready="/readyz") as url:
+        threads = [threading.Thread(target=load, args=(url, i)) for i in range(16)]
+        for t in threads:
+            t.start()
+        v1, v2, v3 = served_versions
+        moves = []
+        steps = [
+            ("promote", v2, False),
+            ("promote", v3, False),
+            ("rollback", v2, False),
+            ("promote", v3, False),
+            ("promote", v1, True),
+            ("promote", v2, False),
+        ]
+        started = time.monotonic()
+        for i, (action, version, force) in enumerate(steps):
+            time.sleep(max(0.0, started + 4 * (i + 1) - time.monotonic()))
+            if action == "rollback":
+                decision = rollback(registry, NAME, reason="load test rollback")
+            else:
+                decision = promote(registry, NAME, version, reason="load test", force=force)
+            assert decision.allowed and decision.target_version == version, decision.reason
+            moves.append((time.time(), version))
+        time.sleep(max(0.0, started + 30 - time.monotonic()))
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    # The server has been stopped gracefully (SIGTERM); its inference log must be complete.
+    assert not failures, failures[:5]
+    assert len(results) > 200, "the load generator hardly ran"
+    for (moved_at, version), (next_at, _) in zip(moves, [*moves[1:], (float("inf"), None)], strict=True):
+        answered = [t for t, _, v, _ in results if v == version and moved_at <= t < next_at]
+        assert answered, f"v{version} never answered after its alias move"
+    sent = [rid for *_, ids in results for rid in ids]
+    rows = read_log(home)
+    served = rows[rows.arm != "shadow"]
+    assert served.request_id.is_unique
+    assert set(served.request_id) == set(sent) and len(served) == len(sent)
+    by_id = dict(zip(served.request_id, served.model_version, strict=True))
+    assert all(by_id[ids[0]] == version for _, _, version, ids in results)
+
+
+def test_graceful_shutdown_writes_every_answered_prediction(tmp_path, home, served_versions):
+    """The log's writer holds rows for 60 s; only the shutdown flush can have written them."""
+    config = write_yaml(tmp_path / "serve.yaml", log={"flush_seconds": 60, "batch_size": 100_000})
+    command = serve_command(config)
+    sent = []
+    with http_process(command, tmp_path / "serve.log", ready="/readyz") as url:
+        client = Client(url)
+        for i in range(40):
+            status, _, body = client.predict([f"ticket {i}", "please reset my password"])
+            assert status == 200, body
+            sent += [item["request_id"] for item in body]
+        assert read_log(home).empty  # still queued in the server
+    rows = read_log(home)
+    assert sorted(rows.request_id) == sorted(sent)
+
+
+def test_champion_predict_cli_talks_to_the_server_and_to_the_registry(tmp_path, home, served_versions):
+    config = write_yaml(tmp_path / "serve.yaml")
+    with http_process(serve_command(config), tmp_path / "serve.log", ready="/readyz") as url:
+        command = [sys.executable, "-m", "champion.cli", "predict", NAME, "where is my order", "--json"]
+        out = subprocess.run([*command, "--url", url], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        answer = json.loads(out.stdout)[0]
+        assert answer["version"] == "1" and answer["label"] in TINY_INTENTS
+    local = subprocess.run(
+        [sys.executable, "-m", "champion.cli", "predict", NAME, "where is my order", "--json"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert local.returncode == 0, local.stderr
+    mine = json.loads(local.stdout)[0]  # loaded from the registry in this process: the same answer
+    assert (mine["label"], mine["version"]) == (answer["label"], "1")
+    assert abs(mine["score"] - answer["score"]) < 1e-5
+    gone = subprocess.run(
+        [sys.executable, "-m", "champion.cli", "predict", NAME, "x", "--url", "http://127.0.0.1:9"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert gone.returncode == 2 and "no server answers at http://127.0.0.1:9" in gone.stderr
