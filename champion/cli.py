@@ -200,7 +200,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     if args.url:
-        answers = _predict_http(args.url, args.texts, args.probabilities)
+        from serving.client import ServeClient
+
+        answers = ServeClient(args.url.rstrip("/")).predict(args.texts, args.probabilities)
     else:
         from champion.registry import connect
         from serving.model import load_version
@@ -231,28 +233,6 @@ def _champion_version(reg, name: str) -> str:
     if version is None:
         raise ChampionError(f"model '{name}' has no champion; promote a version with `champion promote`.")
     return version
-
-
-def _predict_http(url: str, texts: list[str], probabilities: bool) -> list[dict]:
-    import urllib.error
-    import urllib.request
-
-    route = "/predict_proba" if probabilities else "/predict"
-    request = urllib.request.Request(
-        url.rstrip("/") + route,
-        data=json.dumps({"texts": texts}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        detail = json.loads(err.read() or b"{}").get("error", err.reason)
-        raise ChampionError(f"{url} answered {err.code}: {detail}") from None
-    except urllib.error.URLError as err:
-        raise ChampionError(
-            f"no server answers at {url} ({err.reason}); start one with `champion serve`."
-        ) from None
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

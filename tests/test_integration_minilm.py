@@ -66,8 +66,11 @@ def test_minilm_full_on_banking77_with_fixed_test_set(registry, tmp_path):
 def test_demo_runs_end_to_end(home, capsys):
     assert main(["demo", "--rows", "400", "--epochs", "1"]) == 0
     out = capsys.readouterr().out
-    assert "1/4 generated 400 support tickets" in out and "4/4 promoted" in out
-    assert "models:/support-intents@champion (v1) answers:" in out and "champion ui" in out
+    assert "1/6 generated 400 support tickets" in out and "4/6 promoted" in out
+    assert "5/6 serving support-intents@champion with BentoML and sending it 400 tickets" in out
+    assert "serves v1 (champion policy)" in out and "champion ui" in out
+    # 3 sample tickets + 400 of traffic, all answered by v1 and written by the server's graceful shutdown
+    assert "6/6 the inference log holds 403 predictions (v1: 403)" in out
     from champion.registry import connect
 
     reg = connect()

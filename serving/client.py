@@ -1,0 +1,124 @@
+"""Talk to a running `champion serve`, or start one in the background (notebooks, the demo, tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from champion.errors import ChampionError
+from serving.config import API_KEY_ENV
+
+
+@dataclass
+class ServeClient:
+    url: str
+    api_key: str | None = None
+    timeout: float = 60.0
+
+    def predict(self, texts: list[str], probabilities: bool = False) -> list[dict[str, Any]]:
+        return self._post("/predict_proba" if probabilities else "/predict", {"texts": texts})
+
+    def feedback(self, request_id: str, label: str) -> dict[str, Any]:
+        return self._post("/feedback", {"request_id": request_id, "label": label})
+
+    def reload(self) -> dict[str, Any]:
+        """What the server follows now, after checking the registry at once."""
+        return self._post("/reload", {})
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/readyz", timeout=5) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def _post(self, route: str, body: dict[str, Any]) -> Any:
+        headers = {"Content-Type": "application/json"}
+        key = self.api_key or os.environ.get(API_KEY_ENV)
+        if key:
+            headers["X-API-Key"] = key
+        request = urllib.request.Request(self.url + route, data=json.dumps(body).encode(), headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            try:
+                detail = json.loads(err.read() or b"{}").get("error", err.reason)
+            except ValueError:
+                detail = err.reason
+            raise ChampionError(f"{self.url}{route} answered {err.code}: {detail}") from None
+        except urllib.error.URLError as err:
+            raise ChampionError(
+                f"no server answers at {self.url} ({err.reason}); start one with `champion serve`."
+            ) from None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def start_server(
+    name: str,
+    config: str | os.PathLike[str] | None = None,
+    port: int | None = None,
+    log: str | os.PathLike[str] | None = None,
+    timeout: float = 180.0,
+) -> Iterator[ServeClient]:
+    """Run `champion serve NAME` in the background until the block ends; yields a client once it is ready.
+
+    The server is stopped with SIGTERM (a graceful shutdown: its inference log is flushed).
+    """
+    from champion.config import champion_home
+
+    port = port or free_port()
+    log_path = Path(log) if log else champion_home() / "serving" / f"{name}-{port}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "champion.cli", "serve", name, "--port", str(port)]
+    if config:
+        command += ["--config", str(config)]
+    env = dict(os.environ)
+    env.setdefault(API_KEY_ENV, secrets.token_urlsafe(24))  # so this client may call /reload and /feedback
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
+    client = ServeClient(f"http://127.0.0.1:{port}", api_key=env[API_KEY_ENV])
+    try:
+        deadline = time.monotonic() + timeout
+        while not client.ready():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise ChampionError(
+                    f"`champion serve {name}` did not become ready; its log ({log_path}) ends with:\n"
+                    + log_path.read_text()[-2000:]
+                )
+            time.sleep(0.25)
+        yield client
+    finally:
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
