@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import secrets
@@ -99,6 +100,7 @@ def start_server(
             command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
         )
     client = ServeClient(f"http://127.0.0.1:{port}", api_key=env[API_KEY_ENV])
+    atexit.register(_stop, proc)  # a notebook kernel that dies mid-way still stops its server
     try:
         deadline = time.monotonic() + timeout
         while not client.ready():
@@ -110,6 +112,7 @@ def start_server(
             time.sleep(0.25)
         yield client
     finally:
+        atexit.unregister(_stop)
         _stop(proc)
 
 

@@ -43,3 +43,32 @@ def test_notebooks_are_stored_without_outputs():
     for path in NOTEBOOKS.glob("*.ipynb"):
         nb = nbformat.read(path, as_version=4)
         assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), path.name
+
+
+def test_serve_and_promote_notebook(home, tiny_model_dir, tmp_path, monkeypatch):
+    """Real `champion serve` on the tiny model: promote under traffic, watch the switch, roll back."""
+    from champion.registry import connect, history
+
+    cfg = tiny_finetune_config(Path("unused.csv"), tiny_model_dir)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    serve = tmp_path / "serve.yaml"
+    serve.write_text(yaml.safe_dump({"threads": 1, "follow": {"poll_seconds": 0.2}}))
+    monkeypatch.setenv("CHAMPION_NOTEBOOK_CONFIG", str(config))
+    monkeypatch.setenv("CHAMPION_NOTEBOOK_SERVE_CONFIG", str(serve))
+    monkeypatch.setenv("CHAMPION_NOTEBOOK_ROWS", "320")
+
+    _execute(NOTEBOOKS / "02-serve-and-promote.ipynb")
+
+    reg = connect()
+    actions = [(e.alias, e.action, e.to_version) for e in history(reg, "tiny-intents")]
+    assert actions[-1] == ("champion", "rollback", "1")
+    assert ("champion", "promote", "2") in actions
+    reg.close()
+    from serving.inference_log import InferenceLog
+
+    log = InferenceLog(f"sqlite:///{home / 'inference.db'}")
+    logged = log.read("tiny-intents")
+    log.close()
+    assert set(logged.model_version) == {"1", "2"}  # both versions answered while the notebook watched
+    assert logged.true_label.eq("app_bug").sum() == 1
