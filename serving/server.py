@@ -90,6 +90,11 @@ class ModelServer:
         torch.set_num_threads(self.cfg.threads)
         self.log.start()
         self.follower.start()
+        try:  # load the champion before taking traffic: no worker says "not ready" once /readyz said ok
+            self.follower.sync_now(timeout=self.cfg.timeout_seconds)
+        except TimeoutError:
+            log.warning("%s: no champion loaded after %d s; serving 503 until one is", self.name,
+                        self.cfg.timeout_seconds)  # fmt: skip
         if self.cfg.traffic.policy == "shadow":
             self._spawn(self._shadow_loop, "shadow")
         return self

@@ -167,3 +167,15 @@ def test_champion_predict_cli_talks_to_the_server_and_to_the_registry(tmp_path, 
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert gone.returncode == 2 and "no server answers at http://127.0.0.1:9" in gone.stderr
+
+
+def test_each_worker_follows_the_registry_on_its_own(tmp_path, home, registry, served_versions):
+    """Two workers, fresh connections spread over both: after a move, none answers with the old version."""
+    config = write_yaml(tmp_path / "serve.yaml", workers=2)
+    with http_process(serve_command(config), tmp_path / "serve.log", ready="/readyz") as url:
+        before = {Client(url).predict(["hi"])[1]["x-model-version"] for _ in range(20)}
+        assert before == {"1"}
+        promote(registry, NAME, served_versions[1], reason="two workers")
+        time.sleep(3)  # poll_seconds is 0.2; loading the tiny model takes well under a second
+        after = [Client(url).predict(["hi"])[1]["x-model-version"] for _ in range(40)]
+    assert set(after) == {"2"}, after
