@@ -166,3 +166,14 @@ def test_not_ready_until_a_champion_exists(home, registry, tiny_model_dir):
         assert server.predict(TEXTS[:1])[0].version == "1"
     finally:
         server.close()
+
+
+@pytest.mark.postgres
+def test_inference_log_and_feedback_on_postgresql(pg_url, make_server):  # server closes before the drop
+    server = make_server(log={"url": pg_url})
+    answers = server.predict(TEXTS)
+    server.feedback(answers[0].request_id, "track_order")  # found even before the writer flushed it
+    server.log.flush()
+    rows = server.log.read(NAME)
+    assert sorted(rows.request_id) == sorted(a.request_id for a in answers)
+    assert rows.set_index("request_id").true_label[answers[0].request_id] == "track_order"
