@@ -122,3 +122,8 @@ def test_health_and_metrics_are_labelled_by_version_and_arm(client):
     assert "champion_request_latency_seconds_bucket" in text and "champion_batch_size_bucket" in text
     assert "champion_predicted_class_total" in text and "champion_confidence_bucket" in text
     assert 'kind="bad_request"' in text
+
+
+def test_pickle_bodies_are_refused(client):
+    r = client.post("/predict", content=b"\x80\x04N.", headers={"Content-Type": "application/vnd.bentoml+pickle"})
+    assert r.status_code == 415 and r.json()["error"], r.text
