@@ -125,5 +125,6 @@ def test_health_and_metrics_are_labelled_by_version_and_arm(client):
 
 
 def test_pickle_bodies_are_refused(client):
-    r = client.post("/predict", content=b"\x80\x04N.", headers={"Content-Type": "application/vnd.bentoml+pickle"})
+    pickle = {"Content-Type": "application/vnd.bentoml+pickle"}
+    r = client.post("/predict", content=b"\x80\x04N.", headers=pickle)
     assert r.status_code == 415 and r.json()["error"], r.text
