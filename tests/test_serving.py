@@ -177,3 +177,20 @@ def test_inference_log_and_feedback_on_postgresql(pg_url, make_server):  # serve
     rows = server.log.read(NAME)
     assert sorted(rows.request_id) == sorted(a.request_id for a in answers)
     assert rows.set_index("request_id").true_label[answers[0].request_id] == "track_order"
+
+
+def test_a_failing_canary_never_fails_a_request_and_is_retired(make_server, registry, versions):
+    import dataclasses
+
+    from serving.follower import Served
+
+    canary = {"share": 0.5, "min_requests": 10_000, "min_requests_to_fail": 20, "min_agreement": 0.0}
+    server = make_server(traffic={"policy": "canary", "canary": canary})
+    served = server.follower.served
+    broken = dataclasses.replace(served.challenger, model=None)  # its forward pass raises
+    server.follower.served = Served(served.champion, broken, served.previous)
+    answers = [a for _ in range(20) for a in server.predict(TEXTS)]
+    assert {(a.arm, a.version) for a in answers} == {("champion", versions[0])}  # the champion stood in
+    decision, outcome = _wait_for_canary(server)
+    assert decision.action == "rollback" and "error rate 1.0000" in decision.reason and outcome.allowed
+    assert "challenger" not in registry.client.get_registered_model(NAME).aliases
