@@ -71,6 +71,6 @@ Where to look:
   champion history {name}          who moved which alias, when and why
   champion serve {name}            serve the champion on http://127.0.0.1:3000 (follows alias moves)
   champion predict {name} "text"   label a text with the champion
-  champion ui                      the MLflow UI on {tracking_uri()}
+  champion ui{" " * (len(name) + 16)}the MLflow UI on {tracking_uri()}
   state lives in {home}""")
     reg.close()
