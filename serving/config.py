@@ -20,6 +20,7 @@ LOG_URL_ENV = "CHAMPION_INFERENCE_LOG_URL"
 class BatchingConfig(StrictModel):
     max_batch_size: int = Field(32, ge=1, le=1024)  # MiniLM on 2 CPU cores: 32 short texts take ~60 ms
     max_latency_ms: int = Field(10_000, ge=10)  # a hard budget in BentoML: past it requests get 503 (B1)
+    forward_chunk: int = Field(8, ge=0)  # a batch runs as length-sorted groups this big (0: one group)
 
 
 class LimitsConfig(StrictModel):

@@ -240,7 +240,7 @@ class ModelServer:
             return []
         started = time.perf_counter()
         try:
-            rows = model.predict_proba([texts[i] for i in idx])
+            rows = model.predict_proba([texts[i] for i in idx], self.cfg.batching.forward_chunk)
         except Exception:
             self.metrics.errors.labels(self.name, model.version, arm, "model_error").inc(len(idx))
             raise

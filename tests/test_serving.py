@@ -194,3 +194,11 @@ def test_a_failing_canary_never_fails_a_request_and_is_retired(make_server, regi
     decision, outcome = _wait_for_canary(server)
     assert decision.action == "rollback" and "error rate 1.0000" in decision.reason and outcome.allowed
     assert "challenger" not in registry.client.get_registered_model(NAME).aliases
+
+
+def test_chunked_forward_gives_the_same_probabilities_in_the_same_order(make_server):
+    import numpy as np
+
+    model = make_server().follower.served.champion
+    texts = [f"{'very ' * (i % 7)}late order number {i}" for i in range(21)]
+    np.testing.assert_allclose(model.predict_proba(texts, chunk=4), model.predict_proba(texts), atol=1e-5)
