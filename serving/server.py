@@ -106,7 +106,7 @@ class ModelServer:
         deadline = time.monotonic() + timeout
         while not self.ready():
             if time.monotonic() > deadline:
-                raise NotReadyError(self._not_ready_reason())
+                raise NotReadyError(self.not_ready_reason())
             time.sleep(0.05)
 
     def close(self, timeout: float = 30.0) -> int:
@@ -129,7 +129,7 @@ class ModelServer:
         served = self.follower.served  # one snapshot per batch: a swap never splits a batch
         champion = served.champion
         if champion is None:
-            raise NotReadyError(self._not_ready_reason())
+            raise NotReadyError(self.not_ready_reason())
         challenger = served.challenger if _distinct(served) else None
         arms = choose_arms(self.cfg.traffic, len(texts), challenger is not None, self._rng)
 
@@ -277,7 +277,7 @@ class ModelServer:
             m.served.labels(self.name, swap.alias, swap.from_version).set(0)
         m.served.labels(self.name, swap.alias, swap.to_version).set(1)
 
-    def _not_ready_reason(self) -> str:
+    def not_ready_reason(self) -> str:
         error = self.follower.last_error
         return (
             f"model '{self.name}' has no champion loaded yet"

@@ -123,7 +123,7 @@ class ChampionMiddleware:
             server = self.holder.get("server")
             if server is not None and not server.ready():
                 self._error_metric("not_ready")
-                await _send_json(send, 503, {"error": server._not_ready_reason(), "field": None})
+                await _send_json(send, 503, {"error": server.not_ready_reason(), "field": None})
                 return
         started = time.perf_counter()
         start_message: dict[str, Any] = {}
