@@ -84,7 +84,7 @@ def build_service(cfg: ServeConfig):
         async def feedback(
             self,
             request_id: Annotated[str, Field(min_length=1, max_length=64)],
-            label: Annotated[str, Field(min_length=1, max_length=256)],
+            label: Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_checked_text)],
         ) -> dict:
             from serving.inference_log import UnknownRequestError
 

@@ -96,6 +96,9 @@ def test_feedback_needs_the_api_key_and_a_known_request(client):
     assert r.status_code == 404 and r.json()["field"] == "request_id" and "nope" in r.json()["error"]
     r = client.post("/feedback", json={"request_id": request_id}, headers={"X-API-Key": KEY})
     assert r.status_code == 400 and r.json()["field"] == "label"
+    bad = {"request_id": request_id, "label": "nul\x00"}  # PostgreSQL cannot store it: refuse up front
+    r = client.post("/feedback", json=bad, headers={"X-API-Key": KEY})
+    assert r.status_code == 400 and r.json()["field"] == "label" and "null byte" in r.json()["error"]
 
 
 def test_mutating_endpoints_are_off_without_a_server_key(client, monkeypatch):
