@@ -338,9 +338,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except InterruptedRun as err:
         print(f"interrupted: {err}", file=sys.stderr)
+        for note in getattr(err, "__notes__", ()):
+            print(f"note: {note}", file=sys.stderr)
         return 130
     except ChampionError as err:
         print(f"error: {err}", file=sys.stderr)
+        for note in getattr(err, "__notes__", ()):  # e.g. what a failed clean-up left behind
+            print(f"note: {note}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted.", file=sys.stderr)

@@ -7,6 +7,7 @@ Champion, asks a small decision function, then moves the alias and appends the e
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -16,6 +17,8 @@ from champion.audit import AliasEvent, AuditLog, current_actor
 from champion.config import artifact_root, audit_url, champion_home, prepare_environment, tracking_uri
 from champion.errors import ChampionError
 from champion.signals import signals_deferred
+
+_log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -248,8 +251,8 @@ def _move_alias(
             else:
                 reg.client.set_registered_model_alias(name, alias, target)
             _mirror_tags(reg, event)
-        except BaseException:
-            _restore_alias(reg, name, alias, current)
+        except BaseException as err:
+            _restore_alias(reg, name, alias, current, err)
             raise  # the transaction rolls back, so the event is not recorded either
         return Decision(True, decision.reason, target, decision.evidence, event.id)
 
@@ -258,14 +261,27 @@ def _v(version: str | None) -> str:
     return "no version" if version is None else f"v{version}"
 
 
-def _restore_alias(reg: Registry, name: str, alias: str, version: str | None) -> None:
+def _restore_alias(reg: Registry, name: str, alias: str, version: str | None, err: BaseException) -> None:
+    """Put `alias` back on `version` after a failed move; if that fails too, say on `err` what state is left."""
     try:
         if version is None:
             reg.client.delete_registered_model_alias(name, alias)
         else:
             reg.client.set_registered_model_alias(name, alias, version)
-    except Exception:  # best effort; the next move reconciles and records what it finds
-        pass
+        return
+    except Exception as restore_err:
+        problem = f"{type(restore_err).__name__}: {restore_err}"
+    try:
+        left = _v(_alias_version(reg, name, alias))
+    except Exception:
+        left = "an unknown version (the registry did not answer)"
+    note = (
+        f"restoring alias '{alias}' of model '{name}' to {_v(version)} failed as well ({problem}); "
+        f"it is left on {left} with no audit record of the change. The next promote, rollback or assign "
+        f"records what it finds as an 'external' move; check with `champion models show {name}`."
+    )
+    err.add_note(note)
+    _log.error(note)
 
 
 def _mirror_tags(reg: Registry, event: AliasEvent) -> None:
@@ -425,13 +441,29 @@ def register_version(
         version = str(mv.version)
         try:
             assign_alias(reg, name, alias, version, reason, evidence)
-        except BaseException:
-            if created_model:
-                reg.client.delete_registered_model(name)
-            else:
-                reg.client.delete_model_version(name, version)
+        except BaseException as err:
+            _unregister(reg, name, version, created_model, err)
             raise
     return version
+
+
+def _unregister(reg: Registry, name: str, version: str, created_model: bool, err: BaseException) -> None:
+    """Delete what `register_version` made; if that fails, say on `err` what is left in the registry."""
+    try:
+        if created_model:
+            reg.client.delete_registered_model(name)
+        else:
+            reg.client.delete_model_version(name, version)
+        return
+    except Exception as delete_err:
+        problem = f"{type(delete_err).__name__}: {delete_err}"
+    what = f"model '{name}' with its only version v{version}" if created_model else f"'{name}' v{version}"
+    note = (
+        f"deleting the half-registered {what} failed as well ({problem}); it is left in the registry "
+        f"without the alias; delete it with MlflowClient().delete_model_version('{name}', '{version}')."
+    )
+    err.add_note(note)
+    _log.error(note)
 
 
 def history(reg: Registry, name: str) -> list[AliasEvent]:

@@ -160,7 +160,11 @@ class ChampionMiddleware:
         for version, arm in pairs:
             metrics().latency.labels(self.model, version, arm).observe(seconds)
         versions = ",".join(sorted({v for v, _ in pairs}, key=_version_key))
-        return [(b"x-model-version", versions.encode()), (b"x-model-name", self.model.encode())]
+        return [
+            (b"x-model-version", versions.encode()),
+            (b"x-model-name", self.model.encode()),
+            (b"x-worker-pid", str(os.getpid()).encode()),  # which worker answered: each follows on its own
+        ]
 
     def _error_metric(self, kind: str) -> None:
         from serving.metrics import metrics

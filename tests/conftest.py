@@ -138,23 +138,37 @@ def tiny_finetune_config(data: Path, model_dir: Path, /, **sections):
     return FinetuneConfig.model_validate(base)
 
 
+@pytest.fixture(scope="session")
+def pg_server():
+    """The PostgreSQL server for this session: 127.0.0.1:5432, else a throwaway cluster (tests/pgserver.py)."""
+    from pgserver import acquire
+
+    server = acquire()
+    if isinstance(server, str):
+        if os.environ.get("CI") == "true":  # CI must never pass without the PostgreSQL tests
+            pytest.fail(server)
+        pytest.skip(server)
+    yield server
+    if server.stop is not None:
+        server.stop()
+
+
 @pytest.fixture
-def pg_url():
-    """A fresh PostgreSQL database on 127.0.0.1:5432 for this test, dropped afterwards."""
+def pg_url(pg_server):
+    """A fresh PostgreSQL database for this test, dropped afterwards."""
     import uuid
 
     import psycopg2
 
-    admin = "dbname=postgres user=postgres host=127.0.0.1 port=5432"
     name = f"champion_test_{uuid.uuid4().hex[:10]}"
     try:
-        conn = psycopg2.connect(admin, connect_timeout=5)
+        conn = psycopg2.connect(pg_server.admin_dsn(), connect_timeout=5)
     except psycopg2.OperationalError as err:
-        pytest.fail(f"PostgreSQL on 127.0.0.1:5432 is not reachable ({err}); start it as .ci/run does.")
+        pytest.fail(f"PostgreSQL on {pg_server.host}:{pg_server.port} is not reachable ({err}).")
     conn.autocommit = True
     with conn.cursor() as cur:
         cur.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
+    yield pg_server.url(name)
     with conn.cursor() as cur:
         cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     conn.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -115,10 +116,19 @@ def test_readers_never_see_a_half_swapped_state():
             seen.add((s.champion.version, s.challenger.version))
 
     reader = threading.Thread(target=read)
-    reader.start()
-    for i in range(2, 50):
-        v.aliases.update(champion=str(i), challenger=str(i))
-        f.sync()
-    stop.set()
-    reader.join()
-    assert all(a == b for a, b in seen)  # both aliases moved together in one swap
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible, so the reader runs during swaps
+    try:
+        reader.start()
+        for i in range(2, 50):
+            v.aliases.update(champion=str(i), challenger=str(i))
+            f.sync()
+            deadline = time.monotonic() + 2
+            while (str(i), str(i)) not in seen and time.monotonic() < deadline:
+                time.sleep(0.0005)  # let the reader see this state before the next swap
+    finally:
+        stop.set()
+        reader.join()
+        sys.setswitchinterval(interval)
+    assert len(seen) >= 40, f"the reader saw only {len(seen)} of 49 states, so few swaps were checked"
+    assert all(a == b for a, b in seen), sorted(seen)  # both aliases moved together in one swap

@@ -287,7 +287,7 @@ def test_a_second_close_waits_for_the_first(home):
 
 
 @pytest.mark.postgres
-def test_writer_outlasts_postgres_refusing_connections(pg_url, caplog):
+def test_writer_outlasts_postgres_refusing_connections(pg_server, pg_url, caplog):
     import psycopg2
 
     caplog.set_level(logging.WARNING, logger="serving.inference_log")
@@ -297,7 +297,7 @@ def test_writer_outlasts_postgres_refusing_connections(pg_url, caplog):
     log.append(before)
     log.flush()
 
-    admin = psycopg2.connect("dbname=postgres user=postgres host=127.0.0.1 port=5432", connect_timeout=5)
+    admin = psycopg2.connect(pg_server.admin_dsn(), connect_timeout=5)
     admin.autocommit = True
     with admin.cursor() as cur:
         cur.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')

@@ -144,3 +144,122 @@ def test_rollback_to_a_deleted_version_is_refused_clearly(registry):
         rollback(registry, "clf", reason="c")
     assert show_model(registry, "clf")["aliases"]["champion"] == v2
     assert len(history(registry, "clf")) == 2
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+def _fail_on(client, method: str, calls: set[int]):
+    """Make `client.method` raise on the given (1-based) calls, and pass the others through."""
+    real, count = getattr(client, method), {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] in calls:
+            raise _Boom(f"{method} failed (call {count['n']})")
+        return real(*args, **kwargs)
+
+    return wrapper
+
+
+def test_register_version_deletes_what_it_made_when_the_alias_move_fails(registry, monkeypatch):
+    from champion.registry import register_version
+
+    source = "file:///tmp/champion-test-model"
+    monkeypatch.setattr(
+        registry.client, "set_registered_model_alias", _fail_on(registry.client, "set_registered_model_alias", {1})
+    )
+    with pytest.raises(_Boom):
+        register_version(registry, "fresh", source, {"k": "v"}, "champion", "first")
+    assert registry.client.search_registered_models(filter_string="name='fresh'") == []  # model gone too
+    assert registry.audit.events("fresh") == []
+
+    monkeypatch.undo()
+    v1 = register_version(registry, "fresh", source, {}, "champion", "first")
+    monkeypatch.setattr(
+        registry.client, "set_model_version_tag", _fail_on(registry.client, "set_model_version_tag", {1})
+    )
+    with pytest.raises(_Boom):
+        register_version(registry, "fresh", source, {}, "champion", "second")
+    shown = show_model(registry, "fresh")
+    assert [v["version"] for v in shown["versions"]] == [v1]  # only the new version was deleted
+    assert shown["aliases"] == {"champion": v1}  # and the alias was put back on v1
+    assert [e.to_version for e in registry.audit.events("fresh")] == [v1]
+
+
+def test_register_version_says_what_is_left_when_its_clean_up_fails(registry, monkeypatch):
+    from champion.registry import register_version
+
+    source = "file:///tmp/champion-test-model"
+    v1 = register_version(registry, "m", source, {}, "champion", "first")
+    client = registry.client
+    monkeypatch.setattr(client, "set_registered_model_alias", _fail_on(client, "set_registered_model_alias", {1}))
+    monkeypatch.setattr(client, "delete_model_version", _fail_on(client, "delete_model_version", {1}))
+    with pytest.raises(_Boom) as info:
+        register_version(registry, "m", source, {}, "champion", "second")
+    (note,) = info.value.__notes__
+    assert "deleting the half-registered 'm' v2 failed as well" in note and "without the alias" in note
+    monkeypatch.undo()
+    shown = show_model(registry, "m")
+    assert [v["version"] for v in shown["versions"]] == ["2", v1] and shown["aliases"] == {"champion": v1}
+
+
+def test_a_failed_move_puts_the_alias_back_and_records_nothing(registry, monkeypatch):
+    v1, v2 = make_versions(registry, "clf", [0.8, 0.9])
+    promote(registry, "clf", v1, reason="first")
+    client = registry.client
+    monkeypatch.setattr(client, "set_model_version_tag", _fail_on(client, "set_model_version_tag", {1}))
+    with pytest.raises(_Boom) as info:
+        promote(registry, "clf", v2, reason="tags will fail")
+    assert not getattr(info.value, "__notes__", None)  # the restore worked: nothing to add
+    assert show_model(registry, "clf")["aliases"] == {"champion": v1}
+    assert [e.to_version for e in history(registry, "clf")] == [v1]
+
+
+def test_a_failed_restore_says_which_version_the_alias_is_left_on(registry, monkeypatch, caplog):
+    v1, v2 = make_versions(registry, "clf", [0.8, 0.9])
+    promote(registry, "clf", v1, reason="first")
+    client = registry.client
+    monkeypatch.setattr(client, "set_model_version_tag", _fail_on(client, "set_model_version_tag", {1}))
+    # The move itself (call 1) works; putting the alias back (call 2) fails.
+    monkeypatch.setattr(client, "set_registered_model_alias", _fail_on(client, "set_registered_model_alias", {2}))
+    with pytest.raises(_Boom) as info:
+        promote(registry, "clf", v2, reason="tags and restore fail")
+    (note,) = info.value.__notes__
+    assert f"restoring alias 'champion' of model 'clf' to v{v1} failed as well" in note
+    assert f"it is left on v{v2} with no audit record" in note and note in caplog.text
+    monkeypatch.undo()
+    assert show_model(registry, "clf")["aliases"] == {"champion": v2}
+    # The next move notices the unrecorded change and records it before its own event.
+    assert promote(registry, "clf", v1, reason="back to the recorded champion", force=True).allowed
+    events = history(registry, "clf")
+    assert [(e.action, e.from_version, e.to_version) for e in events] == [
+        ("promote", None, v1),
+        ("external", v1, v2),
+        ("promote", v2, v1),
+    ]
+
+
+def test_cli_prints_the_notes_of_a_failed_clean_up(capsys, monkeypatch):
+    from champion import cli
+
+    def fail(args):
+        err = ChampionError("the move failed.")
+        err.add_note("the alias is left on v2.")
+        raise err
+
+    monkeypatch.setattr(cli, "build_parser", lambda: _Parser(fail))
+    assert cli.main([]) == 2
+    err = capsys.readouterr().err
+    assert "error: the move failed." in err and "note: the alias is left on v2." in err
+
+
+class _Parser:
+    def __init__(self, func):
+        self.func = func
+
+    def parse_args(self, argv):
+        import argparse
+
+        return argparse.Namespace(func=self.func)

@@ -69,6 +69,7 @@ def test_swaps_under_load_fail_nothing_and_log_every_request_once(tmp_path, home
     config = write_yaml(tmp_path / "serve.yaml", batching={"max_batch_size": 16, "max_latency_ms": 20_000})
     results: list[tuple[float, int, str, list[str]]] = []  # (time, status, version header, request ids)
     failures: list[str] = []
+    mismatches: list[str] = []  # collected here and asserted in the test's thread, not inside the load threads
     stop = threading.Event()
 
     def load(url: str, worker: int) -> None:
@@ -85,7 +86,8 @@ def test_swaps_under_load_fail_nothing_and_log_every_request_once(tmp_path, home
                 failures.append(f"{status}: {body}")
                 continue
             ids = [item["request_id"] for item in body]
-            assert {item["version"] for item in body} == {headers["x-model-version"]}
+            if {item["version"] for item in body} != {headers["x-model-version"]}:
+                mismatches.append(f"body {body} under header version {headers['x-model-version']}")
             results.append((time.time(), status, headers["x-model-version"], ids))
 
     with http_process(serve_command(config), tmp_path / "serve.log", ready="/readyz") as url:
@@ -117,6 +119,8 @@ def test_swaps_under_load_fail_nothing_and_log_every_request_once(tmp_path, home
             t.join(timeout=60)
     # The server has been stopped gracefully (SIGTERM); its inference log must be complete.
     assert not failures, failures[:5]
+    assert not mismatches, mismatches[:5]
+    assert not any(t.is_alive() for t in threads), "a load thread is still running"
     assert len(results) > 200, "the load generator hardly ran"
     for (moved_at, version), (next_at, _) in zip(moves, [*moves[1:], (float("inf"), None)], strict=True):
         answered = [t for t, _, v, _ in results if v == version and moved_at <= t < next_at]
@@ -169,13 +173,39 @@ def test_champion_predict_cli_talks_to_the_server_and_to_the_registry(tmp_path, 
     assert gone.returncode == 2 and "no server answers at http://127.0.0.1:9" in gone.stderr
 
 
+def _answers_by_worker(url: str, requests: int) -> list[tuple[str, str]]:
+    """(worker pid, version) of `requests` predictions, 8 at a time on fresh connections (spread over workers)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(_) -> tuple[str, str]:
+        client = Client(url)
+        try:
+            status, headers, body = client.predict(["hi"])
+        finally:
+            client.conn.close()
+        assert status == 200, body
+        return headers["x-worker-pid"], headers["x-model-version"]
+
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(one, range(requests)))
+
+
 def test_each_worker_follows_the_registry_on_its_own(tmp_path, home, registry, served_versions):
-    """Two workers, fresh connections spread over both: after a move, none answers with the old version."""
+    """Two workers, each answering with its pid: after a move, every one of them answers with the new version."""
     config = write_yaml(tmp_path / "serve.yaml", workers=2)
     with http_process(serve_command(config), tmp_path / "serve.log", ready="/readyz") as url:
-        before = {Client(url).predict(["hi"])[1]["x-model-version"] for _ in range(20)}
-        assert before == {"1"}
+        workers: dict[str, str] = {}
+        deadline = time.monotonic() + 60
+        while len(workers) < 2 and time.monotonic() < deadline:
+            workers.update(_answers_by_worker(url, 16))
+        assert len(workers) == 2, f"only workers {sorted(workers)} answered; both should take connections"
+        assert set(workers.values()) == {"1"}
+
         promote(registry, NAME, served_versions[1], reason="two workers")
-        time.sleep(3)  # poll_seconds is 0.2; loading the tiny model takes well under a second
-        after = [Client(url).predict(["hi"])[1]["x-model-version"] for _ in range(40)]
-    assert set(after) == {"2"}, after
+        deadline = time.monotonic() + 30  # poll_seconds is 0.2; loading the tiny model takes well under 1 s
+        while set(workers.values()) != {"2"} and time.monotonic() < deadline:
+            workers.update(_answers_by_worker(url, 16))
+        assert set(workers.values()) == {"2"}, f"a worker still serves the old version: {workers}"
+        after = _answers_by_worker(url, 40)
+    assert {version for _, version in after} == {"2"}, after
+    assert {pid for pid, _ in after} <= set(workers), "an unknown worker answered"

@@ -199,8 +199,6 @@ def _read(path: Path) -> pd.DataFrame:
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
 def test_write_tickets_round_trips(tmp_path: Path, suffix: str) -> None:
-    if suffix == ".parquet":
-        pytest.importorskip("pyarrow")
     target = tmp_path / "nested" / "dir" / f"tickets{suffix}"
     returned = write_tickets(target, 300, seed=9, typo_rate=0.1, vocabulary_shift=0.5)
     assert returned == target
@@ -265,7 +263,6 @@ def test_unknown_intent_names_are_listed_with_the_choices() -> None:
 
 
 def test_linear_bag_of_words_learns_the_task_but_not_perfectly() -> None:
-    pytest.importorskip("sklearn")
     from sklearn.feature_extraction.text import CountVectorizer
     from sklearn.svm import LinearSVC
 

@@ -1,4 +1,5 @@
-"""Concurrent promotions and rollbacks from many processes against a shared PostgreSQL registry."""
+"""Concurrent promotions and rollbacks from many processes: a shared PostgreSQL registry, and the embedded
+sqlite one, whose promotion lock is a `flock` on a file beside the audit database (one lock per file)."""
 
 from __future__ import annotations
 
@@ -11,16 +12,14 @@ from helpers import make_versions
 
 from champion.registry import champion_lineage, connect, history, promote, rollback, show_model
 
-pytestmark = pytest.mark.postgres
-
 WORKERS, OPERATIONS = 6, 6
 
 
-def _worker(url: str, worker: int, versions: list[str], barrier, results) -> None:
+def _worker(urls: tuple[str, str], worker: int, versions: list[str], barrier, results) -> None:
     import os
 
     os.environ["CHAMPION_ACTOR"] = f"worker-{worker}"
-    reg = connect(url, url)
+    reg = connect(*urls)
     rng = random.Random(worker)
     barrier.wait()  # start together so the operations really overlap
     done = []
@@ -35,16 +34,25 @@ def _worker(url: str, worker: int, versions: list[str], barrier, results) -> Non
     results.put((worker, done))
 
 
-def test_concurrent_promotions_keep_one_consistent_history(pg_url, monkeypatch):
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_urls(request, home) -> tuple[str, str]:
+    """(tracking URI, audit URL): both in one PostgreSQL database, or the embedded sqlite files."""
+    if request.param == "postgres":
+        url = request.getfixturevalue("pg_url")
+        return url, url
+    return f"sqlite:///{home / 'mlflow.db'}", f"sqlite:///{home / 'audit.db'}"
+
+
+def test_concurrent_promotions_keep_one_consistent_history(store_urls, monkeypatch):
     monkeypatch.setenv("CHAMPION_ACTOR", "setup")
-    reg = connect(pg_url, pg_url)
+    reg = connect(*store_urls)
     versions = make_versions(reg, "shared", [0.5, 0.6, 0.7, 0.8])
     promote(reg, "shared", versions[0], reason="initial champion")
 
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(WORKERS), ctx.Queue()
     procs = [
-        ctx.Process(target=_worker, args=(pg_url, w, versions, barrier, results)) for w in range(WORKERS)
+        ctx.Process(target=_worker, args=(store_urls, w, versions, barrier, results)) for w in range(WORKERS)
     ]
     for p in procs:
         p.start()
