@@ -262,7 +262,7 @@ def _v(version: str | None) -> str:
 
 
 def _restore_alias(reg: Registry, name: str, alias: str, version: str | None, err: BaseException) -> None:
-    """Put `alias` back on `version` after a failed move; if that fails too, say on `err` what state is left."""
+    """Put `alias` back on `version` after a failed move; if that fails too, say on `err` what is left."""
     try:
         if version is None:
             reg.client.delete_registered_model_alias(name, alias)

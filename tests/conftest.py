@@ -140,7 +140,7 @@ def tiny_finetune_config(data: Path, model_dir: Path, /, **sections):
 
 @pytest.fixture(scope="session")
 def pg_server():
-    """The PostgreSQL server for this session: 127.0.0.1:5432, else a throwaway cluster (tests/pgserver.py)."""
+    """The PostgreSQL server of this session: 127.0.0.1:5432, else a throwaway one (tests/pgserver.py)."""
     from pgserver import acquire
 
     server = acquire()

@@ -114,4 +114,4 @@ def acquire() -> PgServer | str:
         return start_throwaway(binaries)
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         detail = getattr(err, "stderr", "") or err
-        return f"PostgreSQL is not running on 127.0.0.1:5432 and a throwaway cluster failed to start: {detail}"
+        return f"nothing answers on 127.0.0.1:5432 and a throwaway PostgreSQL failed to start: {detail}"

@@ -51,7 +51,7 @@ def test_memory_tracker_sees_a_transient_peak():
         after_free = _rss_mb()
     # The baseline is what was resident on entry, not zero and not the peak.
     assert abs(memory.baseline_mb - before) < 32
-    # The 256 MiB block was seen although it was freed before the block ended (a reading at exit alone misses it).
+    # The 256 MiB block was seen though freed before the block ended (a reading at exit alone misses it).
     assert 240 < memory.growth_mb < 320, memory.growth_mb
     assert memory.peak_mb - after_free > 200, (memory.peak_mb, after_free)
 

@@ -167,9 +167,9 @@ def test_register_version_deletes_what_it_made_when_the_alias_move_fails(registr
     from champion.registry import register_version
 
     source = "file:///tmp/champion-test-model"
-    monkeypatch.setattr(
-        registry.client, "set_registered_model_alias", _fail_on(registry.client, "set_registered_model_alias", {1})
-    )
+    client = registry.client
+    alias_calls = _fail_on(client, "set_registered_model_alias", {1})
+    monkeypatch.setattr(client, "set_registered_model_alias", alias_calls)
     with pytest.raises(_Boom):
         register_version(registry, "fresh", source, {"k": "v"}, "champion", "first")
     assert registry.client.search_registered_models(filter_string="name='fresh'") == []  # model gone too
@@ -194,7 +194,8 @@ def test_register_version_says_what_is_left_when_its_clean_up_fails(registry, mo
     source = "file:///tmp/champion-test-model"
     v1 = register_version(registry, "m", source, {}, "champion", "first")
     client = registry.client
-    monkeypatch.setattr(client, "set_registered_model_alias", _fail_on(client, "set_registered_model_alias", {1}))
+    alias_calls = _fail_on(client, "set_registered_model_alias", {1})
+    monkeypatch.setattr(client, "set_registered_model_alias", alias_calls)
     monkeypatch.setattr(client, "delete_model_version", _fail_on(client, "delete_model_version", {1}))
     with pytest.raises(_Boom) as info:
         register_version(registry, "m", source, {}, "champion", "second")
@@ -223,7 +224,8 @@ def test_a_failed_restore_says_which_version_the_alias_is_left_on(registry, monk
     client = registry.client
     monkeypatch.setattr(client, "set_model_version_tag", _fail_on(client, "set_model_version_tag", {1}))
     # The move itself (call 1) works; putting the alias back (call 2) fails.
-    monkeypatch.setattr(client, "set_registered_model_alias", _fail_on(client, "set_registered_model_alias", {2}))
+    alias_calls = _fail_on(client, "set_registered_model_alias", {2})
+    monkeypatch.setattr(client, "set_registered_model_alias", alias_calls)
     with pytest.raises(_Boom) as info:
         promote(registry, "clf", v2, reason="tags and restore fail")
     (note,) = info.value.__notes__

@@ -69,7 +69,7 @@ def test_swaps_under_load_fail_nothing_and_log_every_request_once(tmp_path, home
     config = write_yaml(tmp_path / "serve.yaml", batching={"max_batch_size": 16, "max_latency_ms": 20_000})
     results: list[tuple[float, int, str, list[str]]] = []  # (time, status, version header, request ids)
     failures: list[str] = []
-    mismatches: list[str] = []  # collected here and asserted in the test's thread, not inside the load threads
+    mismatches: list[str] = []  # asserted in the test's own thread, not inside the load threads
     stop = threading.Event()
 
     def load(url: str, worker: int) -> None:
@@ -174,7 +174,7 @@ def test_champion_predict_cli_talks_to_the_server_and_to_the_registry(tmp_path, 
 
 
 def _answers_by_worker(url: str, requests: int) -> list[tuple[str, str]]:
-    """(worker pid, version) of `requests` predictions, 8 at a time on fresh connections (spread over workers)."""
+    """(worker pid, version) of `requests` predictions, 8 at a time on fresh connections."""
     from concurrent.futures import ThreadPoolExecutor
 
     def one(_) -> tuple[str, str]:
@@ -191,7 +191,7 @@ def _answers_by_worker(url: str, requests: int) -> list[tuple[str, str]]:
 
 
 def test_each_worker_follows_the_registry_on_its_own(tmp_path, home, registry, served_versions):
-    """Two workers, each answering with its pid: after a move, every one of them answers with the new version."""
+    """Two workers, each answering with its pid: after a move, every one answers with the new version."""
     config = write_yaml(tmp_path / "serve.yaml", workers=2)
     with http_process(serve_command(config), tmp_path / "serve.log", ready="/readyz") as url:
         workers: dict[str, str] = {}
