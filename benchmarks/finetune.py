@@ -14,6 +14,8 @@ Run:
 
     .venv/bin/python benchmarks/finetune.py                 # everything (about an hour on 2 CPU cores)
     .venv/bin/python benchmarks/finetune.py --skip-quality  # overhead and LoRA vs full only
+    .venv/bin/python benchmarks/finetune.py --skip-speed    # quality only (keeps the speed part of a result
+                                                            # file from the same commit, and vice versa)
     .venv/bin/python benchmarks/finetune.py --device cuda   # on a GPU: bf16 autocast, adds MFU
 """
 
@@ -222,6 +224,19 @@ def _code_state() -> dict:
     }
 
 
+def _carry_over(report: dict, path: Path, skipped: list[str]) -> None:
+    """Keep a skipped section from the previous result file, only if the same clean commit measured it."""
+    if not skipped or not path.exists():
+        return
+    previous = json.loads(path.read_text())
+    same = previous.get("code", {}).get("commit") == report["code"]["commit"]
+    clean = not previous.get("code", {}).get("diff") and not report["code"]["diff"]
+    if same and clean:
+        for section in skipped:
+            report[section] = previous.get(section, {})
+            report.setdefault("sections_from", {})[section] = previous.get("started")
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as fh:
@@ -255,6 +270,7 @@ def main() -> None:
     parser.add_argument("--speed-epochs", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2, help="throughput runs per case; the best counts")
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -290,7 +306,7 @@ def main() -> None:
         machine["gpu"] = torch.cuda.get_device_name()
 
     # 1 + 2: throughput and memory, ours and the Trainer alternating so drift in machine load hits both.
-    for method in ("lora", "full"):
+    for method in () if args.skip_speed else ("lora", "full"):
         cfg = _config(method, train_csv, None, args.speed_epochs, args, args.speed_rows)
         runs: dict[str, list[dict]] = {"ours": [], "trainer": []}
         for _ in range(args.repeats):
@@ -322,11 +338,12 @@ def main() -> None:
                 flush=True,
             )
 
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"finetune_{args.device}.json"
+    _carry_over(report, out, skipped=[k for k in ("speed", "quality") if getattr(args, f"skip_{k}")])
     report["verdicts"] = [
         {"what": w, "measured": m, "target": t, "met": ok} for w, m, t, ok in _verdicts(report)
     ]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"finetune_{args.device}.json"
     out.write_text(json.dumps(report, indent=2))
     print(f"\n{'':6s} {'ours/s':>8s} {'Trainer/s':>10s} {'ratio':>6s} {'peak MB':>8s} {'growth MB':>10s}")
     for method, s in report["speed"].items():
