@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from champion.errors import ChampionError, InterruptedRun
 
@@ -242,6 +243,64 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drift(args: argparse.Namespace) -> int:
+    from champion.config import load_config
+    from monitoring.config import MonitorConfig
+    from monitoring.job import EXIT_CODES, drift, format_decision
+
+    cfg = load_config(MonitorConfig, args.config, []) if args.config else MonitorConfig()
+    if args.no_mlflow:
+        cfg.report.mlflow = False
+    run = drift(
+        args.name,
+        cfg,
+        version=args.version,
+        last=args.last,
+        since=_when(args.since, "--since"),
+        until=_when(args.until, "--until"),
+        file=args.file,
+        report_dir=Path(args.report) if args.report else None,
+    )
+    if args.json:
+        out = run.decision.to_dict()
+        out["alarm"] = None if run.alarm is None else {**vars(run.alarm), "reason": run.alarm.reason}
+        out["report_run_id"] = run.report_run_id
+        print(json.dumps(out, indent=2, default=str))
+    else:
+        print(format_decision(run))
+    return EXIT_CODES[run.decision.status]
+
+
+def _when(text: str | None, flag: str):
+    from datetime import UTC, datetime
+
+    if text is None:
+        return None
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ChampionError(
+            f"{flag}: '{text}' is not an ISO time; write e.g. 2026-12-01T09:00:00Z."
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from champion.registry import connect
+    from monitoring.reference import reference_for_version
+    from pipelines.data import DataConfig, load_labelled
+
+    cfg = DataConfig(source=args.data, text_column=args.text_column, label_column=args.label_column)
+    data = load_labelled(cfg, args.data, "--data")
+    reg = connect()
+    ref = reference_for_version(reg, args.name, args.version, data, source=args.data)
+    print(
+        f"built the monitoring reference of {args.name} v{args.version} from {len(ref)} held-out rows "
+        f"(accuracy {ref.accuracy:.3f} on them); `champion drift {args.name}` now finds it."
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="champion",
@@ -316,6 +375,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", help="ask a running `champion serve` at this URL instead of loading the model")
     p.add_argument("--probabilities", action="store_true", help="include every class's probability")
     p.add_argument("--json", action="store_true")
+
+    p = verb("drift", cmd_drift, "Check a window of the inference log (or a file) for drift against the "
+             "served version's reference. Exit 0 ok, 3 drift, 4 insufficient data, 2 bad input.")  # fmt: skip
+    p.add_argument("name", help="registered model name")
+    p.add_argument("--version", help="the version to check (default: the champion)")
+    window = p.add_mutually_exclusive_group()
+    window.add_argument("--last", type=int, help="the last N logged predictions of that version")
+    window.add_argument("--since", help="predictions logged since this ISO time (UTC unless it says)")
+    p.add_argument("--until", help="and before this ISO time")
+    p.add_argument("--file", help="CSV, JSONL or Parquet with a text column (and optionally label)")
+    p.add_argument("--config", help="monitoring YAML, e.g. configs/monitor.yaml (defaults otherwise)")
+    p.add_argument("--report", help="also write drift.html, drift.json and decision.json to this folder")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log the report to MLflow")
+    p.add_argument("--json", action="store_true")
+
+    p = verb("monitor", cmd_monitor, "Monitoring set-up: build a version's reference from held-out rows.")
+    sub = p.add_subparsers(dest="monitor_verb", required=True, metavar="reference")
+    ref = sub.add_parser("reference", help="score held-out labelled rows with a version and record them")
+    ref.add_argument("name")
+    ref.add_argument("version")
+    ref.add_argument("--data", required=True, help="held-out labelled rows (never training rows)")
+    ref.add_argument("--text-column", default="text")
+    ref.add_argument("--label-column", default="label")
 
     p = verb("demo", cmd_demo, "Run the loop end to end on generated data: fine-tune, register, promote.")
     p.add_argument("--rows", type=int, default=2400)

@@ -24,6 +24,7 @@ from champion.config import StrictModel, prepare_environment
 from champion.errors import InterruptedRun
 from champion.registry import CHALLENGER, CHAMPION, METRIC_TAG, Registry, connect, register_version
 from champion.signals import StopRequest, graceful_stop
+from monitoring.reference import REFERENCE_TAG
 from pipelines.data import DataConfig, load_splits
 from pipelines.evaluate import Evaluation, evaluate, log_evaluation
 from pipelines.model import (
@@ -178,6 +179,9 @@ def finetune(cfg: FinetuneConfig, registry: Registry | None = None) -> FinetuneR
                     model = model.merge_and_unload()
                 info = tracking.log_classifier(model, tokenizer, example=list(splits.validation["text"][:2]))
                 stop.check()
+                # What the drift monitor compares production with: held-out rows as this model saw them.
+                reference_uri = _log_reference(model, tokenizer, splits, cfg)
+                stop.check()
         except KeyboardInterrupt:
             mlflow.end_run(status="KILLED")
             raise InterruptedRun(
@@ -189,6 +193,7 @@ def finetune(cfg: FinetuneConfig, registry: Registry | None = None) -> FinetuneR
         tags = {
             **lineage,
             "run_id": run.info.run_id,
+            REFERENCE_TAG: reference_uri,
             **{METRIC_TAG + k: f"{v:.6f}" for k, v in metrics.items() if k.startswith(("val_", "test_"))},
         }
         version = register_version(
@@ -259,6 +264,23 @@ def _fit(
             )
             break
     return _Fit(best_val, best_epoch, best_state, samples, seconds, memory)
+
+
+def _log_reference(model, tokenizer, splits, cfg: FinetuneConfig) -> str:
+    """Score the validation and test rows with the final model and log them as its monitoring reference."""
+    import pandas as pd
+
+    from monitoring.reference import build_reference, log_reference
+    from serving.model import LoadedModel
+
+    served = LoadedModel(
+        cfg.registry.model_name, "", model, tokenizer, tuple(splits.labels), cfg.model.max_length, "cpu", 0.0
+    )
+    held_out = pd.concat(
+        [splits.validation.assign(split="validation"), splits.test.assign(split="test")], ignore_index=True
+    )
+    meta = {"model": cfg.registry.model_name, "data_sha256": splits.sha256}
+    return log_reference(build_reference(served, held_out, splits.train["text"], meta))
 
 
 def encode_rows(frame, tokenizer, label_ids: dict[str, int], max_length: int) -> list[dict]:

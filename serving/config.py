@@ -85,8 +85,11 @@ class ServeConfig(StrictModel):
 
 
 def inference_log_url(cfg: ServeConfig) -> str:
-    if cfg.log.url:
-        return cfg.log.url
+    return cfg.log.url or default_log_url()
+
+
+def default_log_url() -> str:
+    """The inference log when no config names one: $CHAMPION_INFERENCE_LOG_URL, else sqlite in the home."""
     return os.environ.get(LOG_URL_ENV) or f"sqlite:///{champion_home() / 'inference.db'}"
 
 

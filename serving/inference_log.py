@@ -51,6 +51,8 @@ predictions = sa.Table(
     sa.Column("score", sa.Float, nullable=False),
     sa.Column("latency_ms", sa.Float, nullable=False),
     sa.Column("agrees", sa.Boolean),
+    # Every class's probability, float16 in the version's label order (encode_probs): 2 bytes a class.
+    sa.Column("probs", sa.LargeBinary),
     # A batch retried after an ambiguous commit must not add its rows twice (inserts skip conflicts).
     sa.UniqueConstraint("request_id", "arm", name="uq_champion_predictions_request_arm"),
 )
@@ -81,6 +83,7 @@ class PredictionRecord:
     score: float
     latency_ms: float
     agrees: bool | None = None
+    probs: bytes | None = None  # encode_probs(row): the full probability vector, for monitoring
 
     def __post_init__(self) -> None:
         for name, limit in _LENGTHS.items():
@@ -98,6 +101,26 @@ class PredictionRecord:
                 ) from None
         if self.agrees is not None:
             object.__setattr__(self, "agrees", bool(self.agrees))
+        if self.probs is not None and not isinstance(self.probs, bytes):
+            raise TypeError(f"PredictionRecord.probs must be bytes from encode_probs(); got {self.probs!r}.")
+
+
+def encode_probs(row) -> bytes:
+    """A probability vector as float16 bytes: the full vector at 2 bytes a class (154 B for 77 classes).
+
+    float16 keeps about three significant digits, plenty for confidence, entropy and calibration; JSON text
+    of the same vector would be about five times larger on every logged row.
+    """
+    import numpy as np
+
+    return np.asarray(row, dtype="<f2").tobytes()
+
+
+def decode_probs(blob: bytes | None):
+    """The float32 vector encode_probs() stored, or None for rows logged without one."""
+    import numpy as np
+
+    return None if blob is None else np.frombuffer(blob, dtype="<f2").astype(np.float32)
 
 
 class UnknownRequestError(ChampionError, ValueError):
@@ -173,7 +196,9 @@ class InferenceLog:
             with open(self._sqlite_path.with_suffix(".lock"), "a") as fh:
                 fcntl.flock(fh, fcntl.LOCK_EX)
                 try:
-                    _metadata.create_all(self.engine, checkfirst=True)
+                    with self.engine.begin() as conn:
+                        _metadata.create_all(conn, checkfirst=True)
+                        _add_missing_columns(conn)
                 finally:
                     fcntl.flock(fh, fcntl.LOCK_UN)
             return
@@ -181,6 +206,7 @@ class InferenceLog:
         with self.engine.begin() as conn:
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
             _metadata.create_all(conn, checkfirst=True)
+            _add_missing_columns(conn)
 
     def start(self) -> InferenceLog:
         """Start the writer thread (once); `close` is also registered to run at interpreter exit."""
@@ -470,6 +496,15 @@ class InferenceLog:
             frame = pd.DataFrame(result.all(), columns=list(result.keys()))
         frame["at"] = pd.to_datetime(frame["at"], utc=True)  # sqlite hands back naive UTC
         return frame
+
+
+def _add_missing_columns(conn: sa.Connection) -> None:
+    """A log written by an older Champion lacks the newer nullable columns: add them in place."""
+    have = {c["name"] for c in sa.inspect(conn).get_columns(predictions.name)}
+    for column in predictions.columns:
+        if column.name not in have:
+            kind = column.type.compile(dialect=conn.dialect)
+            conn.execute(sa.text(f'ALTER TABLE {predictions.name} ADD COLUMN "{column.name}" {kind}'))
 
 
 def _check_text(name: str, value: object, limit: int | None) -> None:

@@ -55,6 +55,49 @@ class LoadedModel:
             logits = self.model(**enc).logits
         return torch.softmax(logits.float(), dim=-1).cpu().numpy()
 
+    def describe(self, texts: list[str], batch_size: int = 64) -> dict[str, Any]:
+        """What monitoring needs of `texts`, from the forward pass the server runs.
+
+        Returns float32 arrays: `probs` (one row per text), `embeddings` (the encoder's last hidden state,
+        mean-pooled over real tokens), and per text `tokens` (count, special tokens included, after
+        truncation) and `unk_share` (the share of its word-piece tokens that are the unknown token).
+        """
+        import numpy as np
+        import torch
+
+        unk = self.tokenizer.unk_token_id
+        probs, embeddings, tokens, unk_share = [], [], [], []
+        for start in range(0, len(texts), batch_size):
+            enc = self.tokenizer(
+                texts[start : start + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=self.max_tokens,
+                return_tensors="pt",
+            )
+            mask = enc["attention_mask"]
+            lengths = mask.sum(dim=1)
+            unks = ((enc["input_ids"] == unk) & mask.bool()).sum(dim=1) if unk is not None else 0 * lengths
+            enc = {k: v.to(self.device) for k, v in enc.items()}
+            with torch.inference_mode():
+                out = self.model(**enc, output_hidden_states=True)
+            weights = enc["attention_mask"].unsqueeze(-1).to(out.hidden_states[-1].dtype)
+            pooled = (out.hidden_states[-1] * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+            probs.append(torch.softmax(out.logits.float(), dim=-1).cpu().numpy())
+            embeddings.append(pooled.float().cpu().numpy())
+            tokens.append(lengths.numpy())
+            unk_share.append((unks / (lengths - 2).clamp(min=1)).float().numpy())  # [CLS] and [SEP] aside
+        if not texts:
+            width = len(self.labels)
+            return {"probs": np.zeros((0, width), np.float32), "embeddings": np.zeros((0, 0), np.float32),
+                    "tokens": np.zeros(0, np.int64), "unk_share": np.zeros(0, np.float32)}  # fmt: skip
+        return {
+            "probs": np.concatenate(probs),
+            "embeddings": np.concatenate(embeddings),
+            "tokens": np.concatenate(tokens),
+            "unk_share": np.concatenate(unk_share),
+        }
+
     def warm(self) -> None:
         """Run a couple of batches so the first real request does not pay for lazy initialisation."""
         for size in (1, 8):

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from serving.config import ServeConfig, inference_log_url
 from serving.follower import Follower, Served, Swap
-from serving.inference_log import InferenceLog, PredictionRecord
+from serving.inference_log import InferenceLog, PredictionRecord, encode_probs
 from serving.metrics import metrics
 from serving.model import LoadedModel, load_version
 from serving.traffic import CANARY_ARM, CHALLENGER_ARM, CHAMPION_ARM, SHADOW_ARM, CanaryMonitor, choose_arms
@@ -204,6 +204,7 @@ class ModelServer:
                     answer.score,
                     latency_ms,
                     agrees,
+                    encode_probs(row),
                 )
             )
         self.log.append(records)  # waits when the log's queue is full: slower, never lost
@@ -329,6 +330,7 @@ class ModelServer:
                         float(row[best]),
                         latency_ms,
                         agrees,
+                        encode_probs(row),
                     )
                 )
                 self.metrics.agreement.labels(self.name, challenger.version, SHADOW_ARM, str(agrees)).inc()

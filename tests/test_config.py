@@ -11,7 +11,7 @@ from champion.errors import ChampionError
 from pipelines.finetune import FinetuneConfig
 
 ALL_CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
-CONFIGS = [p for p in ALL_CONFIGS if not p.name.startswith("serve_")]
+CONFIGS = [p for p in ALL_CONFIGS if not p.name.startswith(("serve_", "monitor"))]
 SERVE_CONFIGS = [p for p in ALL_CONFIGS if p.name.startswith("serve_")]
 
 
@@ -55,6 +55,30 @@ def test_serve_config_needs_a_model_name():
 
     with pytest.raises(ChampionError, match="model: name the registered model"):
         load_serve_config(None)
+
+
+def test_shipped_monitor_config_validates_names_its_command_and_sets_every_check():
+    from monitoring.config import MonitorConfig
+
+    path = ALL_CONFIGS[0].parent / "monitor.yaml"
+    cfg = load_config(MonitorConfig, path)
+    assert (
+        path.read_text()
+        .splitlines()[0]
+        .startswith("# champion drift support-intents --config configs/monitor.yaml")
+    )
+    import yaml
+
+    written = yaml.safe_load(path.read_text())
+    assert set(written["checks"]) == set(MonitorConfig.model_fields["checks"].annotation.model_fields)
+    assert cfg.calibration.false_alarm_rate == 0.01
+
+
+def test_bad_monitor_config_is_one_sentence(tmp_path):
+    from monitoring.config import MonitorConfig
+
+    with pytest.raises(ChampionError, match="unknown key 'checks.drift_score'"):
+        load_config(MonitorConfig, _write(tmp_path, "checks: {drift_score: {min_rows: 3}}\n"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -125,7 +125,7 @@ def test_read_filters_by_model_time_and_arm(open_log):
     frame = log.read()
     assert list(frame.columns) == [
         *("request_id", "at", "model_name", "model_version", "arm", "text", "label", "score"),
-        *("latency_ms", "agrees", "true_label"),
+        *("latency_ms", "agrees", "probs", "true_label"),
     ]
     assert set(frame["request_id"][:2]) == _ids(champion)
     assert str(frame["at"].dt.tz) == "UTC" and frame["at"].iloc[0] == t0  # microseconds survive
@@ -402,3 +402,35 @@ def test_only_sqlite_files_and_postgresql_are_accepted(home):
         InferenceLog("mysql+pymysql://u@localhost/db")
     with pytest.raises(ValueError, match="not memory"):
         InferenceLog("sqlite://")
+
+
+def test_probability_vectors_round_trip_and_old_logs_gain_the_column(tmp_path):
+    import numpy as np
+
+    from serving.inference_log import decode_probs, encode_probs
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:  # the table as an older Champion created it, with one row in it
+        conn.execute(sa.text(
+            "CREATE TABLE champion_predictions (id INTEGER PRIMARY KEY, request_id VARCHAR(64) NOT NULL, "
+            "at DATETIME NOT NULL, model_name VARCHAR(256) NOT NULL, model_version VARCHAR(32) NOT NULL, "
+            "arm VARCHAR(16) NOT NULL, text TEXT NOT NULL, label VARCHAR(256) NOT NULL, score FLOAT NOT NULL, "
+            "latency_ms FLOAT NOT NULL, agrees BOOLEAN, UNIQUE (request_id, arm))"
+        ))  # fmt: skip
+        conn.execute(sa.text(
+            "INSERT INTO champion_predictions (request_id, at, model_name, model_version, arm, text, label, "
+            "score, latency_ms) VALUES ('old', '2030-01-01 00:00:00', 'm', '1', 'champion', 't', 'a', 0.9, 1)"
+        ))  # fmt: skip
+    engine.dispose()
+    row = np.array([0.7, 0.2, 0.1], dtype=np.float32)
+    log = InferenceLog(url, retention_days=None).start()
+    log.append([replace(_records(1)[0], request_id="new", probs=encode_probs(row))])
+    log.flush()
+    frame = log.read().set_index("request_id")
+    log.close()
+    assert frame.loc["old", "probs"] is None and decode_probs(frame.loc["old", "probs"]) is None
+    assert np.allclose(decode_probs(frame.loc["new", "probs"]), row, atol=1e-3)
+    assert len(encode_probs(np.zeros(77))) == 154  # 2 bytes a class
+    with pytest.raises(TypeError, match="PredictionRecord.probs must be bytes"):
+        replace(_records(1)[0], probs=[0.5, 0.5])

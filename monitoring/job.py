@@ -1,0 +1,225 @@
+"""The drift job: pick a window, find the served version's reference, check, store, report.
+
+`drift(...)` is what `champion drift` and the scheduler call; `check_drift` in `monitoring.drift` is the
+pure part. Reads top to bottom: version -> reference -> window -> describe -> check -> store -> report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from champion.errors import ChampionError
+from monitoring.config import MonitorConfig
+from monitoring.drift import DriftDecision, check_drift, describe_window, window_from_frame
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from monitoring.store import AlarmState
+
+EXIT_CODES = {"ok": 0, "drift": 3, "insufficient_data": 4}  # 2 is bad input, as for every command
+
+
+@dataclass
+class DriftRun:
+    decision: DriftDecision
+    alarm: AlarmState | None
+    check_id: int | None
+    report_run_id: str | None
+    report_dir: Path | None
+
+
+def drift(
+    name: str,
+    cfg: MonitorConfig | None = None,
+    *,
+    version: str | None = None,
+    last: int | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    arms: list[str] | None = None,
+    file: str | Path | None = None,
+    report_dir: Path | None = None,
+    log_url: str | None = None,
+    registry=None,
+    store: bool = True,
+) -> DriftRun:
+    from champion.registry import CHAMPION, connect
+    from monitoring.reference import load_reference
+    from serving.model import load_version
+
+    cfg = cfg or MonitorConfig()
+    if last is not None and last < 1:
+        raise ChampionError(f"--last: {last} is not a window; give a number of rows of at least 1.")
+    if file is not None and (last is not None or since is not None):
+        raise ChampionError("--file: a file is the window itself; drop --last and --since.")
+    reg = registry or connect()
+    version = str(version) if version is not None else _alias(reg, name, CHAMPION)
+    ref = load_reference(reg, name, version)  # before any work: a version without one is a clear error
+    model = load_version(reg.client, name, version)
+
+    if file is not None:
+        frame, about = _score_file(model, Path(file))
+    else:
+        frame, about = _read_log(name, version, last, since, until, arms, log_url)
+    frame, dropped = _clean(frame)
+    about["dropped_rows"] = dropped
+    if len(frame) > cfg.max_rows:
+        frame = frame.sample(cfg.max_rows, random_state=cfg.calibration.seed).sort_index()
+        about["sampled_rows"] = cfg.max_rows
+    window = window_from_frame(frame)
+    window.sampled_from = about.get("rows_in_window", len(frame))
+    if len(frame):
+        window = describe_window(window, model, cfg, cfg.calibration.seed)
+        if file is not None and "embeddings" in frame.attrs:  # scored just now: reuse the forward pass
+            window.embeddings = frame.attrs["embeddings"][: cfg.checks.embedding.sample_rows]
+    decision = check_drift(window, ref, cfg, model=name, version=version, **about)
+
+    report_run_id = None
+    if cfg.report.mlflow and len(frame):
+        from monitoring.report import log_report
+
+        report_run_id = log_report(decision, window, ref, cfg.report.experiment, report_dir)
+    elif report_dir is not None and len(frame):
+        from monitoring.report import write_report
+
+        write_report(decision, window, ref, report_dir)
+    check_id, alarm = None, None
+    if store:
+        from monitoring.store import DriftStore
+
+        drift_store = DriftStore(cfg.store_url or _default_store_url(log_url))
+        try:
+            check_id = drift_store.record(decision, report_run_id)
+            alarm = drift_store.alarm_state(name, version, cfg.alarm.k, cfg.alarm.n)
+        finally:
+            drift_store.close()
+    return DriftRun(decision, alarm, check_id, report_run_id, report_dir)
+
+
+def _alias(reg, name: str, alias: str) -> str:
+    from champion.registry import _alias_version
+
+    version = _alias_version(reg, name, alias)
+    if version is None:
+        raise ChampionError(f"model '{name}' has no {alias}; give --version or promote one first.")
+    return version
+
+
+def _default_store_url(log_url: str | None) -> str:
+    from serving.config import default_log_url
+
+    return log_url or default_log_url()
+
+
+def _read_log(name, version, last, since, until, arms, log_url) -> tuple[pd.DataFrame, dict[str, Any]]:
+    from serving.inference_log import InferenceLog
+
+    url = log_url or _default_store_url(None)
+    try:
+        log = InferenceLog(url)
+    except Exception as err:
+        raise ChampionError(
+            f"the inference log at {url} cannot be read ({_first_line(err)}); is it up?"
+        ) from None
+    try:
+        frame = log.read(name, since=since, until=until, arms=arms or ["champion", "canary", "challenger"])
+    except Exception as err:
+        raise ChampionError(
+            f"the inference log at {url} cannot be read ({_first_line(err)}); is it up?"
+        ) from None
+    finally:
+        log.engine.dispose()
+    versions = frame["model_version"].value_counts().to_dict() if len(frame) else {}
+    frame = frame[frame["model_version"] == str(version)]
+    if last is not None:
+        frame = frame.tail(last)
+    about = {
+        "source": "inference_log",
+        "last": last,
+        "since": since.isoformat() if since else None,
+        "until": until.isoformat() if until else None,
+        "other_versions": {v: n for v, n in versions.items() if v != str(version)},
+        "rows_in_window": len(frame),
+    }
+    if len(frame):
+        about["first_at"], about["last_at"] = str(frame["at"].iloc[0]), str(frame["at"].iloc[-1])
+    return frame.reset_index(drop=True), about
+
+
+def _score_file(model, path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """A file of texts (and optionally true labels) scored by the version, as the server would."""
+    import pandas as pd
+
+    from pipelines.data import read_table
+
+    raw = read_table(str(path), "auto", "train", "--file")
+    if "text" not in raw.columns:
+        columns = ", ".join(map(str, raw.columns)) or "none"
+        raise ChampionError(
+            f"--file: '{path}' has no 'text' column (columns: {columns}); name the column text."
+        )
+    texts = raw["text"]
+    keep = texts.notna() & texts.astype(str).str.strip().ne("")
+    raw = raw[keep].reset_index(drop=True)
+    seen = model.describe(list(raw["text"].astype(str))) if len(raw) else None
+    frame = pd.DataFrame({"text": raw["text"].astype(str)})
+    if seen is not None:
+        best = seen["probs"].argmax(axis=1)
+        frame["label"] = [model.labels[i] for i in best]
+        frame["score"] = seen["probs"][np.arange(len(best)), best]
+    else:
+        frame["label"], frame["score"] = pd.Series(dtype=str), pd.Series(dtype=float)
+    if "label" in raw.columns:
+        frame["true_label"] = (
+            raw["label"]
+            .where(raw["label"].notna(), None)
+            .map(lambda v: None if v is None else str(v).strip() or None)
+        )
+    if seen is not None:
+        frame.attrs["embeddings"] = seen["embeddings"]
+    return frame, {
+        "source": "file",
+        "file": str(path),
+        "rows_in_window": len(frame),
+        "dropped_blank": int((~keep).sum()),
+    }
+
+
+def _clean(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Drop rows that cannot be judged (no text, no prediction, no confidence); returns how many went."""
+    if frame.empty:
+        return frame, 0
+    ok = frame["text"].notna() & frame["text"].astype(str).str.strip().ne("")
+    ok &= frame["label"].notna() & np.isfinite(frame["score"].astype(float))
+    embeddings = frame.attrs.get("embeddings")
+    out = frame[ok].reset_index(drop=True)
+    if embeddings is not None:
+        out.attrs["embeddings"] = embeddings[ok.to_numpy()]
+    return out, int((~ok).sum())
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def format_decision(run: DriftRun) -> str:
+    """What `champion drift` prints: the verdict, each check in one line, the alarm state."""
+    d = run.decision
+    lines = [f"{d.model} v{d.version}: {d.status.upper()} on {d.rows} rows. {d.reason}"]
+    for c in d.checks:
+        value = "-" if c.value is None else f"{c.value:.4g}"
+        threshold = "-" if c.threshold is None else f"{c.threshold:.4g}"
+        mark = "DRIFT" if c.drifted else c.status
+        lines.append(f"  {c.name:<19} {c.statistic:<26} {value:>9} / {threshold:<9} {mark:<17} rows={c.rows}")
+    if run.alarm is not None:
+        lines.append(run.alarm.reason)
+    if run.report_run_id:
+        lines.append(f"report: MLflow run {run.report_run_id} (artifacts drift/drift.html)")
+    return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""Every drift decision and check result, kept beside the inference log (sqlite, or PostgreSQL by URL).
+
+The alarm has memory: `alarm_state` says whether at least k of the last n stored windows of a version
+drifted, so one odd hour does not launch a retrain.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from monitoring.drift import DRIFT, DriftDecision
+
+_metadata = sa.MetaData()
+drift_checks = sa.Table(
+    "drift_checks",
+    _metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("model_name", sa.String(256), nullable=False, index=True),
+    sa.Column("model_version", sa.String(32), nullable=False),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("rows", sa.Integer, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("window", sa.Text, nullable=False),  # JSON: how the window was chosen, bounds, sampling
+    sa.Column("checks", sa.Text, nullable=False),  # JSON: every check with its statistic and threshold
+    sa.Column("report_run_id", sa.String(64)),  # the MLflow run holding the Evidently report
+)
+
+
+@dataclass(frozen=True)
+class AlarmState:
+    alarm: bool
+    drifted: int  # of the last `considered` windows
+    considered: int
+    k: int
+    n: int
+
+    @property
+    def reason(self) -> str:
+        verdict = "alarm" if self.alarm else "no alarm"
+        return (
+            f"{verdict}: {self.drifted} of the last {self.considered} judged windows drifted "
+            f"(alarm at {self.k} of {self.n})."
+        )
+
+
+class DriftStore:
+    def __init__(self, url: str):
+        self.engine = sa.create_engine(url, pool_pre_ping=True)
+        if self.engine.dialect.name == "sqlite" and self.engine.url.database:
+            Path(self.engine.url.database).parent.mkdir(parents=True, exist_ok=True)
+        with self.engine.begin() as conn:
+            _metadata.create_all(conn, checkfirst=True)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def record(self, decision: DriftDecision, report_run_id: str | None = None) -> int:
+        data = decision.to_dict()
+        row = {
+            "at": datetime.fromisoformat(decision.at).astimezone(UTC),
+            "model_name": decision.model,
+            "model_version": decision.version,
+            "status": decision.status,
+            "rows": decision.rows,
+            "reason": decision.reason,
+            "window": json.dumps(data["window"], default=str, sort_keys=True),
+            "checks": json.dumps(data["checks"], default=str),
+            "report_run_id": report_run_id,
+        }
+        with self.engine.begin() as conn:
+            return int(conn.execute(drift_checks.insert().values(**row)).inserted_primary_key[0])
+
+    def history(self, model: str, version: str | None = None, limit: int = 100) -> list[dict]:
+        c = drift_checks.c
+        query = sa.select(drift_checks).where(c.model_name == model).order_by(c.id.desc()).limit(limit)
+        if version is not None:
+            query = query.where(c.model_version == str(version))
+        with self.engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(query)]
+        for r in rows:
+            r["window"], r["checks"] = json.loads(r["window"]), json.loads(r["checks"])
+        return rows
+
+    def alarm_state(self, model: str, version: str, k: int, n: int) -> AlarmState:
+        """Whether at least `k` of the last `n` judged windows drifted (insufficient windows do not count)."""
+        c = drift_checks.c
+        query = (
+            sa.select(c.status)
+            .where(c.model_name == model, c.model_version == str(version), c.status.in_([DRIFT, "ok"]))
+            .order_by(c.id.desc())
+            .limit(n)
+        )
+        with self.engine.connect() as conn:
+            statuses = [r[0] for r in conn.execute(query)]
+        drifted = sum(s == DRIFT for s in statuses)
+        return AlarmState(drifted >= k, drifted, len(statuses), k, n)
