@@ -415,8 +415,8 @@ def test_probability_vectors_round_trip_and_old_logs_gain_the_column(tmp_path):
         conn.execute(sa.text(
             "CREATE TABLE champion_predictions (id INTEGER PRIMARY KEY, request_id VARCHAR(64) NOT NULL, "
             "at DATETIME NOT NULL, model_name VARCHAR(256) NOT NULL, model_version VARCHAR(32) NOT NULL, "
-            "arm VARCHAR(16) NOT NULL, text TEXT NOT NULL, label VARCHAR(256) NOT NULL, score FLOAT NOT NULL, "
-            "latency_ms FLOAT NOT NULL, agrees BOOLEAN, UNIQUE (request_id, arm))"
+            "arm VARCHAR(16) NOT NULL, text TEXT NOT NULL, label VARCHAR(256) NOT NULL, "
+            "score FLOAT NOT NULL, latency_ms FLOAT NOT NULL, agrees BOOLEAN, UNIQUE (request_id, arm))"
         ))  # fmt: skip
         conn.execute(sa.text(
             "INSERT INTO champion_predictions (request_id, at, model_name, model_version, arm, text, label, "
