@@ -301,6 +301,45 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from champion.config import load_config
+    from monitoring import scheduler
+
+    cfg = (
+        load_config(scheduler.ScheduleConfig, args.config, []) if args.config else scheduler.ScheduleConfig()
+    )
+    if args.schedule_verb == "start":
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)  # this process serves its own /metrics
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("apscheduler.executors").setLevel(logging.WARNING)  # a line per run is too much
+        scheduler.start(cfg, standby=args.standby, out=lambda line: print(line, flush=True))
+        return 0
+    if args.schedule_verb == "list":
+        jobs = scheduler.list_jobs(cfg)
+        if args.json:
+            print(json.dumps(jobs, indent=2))
+        elif not jobs:
+            print("no jobs in the store; `champion schedule start --config configs/schedule.yaml` adds them.")
+        else:
+            rows = [
+                [j["id"], j["trigger"], "paused" if j["paused"] else j["next_run"], j["last_outcome"] or "-",
+                 j["last_started"] or "-"]
+                for j in jobs
+            ]  # fmt: skip
+            _table(rows, ["JOB", "TRIGGER", "NEXT RUN", "LAST", "LAST STARTED"])
+        return 0
+    if args.schedule_verb == "run-now":
+        run = scheduler.run_now(cfg, args.job)
+        print(f"{args.job}: {run['outcome']} ({run['how']}, pid {run['pid']})" +
+              (f": {run['error']}" if run["error"] else ""))  # fmt: skip
+        return 0 if run["outcome"] == "ok" else 1
+    getattr(scheduler, args.schedule_verb)(cfg, args.job)
+    print(f"{args.job}: {args.schedule_verb}d")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="champion",
@@ -398,6 +437,21 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--data", required=True, help="held-out labelled rows (never training rows)")
     ref.add_argument("--text-column", default="text")
     ref.add_argument("--label-column", default="label")
+
+    p = verb("schedule", cmd_schedule, "Scheduled jobs (drift checks): one active scheduler per job store.")
+    sub = p.add_subparsers(dest="schedule_verb", required=True, metavar="start|list|run-now|pause|resume")
+    start = sub.add_parser("start", help="run the scheduler until SIGTERM or Ctrl-C")
+    start.add_argument("--standby", action="store_true", help="wait while another is active, then take over")
+    listing = sub.add_parser("list", help="the jobs in the store, their next run and last outcome")
+    listing.add_argument("--json", action="store_true")
+    for name, help in (
+        ("run-now", "run a job now (through the active scheduler if one runs)"),
+        ("pause", "stop a job's runs until resumed"),
+        ("resume", "resume a paused job"),
+    ):
+        sub.add_parser(name, help=help).add_argument("job", help="job id, as in the schedule config")
+    for action in sub.choices.values():
+        action.add_argument("--config", help="schedule YAML, e.g. configs/schedule.yaml (defaults otherwise)")
 
     p = verb("demo", cmd_demo, "Run the loop end to end on generated data: fine-tune, register, promote.")
     p.add_argument("--rows", type=int, default=2400)

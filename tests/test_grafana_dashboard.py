@@ -72,8 +72,25 @@ def exported_series() -> dict[str, frozenset[str]]:
     return series
 
 
+def monitoring_series() -> dict[str, frozenset[str]]:
+    """What the scheduler process exports on its /metrics (monitoring.metrics), a normal registry."""
+    from prometheus_client import REGISTRY
+
+    from monitoring.metrics import metrics
+
+    registered = REGISTRY._collector_to_names
+    series: dict[str, frozenset[str]] = {}
+    for collector in vars(metrics()).values():
+        assert collector in registered, f"{collector} is not registered with prometheus_client"
+        for family in collector.describe():
+            for suffix, extra in SUFFIXES[family.type]:
+                assert family.name + suffix in registered[collector]
+                series[family.name + suffix] = frozenset(collector._labelnames) | set(extra)
+    return series
+
+
 def known_series() -> dict[str, frozenset[str]]:
-    return {**exported_series(), **BENTOML_SERIES}
+    return {**exported_series(), **monitoring_series(), **BENTOML_SERIES}
 
 
 def load_dashboard() -> dict:
