@@ -66,11 +66,17 @@ def test_minilm_full_on_banking77_with_fixed_test_set(registry, tmp_path):
 def test_demo_runs_end_to_end(home, capsys):
     assert main(["demo", "--rows", "400", "--epochs", "1"]) == 0
     out = capsys.readouterr().out
-    assert "1/6 generated 400 support tickets" in out and "4/6 promoted" in out
-    assert "5/6 serving support-intents@champion with BentoML and sending it 400 tickets" in out
+    assert "1/8 generated 400 support tickets across 15 intents" in out and "4/8 promoted" in out
+    assert "5/8 serving support-intents@champion with BentoML and sending it 400 tickets" in out
     assert "serves v1 (champion policy)" in out and "champion ui" in out
-    # 3 sample tickets + 400 of traffic, all answered by v1 and written by the server's graceful shutdown
-    assert "6/6 the inference log holds 403 predictions (v1: 403)" in out
+    # The normal window is judged ok, the drifted one (held-out intents, new vocabulary) drift, with reasons.
+    normal, drifted = out.split("6/8 drift check")[1].split("7/8 sending 400 drifted tickets")
+    assert "support-intents v1: OK on 400 rows" in normal, normal
+    assert (
+        "support-intents v1: DRIFT on 400 rows" in drifted and "is above its calibrated threshold" in drifted
+    )
+    # 3 sample tickets + 800 of traffic, all answered by v1 and written by the server's graceful shutdown
+    assert "8/8 the inference log holds 803 predictions (v1: 803)" in out
     from champion.registry import connect
 
     reg = connect()

@@ -72,3 +72,28 @@ def test_serve_and_promote_notebook(home, tiny_model_dir, tmp_path, monkeypatch)
     log.close()
     assert set(logged.model_version) == {"1", "2"}  # both versions answered while the notebook watched
     assert logged.true_label.eq("app_bug").sum() == 1
+
+
+def test_monitor_notebook(home, tiny_model_dir, tmp_path, monkeypatch):
+    """Real `champion serve` on the tiny model: a quiet window, a drifted one, feedback labels, the report."""
+    from monitoring.store import DriftStore
+
+    cfg = tiny_finetune_config(Path("unused.csv"), tiny_model_dir, train={"epochs": 4})
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    serve = tmp_path / "serve.yaml"
+    serve.write_text(yaml.safe_dump({"threads": 1, "log": {"flush_seconds": 0.2}}))
+    monkeypatch.setenv("CHAMPION_NOTEBOOK_CONFIG", str(config))
+    monkeypatch.setenv("CHAMPION_NOTEBOOK_SERVE_CONFIG", str(serve))
+    monkeypatch.setenv("CHAMPION_NOTEBOOK_ROWS", "600")
+    monkeypatch.setenv("CHAMPION_NOTEBOOK_WINDOW", "200")
+
+    _execute(NOTEBOOKS / "03-monitor.ipynb")
+
+    store = DriftStore(f"sqlite:///{home / 'inference.db'}")
+    checks = list(reversed(store.history("tiny-intents")))
+    store.close()
+    assert [c["status"] for c in checks] == ["ok", "drift", "drift"] and checks[0]["rows"] == 200
+    concept = next(c for c in checks[2]["checks"] if c["name"] == "concept")
+    assert concept["rows"] == 200 and concept["details"]["unseen_true_labels"]  # the held-out intents
+    assert (home / "reports" / "notebook-03" / "drift.html").stat().st_size > 10_000
