@@ -62,7 +62,7 @@ def run_demo(
         "text"
     ].tolist()
     monitor = MonitorConfig()
-    print(f"5/8 serving {name}@champion with BentoML and sending it {len(normal)} tickets like the training")
+    print(f"5/8 serving {name}@champion with BentoML, sending {len(normal)} tickets like its training data")
     with start_server(name, config=SERVE_CONFIG) as client:
         answers = client.predict(SAMPLE_TICKETS)
         _send(client, normal)

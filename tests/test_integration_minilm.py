@@ -67,7 +67,7 @@ def test_demo_runs_end_to_end(home, capsys):
     assert main(["demo", "--rows", "400", "--epochs", "1"]) == 0
     out = capsys.readouterr().out
     assert "1/8 generated 400 support tickets across 15 intents" in out and "4/8 promoted" in out
-    assert "5/8 serving support-intents@champion with BentoML and sending it 400 tickets" in out
+    assert "5/8 serving support-intents@champion with BentoML, sending 400 tickets" in out
     assert "serves v1 (champion policy)" in out and "champion ui" in out
     # The normal window is judged ok, the drifted one (held-out intents, new vocabulary) drift, with reasons.
     normal, drifted = out.split("6/8 drift check")[1].split("7/8 sending 400 drifted tickets")
