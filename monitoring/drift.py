@@ -195,6 +195,28 @@ def _calibrated(
     }
 
 
+def _calibrated_counts(
+    ref: Reference, name: str, null_fn, n: int, cfg: MonitorConfig, floor: float, level: float
+) -> tuple[float, dict[str, Any]]:
+    """Like `_calibrated`, for statistics of the two empirical distributions: `null_fn(w_counts, r_counts)`
+    gets blocks of the two-sample bootstrap as count matrices over the reference rows (stats.count_draws)."""
+    size = min(n, cfg.calibration.max_window_rows)
+    m, resamples, seed = len(ref), cfg.calibration.resamples, cfg.calibration.seed
+    key = (name, "counts", size, m, resamples, seed)
+    null = ref.nulls.get(key)
+    if null is None:
+        null = np.concatenate([null_fn(w, r) for w, r in stats.count_draws(m, size, resamples, seed)])
+        ref.nulls[key] = null
+    threshold, quantile = stats.upper_threshold(null, level, floor)
+    return threshold, {
+        "null_quantile": quantile,
+        "null_max": float(np.nanmax(null)) if null.size else None,
+        "null_windows": int(null.size),
+        "calibrated_rows": size,
+        "floor": floor,
+    }
+
+
 def _prediction(window: Window, ref: Reference, cfg: MonitorConfig, check, level: float) -> CheckResult:
     name, statistic, n = "prediction", "jensen_shannon", len(window.pred_labels)
     if n < check.min_rows:
@@ -206,13 +228,10 @@ def _prediction(window: Window, ref: Reference, cfg: MonitorConfig, check, level
     value = stats.js_distance(counts, ref_counts)
     k = len(order) + 1
 
-    def null(w, r):
-        return stats.js_distance(
-            np.bincount(ref_codes[w], minlength=k), np.bincount(ref_codes[r], minlength=k)
-        )
-
-    threshold, details = _calibrated(
-        ref, name, null, len(ref_codes), n, len(ref_codes), cfg, check.floor, level
+    onehot = np.zeros((len(ref_codes), k))
+    onehot[np.arange(len(ref_codes)), ref_codes] = 1.0
+    threshold, details = _calibrated_counts(
+        ref, name, lambda w, r: stats.js_distance_rows(w @ onehot, r @ onehot), n, cfg, check.floor, level
     )
     unseen = int(counts[-1])
     details["unseen_labels"] = unseen
@@ -241,9 +260,9 @@ def _confidence(window: Window, ref: Reference, cfg: MonitorConfig, check, level
     ref_conf = ref.rows["confidence"].to_numpy(dtype=np.float64)
     scale = float(np.std(ref_conf))
     value = stats.normed_wasserstein(values, ref_conf, scale)
-    threshold, details = _calibrated(
-        ref, name, lambda w, r: stats.normed_wasserstein(ref_conf[w], ref_conf[r], scale),
-        len(ref_conf), n, len(ref_conf), cfg, check.floor, level,
+    threshold, details = _calibrated_counts(
+        ref, name, lambda w, r: stats.wasserstein_rows(ref_conf, w, r) / max(scale, 1e-3), n, cfg,
+        check.floor, level,
     )  # fmt: skip
     details.update(
         window_mean=float(values.mean()), reference_mean=float(ref_conf.mean()), reference_std=scale
@@ -266,9 +285,9 @@ def _estimated_accuracy(
     ref_expected = iso.predict(ref_conf)
     baseline = float(ref_expected.mean())
     estimate = float(iso.predict(values).mean())
-    threshold, details = _calibrated(
-        ref, name, lambda w, r: float(ref_expected[r].mean() - ref_expected[w].mean()),
-        len(ref_conf), n, len(ref_conf), cfg, check.floor, level,
+    threshold, details = _calibrated_counts(
+        ref, name, lambda w, r: r @ ref_expected / r.sum(1) - w @ ref_expected / w.sum(1), n, cfg,
+        check.floor, level,
     )  # fmt: skip
     details.update(
         estimated_accuracy=estimate,
@@ -371,9 +390,9 @@ def _mean_rise(
         return _too_few(name, statistic, n, check.min_rows)
     ref_values = ref_values.astype(np.float64)
     value = float(cur.mean() - ref_values.mean())
-    threshold, details = _calibrated(
-        ref, name, lambda w, r: float(ref_values[w].mean() - ref_values[r].mean()),
-        len(ref_values), n, len(ref_values), cfg, check.floor, level,
+    threshold, details = _calibrated_counts(
+        ref, name, lambda w, r: w @ ref_values / w.sum(1) - r @ ref_values / r.sum(1), n, cfg,
+        check.floor, level,
     )  # fmt: skip
     details.update(window_mean=float(cur.mean()), reference_mean=float(ref_values.mean()))
     return _verdict(name, statistic, value, threshold, n, what, details)
@@ -391,9 +410,9 @@ def _text_length(window: Window, ref: Reference, cfg: MonitorConfig, check, leve
     scale = float(np.std(ref_tokens))
     cur = window.tokens.astype(np.float64)
     value = stats.normed_wasserstein(cur, ref_tokens, scale)
-    threshold, details = _calibrated(
-        ref, name, lambda w, r: stats.normed_wasserstein(ref_tokens[w], ref_tokens[r], scale),
-        len(ref_tokens), n, len(ref_tokens), cfg, check.floor, level,
+    threshold, details = _calibrated_counts(
+        ref, name, lambda w, r: stats.wasserstein_rows(ref_tokens, w, r) / max(scale, 1e-3), n, cfg,
+        check.floor, level,
     )  # fmt: skip
     details.update(window_mean=float(cur.mean()), reference_mean=float(ref_tokens.mean()))
     return _verdict(

@@ -106,6 +106,43 @@ def null_draws(
             )
 
 
+def count_draws(
+    reference_rows: int, window_rows: int, resamples: int, seed: int, block: int = 100
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The two-sample bootstrap as counts: blocks of (window counts, pseudo-reference counts), each row how
+    often every reference row was drawn into a window of `window_rows` and a reference of the same size as
+    the real one. Any statistic that is a function of the two empirical distributions (label mixes, CDFs,
+    means) is then a few matrix products per block instead of a Python loop per draw."""
+    rng = np.random.default_rng(seed)
+    uniform = np.full(reference_rows, 1.0 / reference_rows)
+    for start in range(0, resamples, block):
+        size = min(block, resamples - start)
+        yield (
+            rng.multinomial(window_rows, uniform, size=size).astype(np.float64),
+            rng.multinomial(reference_rows, uniform, size=size).astype(np.float64),
+        )
+
+
+def js_distance_rows(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Row-wise Jensen-Shannon distance (base 2) between count matrices."""
+    p = p / np.maximum(p.sum(axis=1, keepdims=True), 1e-12)
+    q = q / np.maximum(q.sum(axis=1, keepdims=True), 1e-12)
+    m = (p + q) / 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl_p = np.where(p > 0, p * np.log2(p / m), 0.0).sum(axis=1)
+        kl_q = np.where(q > 0, q * np.log2(q / m), 0.0).sum(axis=1)
+    return np.sqrt(np.maximum(0.0, (kl_p + kl_q) / 2))
+
+
+def wasserstein_rows(values: np.ndarray, w_counts: np.ndarray, r_counts: np.ndarray) -> np.ndarray:
+    """Row-wise 1-D Wasserstein distance between two weightings of the same reference values."""
+    order = np.argsort(values, kind="stable")
+    dx = np.diff(values[order])
+    fu = np.cumsum(w_counts[:, order], axis=1)[:, :-1] / w_counts.sum(axis=1, keepdims=True)
+    fv = np.cumsum(r_counts[:, order], axis=1)[:, :-1] / r_counts.sum(axis=1, keepdims=True)
+    return np.abs(fu - fv) @ dx
+
+
 def upper_threshold(null: np.ndarray, level: float, floor: float) -> tuple[float, float]:
     """(threshold, the quantile actually used): the `1 - level` quantile of the null, never below `floor`.
 

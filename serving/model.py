@@ -55,7 +55,7 @@ class LoadedModel:
             logits = self.model(**enc).logits
         return torch.softmax(logits.float(), dim=-1).cpu().numpy()
 
-    def describe(self, texts: list[str], batch_size: int = 64) -> dict[str, Any]:
+    def describe(self, texts: list[str], batch_size: int = 32) -> dict[str, Any]:
         """What monitoring needs of `texts`, from the forward pass the server runs.
 
         Returns float32 arrays: `probs` (one row per text), `embeddings` (the encoder's last hidden state,
@@ -67,9 +67,10 @@ class LoadedModel:
 
         unk = self.tokenizer.unk_token_id
         probs, embeddings, tokens, unk_share = [], [], [], []
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths pad less
         for start in range(0, len(texts), batch_size):
             enc = self.tokenizer(
-                texts[start : start + batch_size],
+                [texts[i] for i in order[start : start + batch_size]],
                 padding=True,
                 truncation=True,
                 max_length=self.max_tokens,
@@ -91,11 +92,12 @@ class LoadedModel:
             width = len(self.labels)
             return {"probs": np.zeros((0, width), np.float32), "embeddings": np.zeros((0, 0), np.float32),
                     "tokens": np.zeros(0, np.int64), "unk_share": np.zeros(0, np.float32)}  # fmt: skip
+        back = np.argsort(order)  # rows in the order of `texts` again
         return {
-            "probs": np.concatenate(probs),
-            "embeddings": np.concatenate(embeddings),
-            "tokens": np.concatenate(tokens),
-            "unk_share": np.concatenate(unk_share),
+            "probs": np.concatenate(probs)[back],
+            "embeddings": np.concatenate(embeddings)[back],
+            "tokens": np.concatenate(tokens)[back],
+            "unk_share": np.concatenate(unk_share)[back],
         }
 
     def warm(self) -> None:

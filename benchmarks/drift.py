@@ -1,0 +1,441 @@
+"""Drift-check benchmark (not a test). Every figure is measured in this run.
+
+1. Detection power on ../shared/data/banking77: all-MiniLM-L6-v2 is fine-tuned (LoRA) on the train split of
+   64 of the 77 intents, with its held-out monitoring reference as in production. Windows of 200, 500 and
+   1,000 rows are then drawn, 50 of each: iid windows from the official test split (known intents only,
+   rows the model and its reference never saw), windows of the 13 held-out intents, and windows where 30%
+   of the rows are held-out intents. Reported: the share of windows whose decision is `drift`, overall and
+   per check. Goals: >= 95% detection of held-out-intent drift at 500 rows, <= 1% false alarms per iid window.
+2. Scale: inference logs of 10k, 100k and 1M rows (the model's own predictions on banking77 texts, drawn
+   with replacement) in sqlite. The drift job (`monitoring.job.drift`, no MLflow report) runs on the whole
+   log in a fresh process: wall time and peak memory, with its phases. Its per-column statistics (prediction,
+   confidence, estimated accuracy, text length, [UNK] share, unseen texts, with their calibration) are
+   timed against a plain numpy/scipy computation of the same statistics and nulls on the same arrays
+   (target <= 1.5x); the embedding and text checks on their bounded samples are timed apart.
+   Goal: the whole check <= 30 s at 1M rows on 2 cores.
+
+    .venv/bin/python benchmarks/drift.py                 # everything, about 20 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/drift.py --windows 10 --sizes 10000   # a quick look
+
+Results go to benchmarks/results/drift_cpu.json with the machine and the commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# Run as a script, this folder comes first on sys.path, and its serving.py would shadow the serving package.
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
+DATA = ROOT.parent / "shared" / "data" / "banking77"
+RESULTS = ROOT / "benchmarks" / "results"
+NAME = "bench-banking77"
+HELD_OUT_EVERY = 6  # every 6th intent (sorted) is held out: 13 of 77
+TARGETS = {"detection_at_500": 0.95, "false_alarms_per_window": 0.01, "seconds_at_1m": 30.0, "ratio": 1.5}
+
+
+def _code_state() -> dict:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    paths = ("monitoring", "serving", "benchmarks/drift.py")
+    return {"commit": git("rev-parse", "HEAD"), "uncommitted": git("status", "--porcelain", *paths)}
+
+
+def _machine() -> dict:
+    import torch
+
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+    }
+
+
+# --- 1: the model, its reference, and the scored pools ------------------------------------------------------
+
+
+def train(data: Path, home: Path, rows: int, epochs: int, threads: int) -> dict:
+    """Fine-tune on the known intents; returns the split of intents and the registered version."""
+    import pandas as pd
+
+    from champion.registry import connect, promote
+    from pipelines.finetune import FinetuneConfig, finetune
+
+    frame = pd.read_csv(data / "train.csv")
+    intents = sorted(frame["category"].unique())
+    held_out = intents[::HELD_OUT_EVERY]
+    known = [i for i in intents if i not in held_out]
+    source = home / "train_known.csv"
+    frame[frame["category"].isin(known)].to_csv(source, index=False)
+    cfg = FinetuneConfig.model_validate(
+        {
+            "data": {"source": str(source), "label_column": "category", "max_rows": rows, "seed": 0,
+                     "validation_size": 0.15, "test_size": 0.15},
+            "model": {"base": "all-MiniLM-L6-v2", "max_length": 64},
+            "method": "lora",
+            "lora": {"r": 16, "alpha": 32, "dropout": 0.1, "target_modules": ["query", "key", "value"]},
+            "train": {"epochs": epochs, "batch_size": 32, "learning_rate": 2e-3, "device": "cpu",
+                      "num_threads": threads, "progress": False, "seed": 0},
+            "registry": {"model_name": NAME, "experiment": "benchmark-drift"},
+        }
+    )  # fmt: skip
+    reg = connect()
+    started = time.perf_counter()
+    result = finetune(cfg, registry=reg)
+    promote(reg, NAME, result.version, reason="drift benchmark")
+    reg.close()
+    return {
+        "known": known, "held_out": held_out, "version": result.version,
+        "train_seconds": time.perf_counter() - started, "test_accuracy": result.metrics["test_accuracy"],
+    }  # fmt: skip
+
+
+def score_pool(model, texts: list[str]) -> dict:
+    """Everything a Window needs, for every text, from one forward pass (as the server would run it)."""
+    import numpy as np
+
+    from monitoring.reference import fingerprint
+
+    seen = model.describe(texts)
+    best = seen["probs"].argmax(axis=1)
+    return {
+        "texts": np.array(texts, dtype=object),
+        "pred": np.array([model.labels[i] for i in best], dtype=object),
+        "conf": seen["probs"][np.arange(len(best)), best].astype(np.float64),
+        "tokens": seen["tokens"],
+        "unk": seen["unk_share"],
+        "fp": fingerprint(texts),
+        "emb": seen["embeddings"],
+        "probs": seen["probs"],
+    }
+
+
+def _window(pool: dict, idx):
+    from monitoring.drift import Window
+
+    emb_idx = idx[:500]  # the job embeds at most checks.embedding.sample_rows rows (500)
+    return Window(
+        pred_labels=pool["pred"][idx], confidence=pool["conf"][idx], texts=pool["texts"][idx],
+        true_labels=None,
+        tokens=pool["tokens"][idx], unk_share=pool["unk"][idx], fingerprints=pool["fp"][idx],
+        embeddings=pool["emb"][emb_idx], sample_index=None, sampled_from=len(idx),
+    )  # fmt: skip
+
+
+def detection(ref, pools: dict, sizes: list[int], windows: int, seed: int = 0) -> dict:
+    """Share of windows judged `drift`, per kind and size, overall and per check."""
+    import numpy as np
+
+    from monitoring.config import MonitorConfig
+    from monitoring.drift import DRIFT, check_drift
+
+    cfg = MonitorConfig()
+    rng = np.random.default_rng(seed)
+    out: dict = {}
+    iid, held = pools["iid"], pools["held_out"]
+    for size in sizes:
+        for kind in ("iid", "held_out", "mixed_30pct"):
+            fired: dict[str, int] = {}
+            drifted, seconds = 0, 0.0
+            for _ in range(windows):
+                if kind == "iid":
+                    pool, idx = iid, rng.choice(len(iid["texts"]), size, replace=size > len(iid["texts"]))
+                elif kind == "held_out":
+                    pool, idx = held, rng.choice(len(held["texts"]), size, replace=size > len(held["texts"]))
+                else:
+                    n_held = round(0.3 * size)
+                    pool = {k: np.concatenate([iid[k], held[k]]) for k in iid}
+                    a = rng.choice(len(iid["texts"]), size - n_held, replace=False)
+                    b = len(iid["texts"]) + rng.choice(len(held["texts"]), n_held, replace=False)
+                    idx = rng.permutation(np.concatenate([a, b]))
+                started = time.perf_counter()
+                decision = check_drift(_window(pool, idx), ref, cfg)
+                seconds += time.perf_counter() - started
+                drifted += decision.status == DRIFT
+                for c in decision.fired:
+                    fired[c.name] = fired.get(c.name, 0) + 1
+            out[f"{kind}@{size}"] = {
+                "windows": windows, "drift_rate": drifted / windows,
+                "per_check": {k: v / windows for k, v in sorted(fired.items())},
+                "seconds_per_window": seconds / windows,
+            }  # fmt: skip
+            print(f"  {kind:12s} {size:5d} rows: drift in {drifted}/{windows} windows "
+                  f"({seconds / windows:.2f} s each) {fired}", flush=True)  # fmt: skip
+    return out
+
+
+# --- 2: scale -----------------------------------------------------------------------------------------------
+
+
+def write_log(url: str, pool: dict, version: str, rows: int, seed: int = 0) -> float:
+    """`rows` predictions of `version` in the inference log, drawn from the scored pool; returns seconds."""
+    from datetime import UTC, datetime, timedelta
+
+    import numpy as np
+    import sqlalchemy as sa
+
+    from serving.inference_log import InferenceLog, encode_probs, predictions
+
+    log = InferenceLog(url, retention_days=None)
+    rng = np.random.default_rng(seed)
+    start, started = datetime.now(UTC) - timedelta(days=1), time.perf_counter()
+    blobs = [encode_probs(p) for p in pool["probs"]]
+    chunk = 50_000
+    with log.engine.begin() as conn:
+        for base in range(0, rows, chunk):
+            idx = rng.integers(0, len(pool["texts"]), min(chunk, rows - base))
+            conn.execute(
+                sa.insert(predictions),
+                [
+                    {"request_id": f"r{base + i}", "at": start + timedelta(microseconds=base + i),
+                     "model_name": NAME, "model_version": version, "arm": "champion",
+                     "text": pool["texts"][j],
+                     "label": pool["pred"][j], "score": float(pool["conf"][j]), "latency_ms": 5.0,
+                     "agrees": None, "probs": blobs[j]}
+                    for i, j in enumerate(idx)
+                ],
+            )  # fmt: skip
+    log.engine.dispose()
+    return time.perf_counter() - started
+
+
+def run_job_child(home: Path, rows: int) -> dict:
+    """The drift job on the whole log, phase by phase (what `drift()` does), in this fresh process."""
+    import numpy as np
+
+    from champion.registry import CHAMPION, connect
+    from monitoring import drift as d
+    from monitoring import stats
+    from monitoring.config import MonitorConfig
+    from monitoring.job import _clean, _read_log, drift
+    from monitoring.reference import load_reference
+    from serving.model import load_version
+
+    cfg = MonitorConfig.model_validate({"report": {"mlflow": False}})
+    phases: dict[str, float] = {}
+    t = time.perf_counter()
+    reg = connect()
+    version = str(reg.client.get_registered_model(NAME).aliases[CHAMPION])
+    ref = load_reference(reg, NAME, version)
+    model = load_version(reg.client, NAME, version)
+    phases["load_model_and_reference"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    run = drift(NAME, cfg, registry=reg, store=False)
+    phases["drift_job_total"] = time.perf_counter() - t
+    assert run.decision.rows == rows, run.decision.rows
+
+    # The same again, phase by phase, with the nulls of that run already cached on `ref`... so a fresh copy.
+    ref = load_reference(reg, NAME, version)
+    t = time.perf_counter()
+    frame, _ = _read_log(NAME, version, None, None, None, None, None)
+    frame, _ = _clean(frame)
+    window = d.window_from_frame(frame)
+    phases["read_log"] = time.perf_counter() - t
+    t = time.perf_counter()
+    window = d.describe_window(window, model, cfg, 0)
+    phases["describe_window (tokenise the sample, embed 500 rows)"] = time.perf_counter() - t
+    level = cfg.calibration.false_alarm_rate / len(d.CALIBRATED)
+    per_check = {}
+    for name in d.CALIBRATED:
+        t = time.perf_counter()
+        d._CHECKS[name](window, ref, cfg, getattr(cfg.checks, name), level)
+        per_check[name] = time.perf_counter() - t
+    column_checks = [
+        "prediction",
+        "confidence",
+        "estimated_accuracy",
+        "text_length",
+        "unknown_tokens",
+        "unseen_texts",
+    ]
+
+    # The plain numpy/scipy computation of the same per-column statistics and nulls, on the same arrays.
+    t = time.perf_counter()
+    _baseline(window, ref, cfg, stats)
+    baseline = time.perf_counter() - t
+    ours = sum(per_check[c] for c in column_checks)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "rows": rows, "phases_s": phases, "per_check_s": per_check, "column_checks_s": ours,
+        "baseline_column_s": baseline, "ratio": ours / baseline, "peak_rss_mb": peak,
+        "status": run.decision.status, "np": np.__version__,
+    }  # fmt: skip
+
+
+def _baseline(window, ref, cfg, stats) -> None:
+    """Straight numpy/scipy: each statistic on the window, and its null on the same number of resampled
+    windows of the same (capped) size, drawn with replacement from the reference."""
+    import numpy as np
+    from scipy.spatial.distance import jensenshannon
+    from scipy.stats import wasserstein_distance
+    from sklearn.isotonic import IsotonicRegression
+
+    rng = np.random.default_rng(0)
+    n = min(len(window.texts), cfg.calibration.max_window_rows)
+    m, resamples = len(ref), cfg.calibration.resamples
+    labels = [*ref.labels, "<unseen>"]
+    index = {label: i for i, label in enumerate(labels)}
+    ref_codes = np.array([index.get(x, len(labels) - 1) for x in ref.rows["pred_label"]])
+    codes = np.array([index.get(x, len(labels) - 1) for x in window.pred_labels])
+    ref_conf = ref.rows["confidence"].to_numpy(np.float64)
+    ref_tok = ref.rows["tokens"].to_numpy(np.float64)
+    ref_unk = ref.rows["unk_share"].to_numpy(np.float64)
+    ref_unseen = (~ref.rows["seen_in_training"].to_numpy()).astype(float)
+    iso = IsotonicRegression(out_of_bounds="clip").fit(
+        ref_conf, (ref.rows["label"] == ref.rows["pred_label"])
+    )
+    expected = iso.predict(ref_conf)
+    k = len(labels)
+    jensenshannon(np.bincount(codes, minlength=k), np.bincount(ref_codes, minlength=k), base=2)
+    wasserstein_distance(window.confidence, ref_conf)
+    wasserstein_distance(window.tokens, ref_tok)
+    iso.predict(window.confidence).mean()
+    window.unk_share.mean()
+    np.isin(window.fingerprints, ref.train_fingerprints).mean()
+    for _ in range(resamples):
+        w, r = rng.integers(0, m, n), rng.integers(0, m, m)
+        jensenshannon(np.bincount(ref_codes[w], minlength=k), np.bincount(ref_codes[r], minlength=k), base=2)
+        wasserstein_distance(ref_conf[w], ref_conf[r])
+        wasserstein_distance(ref_tok[w], ref_tok[r])
+        expected[r].mean() - expected[w].mean()
+        ref_unk[w].mean() - ref_unk[r].mean()
+        ref_unseen[w].mean() - ref_unseen[r].mean()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--train-rows", type=int, default=5000)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--windows", type=int, default=50)
+    parser.add_argument("--window-sizes", type=int, nargs="+", default=[200, 500, 1000])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--home", type=Path, help="reuse a scratch home (keeps the trained model)")
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+
+    if args.child:
+        print(json.dumps(run_job_child(Path(os.environ["CHAMPION_HOME"]), args.child)))
+        return
+
+    import pandas as pd
+    import torch
+
+    torch.set_num_threads(args.threads)
+    home = args.home or Path(tempfile.mkdtemp(prefix="champion-drift-bench-"))
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ["CHAMPION_HOME"] = str(home)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    report: dict = {"machine": _machine(), "code": _code_state(), "targets": TARGETS,
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+
+    print("1. fine-tuning on the known intents", flush=True)
+    split = train(args.data, home, args.train_rows, args.epochs, args.threads)
+    print(f"   v{split['version']}: test accuracy {split['test_accuracy']:.3f} "
+          f"({split['train_seconds']:.0f} s); held out: {len(split['held_out'])} intents",
+          flush=True)  # fmt: skip
+    report["model"] = {k: v for k, v in split.items() if k != "known"}
+
+    from champion.registry import connect
+    from monitoring.reference import load_reference
+    from serving.model import load_version
+
+    reg = connect()
+    ref = load_reference(reg, NAME, split["version"])
+    model = load_version(reg.client, NAME, split["version"])
+    test = pd.read_csv(args.data / "test.csv")
+    train_all = pd.read_csv(args.data / "train.csv")
+    held_texts = pd.concat([train_all, test])
+    pools = {
+        "iid": score_pool(model, test[test["category"].isin(split["known"])]["text"].tolist()),
+        "held_out": score_pool(
+            model, held_texts[held_texts["category"].isin(split["held_out"])]["text"].tolist()
+        ),
+    }
+    report["reference_rows"] = len(ref)
+    report["pool_rows"] = {k: len(v["texts"]) for k, v in pools.items()}
+    print(f"   reference: {len(ref)} held-out rows; pools: {report['pool_rows']}", flush=True)
+    print("2. detection power", flush=True)
+    report["detection"] = detection(ref, pools, args.window_sizes, args.windows)
+
+    print("3. scale", flush=True)
+    report["scale"] = []
+    url = f"sqlite:///{home / 'inference.db'}"
+    all_pool = {
+        k: __import__("numpy").concatenate([pools["iid"][k], pools["held_out"][k]]) for k in pools["iid"]
+    }
+    written = 0
+    for rows in sorted(args.sizes):
+        seconds = write_log(url, all_pool, split["version"], rows - written, seed=rows)
+        written = rows
+        command = [sys.executable, __file__, "--child", str(rows), "--threads", str(args.threads)]
+        proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ}, cwd=ROOT)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-4000:])
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        result["log_write_s"] = seconds
+        report["scale"].append(result)
+        line = (f"   {rows:>9,} rows: job {result['phases_s']['drift_job_total']:.1f} s, "
+                f"peak {result['peak_rss_mb']:.0f} MB; column checks {result['column_checks_s']:.2f} s "
+                f"vs numpy/scipy {result['baseline_column_s']:.2f} s ({result['ratio']:.2f}x)")  # fmt: skip
+        print(line, flush=True)
+
+    verdicts = _verdicts(report)
+    report["verdicts"] = [{"what": w, "measured": m, "target": t, "met": ok} for w, m, t, ok in verdicts]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / "drift_cpu.json"
+    out.write_text(json.dumps(report, indent=2, default=str))
+    print()
+    for what, measured, target, ok in verdicts:
+        print(f"{'met    ' if ok else 'NOT met'}  {what}: {measured:.3f} (target {target})")
+    print(f"results: {out} (commit {report['code']['commit'][:7]})")
+
+
+def _verdicts(report: dict) -> list[tuple[str, float, str, bool]]:
+    out = []
+    det = report["detection"]
+    if "held_out@500" in det:
+        rate = det["held_out@500"]["drift_rate"]
+        out.append(("held-out-intent windows of 500 detected", rate, f">= {TARGETS['detection_at_500']}",
+                    rate >= TARGETS["detection_at_500"]))  # fmt: skip
+    for key, value in det.items():
+        if key.startswith("iid@"):
+            rate = value["drift_rate"]
+            goal = TARGETS["false_alarms_per_window"]
+            out.append((f"false alarms per iid window ({key[4:]} rows)", rate, f"<= {goal}", rate <= goal))
+    for s in report["scale"]:
+        goal = TARGETS["ratio"]
+        what = f"column statistics vs numpy/scipy at {s['rows']:,} rows"
+        out.append((what, s["ratio"], f"<= {goal}", s["ratio"] <= goal))
+        if s["rows"] >= 1_000_000:
+            total = s["phases_s"]["drift_job_total"]
+            out.append(("whole drift job at 1M rows, seconds", total, f"<= {TARGETS['seconds_at_1m']}",
+                        total <= TARGETS["seconds_at_1m"]))  # fmt: skip
+    return out
+
+
+if __name__ == "__main__":
+    main()
