@@ -258,6 +258,7 @@ def cmd_drift(args: argparse.Namespace) -> int:
         last=args.last,
         since=_when(args.since, "--since"),
         until=_when(args.until, "--until"),
+        arms=args.arm,
         file=args.file,
         report_dir=Path(args.report) if args.report else None,
     )
@@ -423,6 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
     window.add_argument("--last", type=int, help="the last N logged predictions of that version")
     window.add_argument("--since", help="predictions logged since this ISO time (UTC unless it says)")
     p.add_argument("--until", help="and before this ISO time")
+    p.add_argument(
+        "--arm",
+        action="append",
+        choices=["champion", "canary", "challenger", "shadow"],
+        help="only this traffic arm's predictions (repeat for several; default all but shadow)",
+    )
     p.add_argument("--file", help="CSV, JSONL or Parquet with a text column (and optionally label)")
     p.add_argument("--config", help="monitoring YAML, e.g. configs/monitor.yaml (defaults otherwise)")
     p.add_argument("--report", help="also write drift.html, drift.json and decision.json to this folder")

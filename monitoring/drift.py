@@ -150,7 +150,8 @@ def check_drift(
     else:
         status = INSUFFICIENT
     info = {"false_alarm_rate": cfg.calibration.false_alarm_rate, "level_per_check": level, **about}
-    return DriftDecision(status, model, str(version), len(window.texts), results, info)
+    rows = max(window.sampled_from, len(window.texts))  # the window's rows, before any sampling
+    return DriftDecision(status, model, str(version), rows, results, info)
 
 
 # --- the checks ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from champion.errors import ChampionError
 from pipelines.finetune import FinetuneConfig
 
 ALL_CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
-CONFIGS = [p for p in ALL_CONFIGS if not p.name.startswith(("serve_", "monitor"))]
+CONFIGS = [p for p in ALL_CONFIGS if not p.name.startswith(("serve_", "monitor", "schedule"))]
 SERVE_CONFIGS = [p for p in ALL_CONFIGS if p.name.startswith("serve_")]
 
 

@@ -240,3 +240,21 @@ def test_evidently_report_leaves_out_text_it_cannot_read(tmp_path, registry, cha
     pd.DataFrame({"text": ["it is the"] * 150}).to_csv(path, index=False)
     run = drift(NAME, _cfg(), file=path, registry=registry, report_dir=tmp_path / "r")
     assert run.decision.status in ("ok", "drift") and (tmp_path / "r" / "drift.html").exists()
+
+
+def test_a_large_window_is_sampled_and_says_so(registry, server, champion_version):
+    from monitoring.job import drift
+
+    _send(server, generate_tickets(150, seed=19, intents=TINY_INTENTS)["text"].tolist())
+    cfg = MonitorConfig.model_validate({"report": {"mlflow": False}, "max_rows": 100})
+    run = drift(NAME, cfg, registry=registry)
+    assert run.decision.rows == 150 and run.decision.window["sampled_rows"] == 100
+    assert all(c.rows <= 100 for c in run.decision.checks)
+
+
+def test_the_arm_filter_picks_the_traffic_arm(registry, server, champion_version):
+    from monitoring.job import drift
+
+    _send(server, generate_tickets(40, seed=20, intents=TINY_INTENTS)["text"].tolist())
+    assert drift(NAME, _cfg(), arms=["champion"], registry=registry).decision.rows == 40
+    assert drift(NAME, _cfg(), arms=["canary"], registry=registry).decision.status == "insufficient_data"
