@@ -184,7 +184,7 @@ def detection(ref, pools: dict, sizes: list[int], windows: int, seed: int = 0) -
 # --- 2: scale -----------------------------------------------------------------------------------------------
 
 
-def write_log(url: str, pool: dict, version: str, rows: int, seed: int = 0) -> float:
+def write_log(url: str, pool: dict, version: str, rows: int, seed: int = 0, first: int = 0) -> float:
     """`rows` predictions of `version` in the inference log, drawn from the scored pool; returns seconds."""
     from datetime import UTC, datetime, timedelta
 
@@ -204,7 +204,8 @@ def write_log(url: str, pool: dict, version: str, rows: int, seed: int = 0) -> f
             conn.execute(
                 sa.insert(predictions),
                 [
-                    {"request_id": f"r{base + i}", "at": start + timedelta(microseconds=base + i),
+                    {"request_id": f"r{first + base + i}",
+                     "at": start + timedelta(microseconds=first + base + i),
                      "model_name": NAME, "model_version": version, "arm": "champion",
                      "text": pool["texts"][j],
                      "label": pool["pred"][j], "score": float(pool["conf"][j]), "latency_ms": 5.0,
@@ -353,7 +354,12 @@ def main() -> None:
                     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
 
     print("1. fine-tuning on the known intents", flush=True)
-    split = train(args.data, home, args.train_rows, args.epochs, args.threads)
+    saved = home / "split.json"  # with --home, a model trained by an earlier run is reused
+    if saved.exists():
+        split = json.loads(saved.read_text())
+    else:
+        split = train(args.data, home, args.train_rows, args.epochs, args.threads)
+        saved.write_text(json.dumps(split))
     print(f"   v{split['version']}: test accuracy {split['test_accuracy']:.3f} "
           f"({split['train_seconds']:.0f} s); held out: {len(split['held_out'])} intents",
           flush=True)  # fmt: skip
@@ -384,12 +390,13 @@ def main() -> None:
     print("3. scale", flush=True)
     report["scale"] = []
     url = f"sqlite:///{home / 'inference.db'}"
+    (home / "inference.db").unlink(missing_ok=True)
     all_pool = {
         k: __import__("numpy").concatenate([pools["iid"][k], pools["held_out"][k]]) for k in pools["iid"]
     }
     written = 0
     for rows in sorted(args.sizes):
-        seconds = write_log(url, all_pool, split["version"], rows - written, seed=rows)
+        seconds = write_log(url, all_pool, split["version"], rows - written, seed=rows, first=written)
         written = rows
         command = [sys.executable, __file__, "--child", str(rows), "--threads", str(args.threads)]
         proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ}, cwd=ROOT)
