@@ -121,8 +121,9 @@ def describe_window(window: Window, model, cfg: MonitorConfig, seed: int = 0) ->
     window.tokens = lengths
     window.unk_share = (unks / np.maximum(lengths - 2, 1)).astype(np.float32)
     window.fingerprints = fingerprint(texts)
-    if cfg.checks.embedding.enabled and n >= cfg.checks.embedding.min_rows:
-        pick = _sample(n, cfg.checks.embedding.sample_rows, rng)
+    embed = cfg.checks.embedding
+    if window.embeddings is None and embed.enabled and n >= embed.min_rows:  # a scored file has them
+        pick = _sample(n, embed.sample_rows, rng)
         window.embeddings = model.describe(list(window.texts[pick]))["embeddings"]
     return window
 
@@ -186,6 +187,11 @@ def _calibrated(
     if null is None:
         null = stats.calibrate(statistic_fn, ref_rows, size, ref_size, resamples, cfg.calibration.seed)
         ref.nulls[key] = null
+    return _threshold(null, size, floor, level)
+
+
+def _threshold(null: np.ndarray, size: int, floor: float, level: float) -> tuple[float, dict[str, Any]]:
+    """The threshold from a null, and how it was found (for the decision's details)."""
     threshold, quantile = stats.upper_threshold(null, level, floor)
     return threshold, {
         "null_quantile": quantile,
@@ -208,14 +214,7 @@ def _calibrated_counts(
     if null is None:
         null = np.concatenate([null_fn(w, r) for w, r in stats.count_draws(m, size, resamples, seed)])
         ref.nulls[key] = null
-    threshold, quantile = stats.upper_threshold(null, level, floor)
-    return threshold, {
-        "null_quantile": quantile,
-        "null_max": float(np.nanmax(null)) if null.size else None,
-        "null_windows": int(null.size),
-        "calibrated_rows": size,
-        "floor": floor,
-    }
+    return _threshold(null, size, floor, level)
 
 
 def _prediction(window: Window, ref: Reference, cfg: MonitorConfig, check, level: float) -> CheckResult:

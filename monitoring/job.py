@@ -75,9 +75,9 @@ def drift(
     window = window_from_frame(frame)
     window.sampled_from = about.get("rows_in_window", len(frame))
     if len(frame):
-        window = describe_window(window, model, cfg, cfg.calibration.seed)
-        if file is not None and "embeddings" in frame.attrs:  # scored just now: reuse the forward pass
+        if "embeddings" in frame.attrs:  # a file scored just now: reuse its forward pass, do not run another
             window.embeddings = frame.attrs["embeddings"][: cfg.checks.embedding.sample_rows]
+        window = describe_window(window, model, cfg, cfg.calibration.seed)
     decision = check_drift(window, ref, cfg, model=name, version=version, **about)
 
     report_run_id = None
