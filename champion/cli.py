@@ -286,6 +286,46 @@ def _when(text: str | None, flag: str):
     return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from champion.registry import connect
+    from pipelines.compare import compare, format_comparison, read_labelled_file
+
+    cfg = gate_config(args.config, args.set)
+    holdout = read_labelled_file(args.data)
+    reg = connect()
+    comp = compare(
+        reg, args.name, args.champion_version, args.challenger_version, holdout, cfg,
+        log_mlflow=not args.no_mlflow, data_file=str(args.data),
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps({**comp.decision.to_dict(), "mlflow_run_id": comp.run_id}, indent=2, default=str))
+    else:
+        print(format_comparison(comp))
+    return 0 if comp.decision.promote else 1
+
+
+def gate_config(path: str | None, overrides: list[str] | None):
+    """The `gate` section of a retrain config (or of any YAML holding one), with `key=value` overrides."""
+    import yaml
+
+    from champion.config import apply_overrides, parse_config
+    from champion.gate import GateConfig
+
+    data: dict = {}
+    source = "gate"
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise ChampionError(f"--config: '{path}' does not exist; pass a YAML file with a 'gate' section.")
+        loaded = yaml.safe_load(file.read_text()) or {}
+        if not isinstance(loaded, dict) or not isinstance(loaded.get("gate", {}), dict):
+            raise ChampionError(
+                f"--config: '{path}' has no 'gate' mapping; add one (see configs/retrain.yaml)."
+            )
+        data, source = dict(loaded.get("gate") or {}), f"{path}: gate"
+    return parse_config(GateConfig, apply_overrides(data, overrides or []), source)
+
+
 def cmd_monitor(args: argparse.Namespace) -> int:
     from champion.registry import connect
     from monitoring.reference import reference_for_version
@@ -435,6 +475,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="also write drift.html, drift.json and decision.json to this folder")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the report to MLflow")
     p.add_argument("--json", action="store_true")
+
+    p = verb("compare", cmd_compare, "Run the champion/challenger gate on two versions and a labelled "
+             "file (both score the same rows). Exit 0 pass, 1 refused, 2 bad input.")  # fmt: skip
+    p.add_argument("name", help="registered model name")
+    p.add_argument("champion_version", metavar="CHAMPION_VERSION")
+    p.add_argument("challenger_version", metavar="CHALLENGER_VERSION")
+    p.add_argument("--data", required=True, help="CSV, JSONL or Parquet with text and label columns")
+    p.add_argument(
+        "--config", help="a YAML with a gate section, e.g. configs/retrain.yaml (defaults otherwise)"
+    )
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a gate setting, e.g. margin=0.01"
+    )
+    p.add_argument("--no-mlflow", action="store_true", help="do not log the evaluation run to MLflow")
+    p.add_argument("--json", action="store_true", help="print the decision: promote, reason, evidence")
 
     p = verb("monitor", cmd_monitor, "Monitoring set-up: build a version's reference from held-out rows.")
     sub = p.add_subparsers(dest="monitor_verb", required=True, metavar="reference")
