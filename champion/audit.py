@@ -35,6 +35,52 @@ alias_events = sa.Table(
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("evidence", sa.Text, nullable=False),  # JSON
 )
+# The loop's other steps, in the same store: drift alarms, retrains, gate verdicts. `champion history` shows
+# them in time order with the alias moves, so one loop iteration reads as one story.
+loop_events = sa.Table(
+    "champion_loop_events",
+    _metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("model_name", sa.String(256), nullable=False, index=True),
+    sa.Column("kind", sa.String(32), nullable=False),  # drift | retrain_started | retrain_finished | gate
+    sa.Column("version", sa.String(32)),  # the version the step is about, if one
+    sa.Column("actor", sa.String(256), nullable=False),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("summary", sa.Text, nullable=False),  # one sentence
+    sa.Column("evidence", sa.Text, nullable=False),  # JSON
+    sa.Column("trigger_key", sa.String(256)),
+)
+
+# One row per retrain attempt. The unique trigger key is the idempotency key: the same trigger (one drift
+# alarm, one cron slot) can start at most one retrain, whatever the number of schedulers or restarts.
+retrain_runs = sa.Table(
+    "champion_retrains",
+    _metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("model_name", sa.String(256), nullable=False, index=True),
+    sa.Column("trigger_key", sa.String(256), nullable=False, unique=True),
+    sa.Column("trigger", sa.String(32), nullable=False),  # drift | schedule | manual | performance
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("ended_at", sa.DateTime(timezone=True)),
+    sa.Column("outcome", sa.String(32)),  # None while running; promoted | canary | refused | failed | ...
+    sa.Column("challenger_version", sa.String(32)),
+    sa.Column("detail", sa.Text),  # one sentence
+    sa.Column("pid", sa.Integer),
+    sa.Column("host", sa.String(256)),
+)
+
+
+@dataclass(frozen=True)
+class LoopEvent:
+    model_name: str
+    kind: str
+    summary: str
+    version: str | None = None
+    evidence: dict[str, Any] = field(default_factory=dict)
+    actor: str = ""
+    trigger_key: str | None = None
+    at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +150,35 @@ class AuditLog:
         with self.engine.connect() as conn:
             return _select_events(conn, model_name, alias)
 
+    def record(self, event: LoopEvent) -> LoopEvent:
+        """Append one step of the loop (drift, retrain, gate) to the history."""
+        values = {
+            "model_name": event.model_name,
+            "kind": event.kind,
+            "version": event.version,
+            "actor": event.actor or current_actor(),
+            "at": event.at,
+            "summary": event.summary,
+            "evidence": json.dumps(event.evidence, sort_keys=True, default=str),
+            "trigger_key": event.trigger_key,
+        }
+        with self.engine.begin() as conn:
+            new_id = conn.execute(loop_events.insert().values(**values)).inserted_primary_key[0]
+        return LoopEvent(**{**event.__dict__, "actor": values["actor"], "id": int(new_id)})
+
+    def loop_events(self, model_name: str) -> list[LoopEvent]:
+        query = sa.select(loop_events).where(loop_events.c.model_name == model_name)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query.order_by(loop_events.c.id)).mappings().all()
+        return [
+            LoopEvent(
+                model_name=r["model_name"], kind=r["kind"], summary=r["summary"], version=r["version"],
+                evidence=json.loads(r["evidence"]), actor=r["actor"], trigger_key=r["trigger_key"],
+                at=_aware(r["at"]), id=r["id"],
+            )
+            for r in rows
+        ]  # fmt: skip
+
 
 class _LockedHistory:
     def __init__(self, conn: sa.Connection, model_name: str, alias: str):
@@ -142,12 +217,16 @@ def _select_events(conn: sa.Connection, model_name: str, alias: str | None) -> l
             from_version=row["from_version"],
             to_version=row["to_version"],
             actor=row["actor"],
-            at=row["at"] if row["at"].tzinfo else row["at"].replace(tzinfo=UTC),
+            at=_aware(row["at"]),
             reason=row["reason"],
             evidence=json.loads(row["evidence"]),
         )
         for row in rows
     ]
+
+
+def _aware(at: datetime) -> datetime:
+    return at if at.tzinfo else at.replace(tzinfo=UTC)  # sqlite hands back naive UTC
 
 
 def _lock_key(name: str) -> int:

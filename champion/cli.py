@@ -104,30 +104,24 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    from champion.registry import connect, history
+    from champion.registry import connect, story
 
-    events = history(connect(), args.name)
+    entries = story(connect(), args.name)
     if args.json:
-        print(json.dumps([{**e.__dict__, "at": e.at.isoformat()} for e in events], indent=2, default=str))
+        print(json.dumps(entries, indent=2, default=str))
         return 0
-    if not events:
-        print(f"no alias changes recorded for {args.name} yet.")
+    if not entries:
+        print(f"nothing recorded for {args.name} yet.")
         return 0
-    _table(
-        [
-            [
-                str(e.id),
-                e.at.isoformat(timespec="seconds"),
-                e.alias,
-                e.action,
-                f"{e.from_version or '-'} -> {e.to_version or '-'}",
-                e.actor,
-                e.reason,
-            ]
-            for e in events
-        ],
-        ["#", "AT", "ALIAS", "ACTION", "VERSION", "BY", "REASON"],
-    )
+    rows = []
+    for e in entries:
+        if e["type"] == "alias":
+            what = f"{e['from_version'] or '-'} -> {e['to_version'] or '-'}"
+            rows.append([str(e["id"]), e["at"][:19], e["alias"], e["action"], what, e["actor"], e["reason"]])
+        else:
+            version = e["version"] or "-"
+            rows.append([f"L{e['id']}", e["at"][:19], "-", e["action"], version, e["actor"], e["reason"]])
+    _table(rows, ["#", "AT", "ALIAS", "ACTION", "VERSION", "BY", "REASON"])
     return 0
 
 
@@ -304,6 +298,32 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0 if comp.decision.promote else 1
 
 
+RETRAIN_EXIT = {"promoted": 0, "canary": 0, "refused": 1, "not_promoted": 1, "skipped": 1}
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from pipelines.retrain import load_retrain_config, retrain
+
+    cfg = load_retrain_config(args.config, args.set, name=args.name)
+    if args.data:
+        cfg.data = args.data
+    result = retrain(cfg, trigger="manual", trigger_key=args.trigger_key)
+    if args.json:
+        out = {k: v for k, v in result.__dict__.items() if k != "gate"}
+        out["gate"] = None if result.gate is None else result.gate.to_dict()
+        print(json.dumps(out, indent=2, default=str))
+    else:
+        print(f"{result.outcome.upper()}: {result.reason}")
+        if result.challenger_version:
+            print(f"  challenger: {args.name} v{result.challenger_version} (run {result.run_id})")
+        c = result.counts
+        dropped = c.get("holdout_dropped_seen_in_training", 0)
+        print(f"  fresh labels: {c.get('fresh_train_rows', 0)} to learn from, {c.get('holdout_rows', 0)} "
+              f"in the holdout ({dropped} dropped: seen in training)")  # fmt: skip
+        print(f"  the story: champion history {args.name}")
+    return RETRAIN_EXIT[result.outcome]
+
+
 def gate_config(path: str | None, overrides: list[str] | None):
     """The `gate` section of a retrain config (or of any YAML holding one), with `key=value` overrides."""
     import yaml
@@ -474,6 +494,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="monitoring YAML, e.g. configs/monitor.yaml (defaults otherwise)")
     p.add_argument("--report", help="also write drift.html, drift.json and decision.json to this folder")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the report to MLflow")
+    p.add_argument("--json", action="store_true")
+
+    p = verb("retrain", cmd_retrain, "Retrain the champion on its data plus fresh labels; the gate decides. "
+             "Exit 0 promoted (or handed to the canary), 1 refused or skipped, 2 bad input.")  # fmt: skip
+    p.add_argument("name", help="registered model name")
+    p.add_argument("--config", help="retrain YAML, e.g. configs/retrain.yaml (defaults otherwise)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. gate.margin=0.01")
+    p.add_argument("--data", help="retrain on this file instead of the champion's original one")
+    p.add_argument("--trigger-key", help="an idempotency key: a key already used is refused")
     p.add_argument("--json", action="store_true")
 
     p = verb("compare", cmd_compare, "Run the champion/challenger gate on two versions and a labelled "

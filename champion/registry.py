@@ -352,6 +352,40 @@ def promote(
     return _move_alias(reg, name, CHAMPION, "promote", reason, decide, actor)
 
 
+def decide_gate_promotion(
+    version: str, compared_with: str | None, current: str | None, gate_reason: str, evidence: dict[str, Any]
+) -> Decision:
+    """Act on a passed gate only if the champion is still the version the gate compared against."""
+    evidence = {**evidence, "gate_champion": compared_with, "champion_at_move": current}
+    if current != compared_with:
+        return Decision(
+            False,
+            f"the champion moved from {_v(compared_with)} to {_v(current)} after the gate compared "
+            f"v{version} with it; the verdict is void, so nothing moved (retrain or compare again).",
+            evidence=evidence,
+        )
+    return Decision(True, f"v{version} {gate_reason}", version, evidence)
+
+
+def promote_on_gate(
+    reg: Registry,
+    name: str,
+    version: str,
+    compared_with: str | None,
+    gate_reason: str,
+    evidence: dict[str, Any],
+    reason: str,
+    actor: str | None = None,
+) -> Decision:
+    """Point `champion` at `version`, which passed the champion/challenger gate against `compared_with`."""
+    _version(reg, name, version)
+
+    def decide(current: str | None, _events: list[AliasEvent]) -> Decision:
+        return decide_gate_promotion(str(version), compared_with, current, gate_reason, evidence)
+
+    return _move_alias(reg, name, CHAMPION, "gate_promote", reason, decide, actor)
+
+
 def rollback(reg: Registry, name: str, reason: str, actor: str | None = None) -> Decision:
     """Return `champion` to the champion before the current one, as the history records it."""
     _registered_model(reg, name)
@@ -469,6 +503,28 @@ def _unregister(reg: Registry, name: str, version: str, created_model: bool, err
 def history(reg: Registry, name: str) -> list[AliasEvent]:
     _registered_model(reg, name)
     return reg.audit.events(name)
+
+
+def story(reg: Registry, name: str) -> list[dict[str, Any]]:
+    """Alias moves and the loop's other steps (drift, retrain, gate) in time order, as plain dicts.
+
+    Every entry has `type` (alias | loop), `action` (for loop steps: their kind), `at`, `actor` and
+    `reason` (for loop steps: their summary); alias entries keep all of their fields."""
+    entries = [(e.at, {"type": "alias", **e.__dict__, "at": e.at.isoformat()}) for e in history(reg, name)]
+    for e in reg.audit.loop_events(name):
+        step = {
+            "type": "loop",
+            "id": e.id,
+            "action": e.kind,
+            "version": e.version,
+            "at": e.at.isoformat(),
+            "actor": e.actor,
+            "reason": e.summary,
+            "evidence": e.evidence,
+            "trigger_key": e.trigger_key,
+        }
+        entries.append((e.at, step))
+    return [entry for _, entry in sorted(entries, key=lambda pair: pair[0])]
 
 
 def list_models(reg: Registry) -> list[dict[str, Any]]:

@@ -205,3 +205,19 @@ def load_splits(cfg: DataConfig) -> Splits:
         sha256=content_sha256(train, validation, test),
         file_sha256=files,
     )
+
+
+def with_extra_training_rows(splits: Splits, extra: pd.DataFrame) -> Splits:
+    """`splits` with `extra` (text, label) rows added to the training split only; validation and test stay
+    as they were, so metrics remain comparable with the version trained without them. New labels join the
+    label set. `sha256` covers the extra rows too."""
+    extra = extra[["text", "label"]].astype(str).reset_index(drop=True)
+    train = pd.concat([splits.train, extra], ignore_index=True)
+    return Splits(
+        train=train,
+        validation=splits.validation,
+        test=splits.test,
+        labels=sorted(set(splits.labels) | set(extra["label"])),
+        sha256=content_sha256(train, splits.validation, splits.test),
+        file_sha256=splits.file_sha256,
+    )

@@ -14,7 +14,7 @@ import hashlib
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import yaml
 from pydantic import Field, field_validator
@@ -25,7 +25,7 @@ from champion.errors import InterruptedRun
 from champion.registry import CHALLENGER, CHAMPION, METRIC_TAG, Registry, connect, register_version
 from champion.signals import StopRequest, graceful_stop
 from monitoring.reference import REFERENCE_TAG
-from pipelines.data import DataConfig, load_splits
+from pipelines.data import DataConfig, load_splits, with_extra_training_rows
 from pipelines.evaluate import Evaluation, evaluate, log_evaluation
 from pipelines.model import (
     LoraConfig,
@@ -34,9 +34,13 @@ from pipelines.model import (
     apply_lora,
     count_parameters,
     load_classifier,
+    load_registered_classifier,
     load_tokenizer,
     resolve_device,
 )
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class TrainConfig(StrictModel):
@@ -89,7 +93,21 @@ class FinetuneResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def finetune(cfg: FinetuneConfig, registry: Registry | None = None) -> FinetuneResult:
+def finetune(
+    cfg: FinetuneConfig,
+    registry: Registry | None = None,
+    *,
+    extra_train: pd.DataFrame | None = None,
+    init_model: str | None = None,
+    tags: dict[str, str] | None = None,
+    reason: str | None = None,
+) -> FinetuneResult:
+    """Fine-tune as `cfg` says and register the result under `cfg.registry.alias`.
+
+    The retraining loop also passes `extra_train` (fresh labelled rows added to the training split only;
+    their labels may be new), `init_model` (a registered version's model folder to start from instead of
+    `cfg.model.base`: its classifier rows are kept by label name) and extra version `tags` (lineage).
+    """
     prepare_environment()
     import mlflow
     import torch
@@ -97,12 +115,17 @@ def finetune(cfg: FinetuneConfig, registry: Registry | None = None) -> FinetuneR
 
     # Data and model are checked before anything is written to MLflow.
     splits = load_splits(cfg.data)
+    if extra_train is not None and len(extra_train):
+        splits = with_extra_training_rows(splits, extra_train)
     device = resolve_device(cfg.train.device, cfg.train.precision)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     set_seed(cfg.train.seed)
-    tokenizer = load_tokenizer(cfg.model.base)
-    model = load_classifier(cfg.model.base, splits.labels)
+    if init_model is None:
+        tokenizer = load_tokenizer(cfg.model.base)
+        model = load_classifier(cfg.model.base, splits.labels)
+    else:
+        tokenizer, model = load_registered_classifier(init_model, splits.labels)
     if cfg.method == "lora":
         model = apply_lora(model, cfg.lora)
     model.to(device.type)
@@ -128,6 +151,7 @@ def finetune(cfg: FinetuneConfig, registry: Registry | None = None) -> FinetuneR
         mlflow.log_params(
             {
                 "data.rows_train": len(splits.train),
+                "data.rows_fresh_train": 0 if extra_train is None else len(extra_train),
                 "data.rows_validation": len(splits.validation),
                 "data.rows_test": len(splits.test),
                 "data.num_labels": len(splits.labels),
@@ -146,7 +170,7 @@ def finetune(cfg: FinetuneConfig, registry: Registry | None = None) -> FinetuneR
             **tracking.code_version(),
             **tracking.library_versions(),
         }
-        mlflow.set_tags(lineage)
+        mlflow.set_tags({**lineage, **(tags or {})})
         mlflow.log_text(config_yaml, "config.yaml")
         mlflow.log_dict({"labels": splits.labels}, "labels.json")
 
@@ -192,6 +216,7 @@ def finetune(cfg: FinetuneConfig, registry: Registry | None = None) -> FinetuneR
         # Register and point the alias at it: all or nothing, and a Ctrl-C waits until it is done.
         tags = {
             **lineage,
+            **(tags or {}),
             "run_id": run.info.run_id,
             REFERENCE_TAG: reference_uri,
             **{METRIC_TAG + k: f"{v:.6f}" for k, v in metrics.items() if k.startswith(("val_", "test_"))},
@@ -202,7 +227,7 @@ def finetune(cfg: FinetuneConfig, registry: Registry | None = None) -> FinetuneR
             info.model_uri,
             tags,
             cfg.registry.alias,
-            reason=f"fine-tuned ({cfg.method}) in run {run.info.run_id}",
+            reason=reason or f"fine-tuned ({cfg.method}) in run {run.info.run_id}",
             evidence={k: round(v, 6) for k, v in metrics.items()},
         )
         mlflow.set_tag("registered_version", f"{cfg.registry.model_name}/{version}")

@@ -90,6 +90,50 @@ def load_classifier(base: str, labels: list[str]):
         hf_logging.set_verbosity(verbosity)
 
 
+def load_registered_classifier(folder: str, labels: list[str]):
+    """(tokenizer, classifier) from a registered version's model folder (MLflow's transformers flavour:
+    `model/` and `components/tokenizer/`), with a head for `labels`. Rows of labels the version knows keep
+    their trained weights, matched by name (never by position); new labels get freshly initialised rows."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    root = Path(folder)
+    weights = root / "model" if (root / "model" / "config.json").is_file() else root
+    tokens = root / "components" / "tokenizer" if (root / "components" / "tokenizer").is_dir() else weights
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tokens))
+        model = AutoModelForSequenceClassification.from_pretrained(str(weights))
+    except (OSError, ValueError) as err:
+        raise ChampionError(
+            f"the version to start from could not be loaded from '{folder}' ({err}); retrain from the base "
+            "model instead (init: base)."
+        ) from None
+    known = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
+    if known == list(labels):
+        return tokenizer, model
+    head = getattr(model, "classifier", None)
+    if not isinstance(head, torch.nn.Linear):
+        raise ChampionError(
+            f"the label set changed ({len(known)} -> {len(labels)} labels) and this architecture's head "
+            f"({type(head).__name__}) cannot be resized by label; retrain from the base model (init: base)."
+        )
+    new = torch.nn.Linear(head.in_features, len(labels))
+    std = getattr(model.config, "initializer_range", 0.02)
+    with torch.no_grad():
+        new.weight.normal_(0.0, std)
+        new.bias.zero_()
+        for i, label in enumerate(labels):
+            if label in known:
+                j = known.index(label)
+                new.weight[i] = head.weight[j]
+                new.bias[i] = head.bias[j]
+    model.classifier = new
+    model.num_labels = model.config.num_labels = len(labels)
+    model.config.id2label = dict(enumerate(labels))
+    model.config.label2id = {label: i for i, label in enumerate(labels)}
+    return tokenizer, model
+
+
 def apply_lora(model, cfg: LoraConfig):
     """Wrap `model` with LoRA adapters; the classifier head stays fully trainable (peft's SEQ_CLS default)."""
     from peft import LoraConfig as PeftLoraConfig

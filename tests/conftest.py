@@ -80,6 +80,9 @@ def tiny_model_dir(tmp_path_factory) -> Path:
         intermediate_size=64,
         max_position_embeddings=128,
     )
+    import torch
+
+    torch.manual_seed(0)  # the same tiny encoder in every session, so its tests do not vary run to run
     BertModel(config).save_pretrained(out)
     return out
 

@@ -11,7 +11,7 @@ from champion.errors import ChampionError
 from pipelines.finetune import FinetuneConfig
 
 ALL_CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
-CONFIGS = [p for p in ALL_CONFIGS if not p.name.startswith(("serve_", "monitor", "schedule"))]
+CONFIGS = [p for p in ALL_CONFIGS if not p.name.startswith(("serve_", "monitor", "schedule", "retrain"))]
 SERVE_CONFIGS = [p for p in ALL_CONFIGS if p.name.startswith("serve_")]
 
 
@@ -137,3 +137,30 @@ def test_overrides_apply_with_yaml_types(tmp_path):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ChampionError, match="config file '.*nope.yaml' does not exist"):
         load_config(FinetuneConfig, tmp_path / "nope.yaml")
+
+
+def test_shipped_retrain_config_validates_and_names_its_command():
+    from pipelines.retrain import RetrainConfig
+
+    path = Path(__file__).resolve().parent.parent / "configs" / "retrain.yaml"
+    cfg = load_config(RetrainConfig, path)
+    assert cfg.model_name == "support-intents" and cfg.promotion == "direct" and cfg.gate.margin == 0.0
+    assert (
+        path.read_text().splitlines()[0] == "# champion retrain support-intents --config configs/retrain.yaml"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("promotion: sideways\n", "'promotion' input should be 'direct', 'canary' or 'none'"),
+        ("gate: {confidence: 1.5}\n", "'gate.confidence' input should be less than 1"),
+        ("fresh: {holdout_share: 0}\n", "'fresh.holdout_share' input should be greater than 0"),
+        ("fresh: {holdout: 0.3}\n", "unknown key 'fresh.holdout'"),
+    ],
+)
+def test_bad_retrain_config_is_one_sentence(tmp_path, text, message):
+    from pipelines.retrain import RetrainConfig
+
+    with pytest.raises(ChampionError, match=message):
+        load_config(RetrainConfig, _write(tmp_path, text))

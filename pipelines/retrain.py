@@ -1,0 +1,397 @@
+"""Retrain the champion on its original data plus fresh labels, and let the gate decide.
+
+Reads top to bottom: the champion and its recorded config -> its original data, checked against the
+recorded hash -> fresh labelled rows, split into fresh-train and a fresh holdout -> fine-tune (from the
+champion's weights or the base) -> register as `candidate` -> the gate on the fresh holdout against the
+champion of the moment -> promote directly, or hand it to the running service's canary as `challenger`.
+
+    cfg = load_config(RetrainConfig, "configs/retrain.yaml")
+    result = retrain(cfg)                      # or: champion retrain support-intents --config ...
+
+A failure or Ctrl-C before registration leaves nothing registered and the champion untouched (fine-tuning
+guarantees it); every attempt is recorded (`champion_retrains`) with its outcome, and every step is in
+`champion history`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field
+
+from champion.config import StrictModel, apply_overrides, parse_config
+from champion.errors import ChampionError, InterruptedRun
+from champion.gate import GateConfig, GateDecision
+from pipelines.fresh import FreshConfig
+
+CANDIDATE = "candidate"  # the alias a retrained version waits under until the gate has spoken
+
+
+class RetrainConfig(StrictModel):
+    model_name: str = Field("support-intents", min_length=1)
+    init: Literal["champion", "base"] = "champion"  # start from the champion's weights, or from its base
+    method: Literal["lora", "full"] | None = None  # None: the champion's own method
+    overrides: list[str] = Field(default_factory=list)  # on the champion's config, e.g. "train.epochs=2"
+    data: str | None = None  # replaces the champion's original training file (it must be unchanged otherwise)
+    fresh: FreshConfig = FreshConfig()
+    gate: GateConfig = GateConfig()
+    promotion: Literal["direct", "canary", "none"] = "direct"  # none: register and gate, move nothing
+    experiment: str = "champion-retrain"
+
+
+@dataclass
+class RetrainResult:
+    outcome: str  # promoted | canary | refused | not_promoted | skipped
+    reason: str  # one sentence
+    champion_version: str
+    challenger_version: str | None = None
+    gate: GateDecision | None = None
+    run_id: str | None = None
+    counts: dict[str, Any] = field(default_factory=dict)
+
+
+def retrain(
+    cfg: RetrainConfig,
+    registry=None,
+    *,
+    trigger: str = "manual",
+    trigger_key: str | None = None,
+    about: dict[str, Any] | None = None,
+) -> RetrainResult:
+    """One retrain attempt, recorded under `trigger_key` (unique: a key already used is refused)."""
+    from champion.registry import _registered_model, connect
+
+    reg = registry or connect()
+    name = cfg.model_name
+    _registered_model(reg, name)  # clear sentences for an unknown model or a missing file, before any record
+    for i, path in enumerate(cfg.fresh.files):
+        if not os.path.isfile(path):
+            raise ChampionError(
+                f"fresh.files[{i}]: '{path}' does not exist; list labelled CSV, JSONL or Parquet files."
+            )
+    trigger_key = trigger_key or f"manual:{name}:{datetime.now(UTC).isoformat()}:{os.getpid()}"
+    attempt = start_attempt(reg, name, trigger, trigger_key)
+    started = {"trigger": trigger, **(about or {})}
+    _record(reg, name, "retrain_started", f"retrain started ({trigger}).", None, started, trigger_key)
+
+    def finish(outcome: str, version: str | None, detail: str, evidence: dict[str, Any]) -> None:
+        finish_attempt(reg, attempt, outcome, version, detail)
+        _record(reg, name, "retrain_finished", detail, version, {"outcome": outcome, **evidence}, trigger_key)
+
+    try:
+        result = _retrain(cfg, reg, trigger, trigger_key, about or {})
+    except (KeyboardInterrupt, InterruptedRun):
+        finish("interrupted", None, "retrain interrupted before the gate; nothing was promoted.", {})
+        raise
+    except Exception as err:
+        finish("failed", None, f"retrain failed: {type(err).__name__}: {err}"[:2000], {})
+        raise
+    finish(result.outcome, result.challenger_version, result.reason, result.counts)
+    return result
+
+
+def _retrain(cfg: RetrainConfig, reg, trigger: str, trigger_key: str, about: dict[str, Any]) -> RetrainResult:
+    from champion.registry import CHALLENGER, CHAMPION, _alias_version, assign_alias, promote_on_gate
+    from pipelines.compare import compare
+    from pipelines.finetune import finetune
+    from pipelines.fresh import fresh_data, require_disjoint
+
+    name = cfg.model_name
+    champion = _alias_version(reg, name, CHAMPION)
+    if champion is None:
+        raise ChampionError(f"model '{name}' has no champion to retrain; promote a version first.")
+
+    # The champion's recipe and its data, exactly as recorded (or an explicit replacement).
+    ft_cfg, original = champion_recipe(reg, name, champion, cfg)
+
+    # Fresh labels: what the retrain may learn from, and the holdout it never trains on.
+    fresh = fresh_data(name, cfg.fresh, exclude_texts=original.train["text"])
+    counts = dict(fresh.counts)
+    if len(fresh.train) < cfg.fresh.min_train_rows:
+        return RetrainResult(
+            "skipped",
+            f"{len(fresh.train)} fresh labelled rows to learn from, fewer than fresh.min_train_rows "
+            f"({cfg.fresh.min_train_rows}); nothing was trained.",
+            champion,
+            counts=counts,
+        )
+    if len(fresh.holdout) < cfg.gate.min_rows:
+        return RetrainResult(
+            "skipped",
+            f"the fresh holdout has {len(fresh.holdout)} rows, fewer than gate.min_rows "
+            f"({cfg.gate.min_rows}) the gate needs; nothing was trained (collect more feedback labels).",
+            champion,
+            counts=counts,
+        )
+
+    # Fine-tune on original + fresh-train rows, registered as `candidate` (never straight to challenger:
+    # a running canary would start serving it before the gate has spoken).
+    lineage = {
+        "retrain.parent_version": champion,
+        "retrain.trigger": trigger,
+        "retrain.trigger_key": trigger_key[:250],
+        "retrain.init": cfg.init,
+        "retrain.fresh_train_rows": str(len(fresh.train)),
+        "retrain.fresh_holdout_rows": str(len(fresh.holdout)),
+        "retrain.fresh_holdout_sha256": fresh.holdout_sha256,
+        **{f"retrain.{k}": str(v)[:250] for k, v in about.items()},
+    }
+    with tempfile.TemporaryDirectory(prefix="champion-retrain-") as tmp:
+        init_model = _download(reg, name, champion, tmp) if cfg.init == "champion" else None
+        trained = finetune(
+            ft_cfg,
+            registry=reg,
+            extra_train=fresh.train,
+            init_model=init_model,
+            tags=lineage,
+            reason=f"retrained from v{champion} ({trigger}) on {len(fresh.train)} fresh rows",
+        )
+    version = trained.version
+    counts["challenger_labels_new"] = sorted(set(fresh.train["label"]) - set(original.labels))
+
+    # The gate, against the champion of this moment (it may have moved while we trained).
+    require_disjoint(fresh.holdout, [*original.train["text"], *fresh.train["text"]])
+    now_champion = _alias_version(reg, name, CHAMPION)
+    if now_champion is None:
+        raise ChampionError(f"model '{name}' lost its champion while the retrain ran; nothing was promoted.")
+    note = {} if now_champion == champion else {"champion_changed_during_retrain": [champion, now_champion]}
+    comparison = compare(
+        reg,
+        name,
+        now_champion,
+        version,
+        fresh.holdout,
+        cfg.gate,
+        trigger=trigger,
+        trigger_key=trigger_key,
+        parent_version=champion,
+        **note,
+    )
+    decision = comparison.decision
+    _tag_gate(reg, name, version, decision)
+    _record(
+        reg,
+        name,
+        "gate",
+        f"gate {'passed' if decision.promote else 'refused'} v{version} against "
+        f"v{now_champion}: {decision.reason}",
+        version,
+        decision.evidence,
+        trigger_key,
+    )
+    if not decision.promote:
+        return RetrainResult(
+            "refused",
+            f"v{version} was refused by the gate: {decision.reason}",
+            now_champion,
+            version,
+            decision,
+            trained.run_id,
+            counts,
+        )
+    evidence = {"gate": _gate_summary(decision), "trigger_key": trigger_key}
+    if cfg.promotion == "none":
+        return RetrainResult(
+            "not_promoted",
+            f"v{version} passed the gate; promotion is off (promotion: none).",
+            now_champion,
+            version,
+            decision,
+            trained.run_id,
+            counts,
+        )
+    if cfg.promotion == "canary":
+        moved = assign_alias(
+            reg,
+            name,
+            CHALLENGER,
+            version,
+            reason=f"passed the gate against v{now_champion}; the canary decides",
+            evidence=evidence,
+        )
+        outcome, why = (
+            "canary",
+            f"v{version} passed the gate and is the canary's challenger: {decision.reason}",
+        )
+    else:
+        moved = promote_on_gate(
+            reg,
+            name,
+            version,
+            now_champion,
+            decision.reason,
+            evidence,
+            reason=f"retrained ({trigger}); passed the gate on the fresh holdout",
+        )
+        outcome, why = "promoted", f"v{version} is the champion: {decision.reason}"
+    if not moved.allowed:
+        return RetrainResult(
+            "not_promoted", moved.reason, now_champion, version, decision, trained.run_id, counts
+        )
+    return RetrainResult(outcome, why, now_champion, version, decision, trained.run_id, counts)
+
+
+def champion_recipe(reg, name: str, version: str, cfg: RetrainConfig):
+    """The champion's fine-tuning config (from its MLflow run) with the retrain's changes, and its original
+    splits, checked against the data hash recorded with the version."""
+    import mlflow
+
+    from pipelines.data import file_sha256, load_splits
+    from pipelines.finetune import FinetuneConfig
+
+    mv = reg.client.get_model_version(name, version)
+    tags = dict(mv.tags)
+    try:
+        text = mlflow.artifacts.load_text(f"runs:/{mv.run_id}/config.yaml")
+    except Exception:
+        raise ChampionError(
+            f"v{version} of '{name}' has no recorded config.yaml in its run (registered outside Champion?); "
+            "retrain needs the champion's recipe, so fine-tune one with `champion finetune` instead."
+        ) from None
+    data = yaml.safe_load(text) or {}
+    if cfg.method is not None:
+        data["method"] = cfg.method
+    data.setdefault("registry", {})
+    data["registry"].update(
+        {"model_name": name, "alias": CANDIDATE, "experiment": cfg.experiment, "tracking_uri": None}
+    )
+    if cfg.data is not None:
+        data.setdefault("data", {})["source"] = cfg.data
+    data = apply_overrides(data, list(cfg.overrides))
+    ft_cfg = parse_config(FinetuneConfig, data, source=f"v{version}'s config with the retrain's changes")
+    source = ft_cfg.data.source
+    if cfg.data is None:
+        recorded = tags.get("data_file_sha256.source")
+        if recorded and not os.path.isfile(source):
+            raise ChampionError(
+                f"the champion v{version} was trained on '{source}', which is gone; put it back, or pass "
+                "--data FILE to retrain on another file."
+            )
+        if recorded and file_sha256(source) != recorded:
+            raise ChampionError(
+                f"'{source}' changed since v{version} was trained on it (sha256 {recorded[:12]} recorded, "
+                f"{file_sha256(source)[:12]} now); restore it, or pass --data FILE to retrain on it as it is."
+            )
+    original = load_splits(ft_cfg.data)
+    if cfg.data is None and tags.get("data_sha256") and original.sha256 != tags["data_sha256"]:
+        raise ChampionError(
+            f"the champion v{version}'s data no longer splits into the rows it was trained on (content "
+            f"sha256 {tags['data_sha256'][:12]} recorded, {original.sha256[:12]} now); pass --data FILE."
+        )
+    return ft_cfg, original
+
+
+def _download(reg, name: str, version: str, into: str) -> str:
+    import mlflow
+
+    return mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=into)
+
+
+def _gate_summary(decision: GateDecision) -> dict[str, Any]:
+    ev = decision.evidence
+    keys = (
+        "rows",
+        "holdout_sha256",
+        "champion",
+        "challenger",
+        "macro_f1_delta",
+        "macro_f1_delta_interval",
+        "accuracy_delta",
+        "accuracy_delta_interval",
+        "mcnemar",
+        "mlflow_run_id",
+        "champion_version",
+    )
+    return {"promote": decision.promote, "reason": decision.reason, **{k: ev[k] for k in keys if k in ev}}
+
+
+def _tag_gate(reg, name: str, version: str, decision: GateDecision) -> None:
+    """The gate's verdict and its numbers on the challenger's version tags (the MLflow UI shows them)."""
+    ev = decision.evidence
+    tags = {
+        "gate.promote": str(decision.promote).lower(),
+        "gate.reason": decision.reason[:4000],
+        "gate.holdout_sha256": ev.get("holdout_sha256", ""),
+        "gate.rows": str(ev.get("rows")),
+        "gate.champion_version": str(ev.get("champion_version")),
+    }
+    if "macro_f1_delta" in ev:
+        low, high = ev["macro_f1_delta_interval"]
+        tags.update(
+            {
+                "gate.macro_f1_delta": f"{ev['macro_f1_delta']:.6f}",
+                "gate.macro_f1_delta_low": f"{low:.6f}",
+                "gate.macro_f1_delta_high": f"{high:.6f}",
+                "gate.mcnemar_p": f"{ev['mcnemar']['p_value']:.6g}",
+                "gate.mlflow_run_id": str(ev.get("mlflow_run_id")),
+            }
+        )
+    for key, value in tags.items():
+        reg.client.set_model_version_tag(name, version, key, value)
+
+
+def _record(reg, name, kind, summary, version, evidence, trigger_key) -> None:
+    from champion.audit import LoopEvent
+
+    reg.audit.record(LoopEvent(name, kind, summary, version, evidence, trigger_key=trigger_key))
+
+
+# --- attempts: one row per trigger key -------------------------------------------------------------------
+
+
+def start_attempt(reg, name: str, trigger: str, trigger_key: str) -> int:
+    """Claim `trigger_key`; a key already claimed (by this or any other process) is refused."""
+    import sqlalchemy as sa
+
+    from champion.audit import retrain_runs
+
+    row = {
+        "model_name": name,
+        "trigger_key": trigger_key,
+        "trigger": trigger,
+        "started_at": datetime.now(UTC),
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+    }
+    try:
+        with reg.audit.engine.begin() as conn:
+            return int(conn.execute(retrain_runs.insert().values(**row)).inserted_primary_key[0])
+    except sa.exc.IntegrityError:
+        raise AlreadyClaimed(
+            f"trigger '{trigger_key}' has already started a retrain; one trigger starts at most one."
+        ) from None
+
+
+def finish_attempt(reg, attempt: int, outcome: str, version: str | None, detail: str) -> None:
+    from champion.audit import retrain_runs
+
+    values = {
+        "ended_at": datetime.now(UTC),
+        "outcome": outcome,
+        "challenger_version": version,
+        "detail": detail[:4000],
+    }
+    with reg.audit.engine.begin() as conn:
+        conn.execute(retrain_runs.update().where(retrain_runs.c.id == attempt).values(**values))
+
+
+class AlreadyClaimed(ChampionError):
+    """The trigger key was used already: the retrain it asks for has been started before."""
+
+
+def load_retrain_config(path: str | None, overrides: list[str] | None = None, name: str | None = None):
+    from champion.config import load_config
+
+    if path:
+        cfg = load_config(RetrainConfig, path, overrides)
+    else:
+        cfg = parse_config(RetrainConfig, apply_overrides({}, list(overrides or [])), "--set")
+    if name is not None:
+        cfg.model_name = name
+    return cfg
