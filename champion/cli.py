@@ -307,7 +307,10 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     cfg = load_retrain_config(args.config, args.set, name=args.name)
     if args.data:
         cfg.data = args.data
-    result = retrain(cfg, trigger="manual", trigger_key=args.trigger_key)
+    about = dict(item.partition("=")[::2] for item in args.about or [])
+    result = retrain(
+        cfg, trigger=args.trigger, trigger_key=args.trigger_key, about=about, claimed=args.claimed
+    )
     if args.json:
         out = {k: v for k, v in result.__dict__.items() if k != "gate"}
         out["gate"] = None if result.gate is None else result.gate.to_dict()
@@ -504,6 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="retrain on this file instead of the champion's original one")
     p.add_argument("--trigger-key", help="an idempotency key: a key already used is refused")
     p.add_argument("--json", action="store_true")
+    # Set by the scheduler's retrain jobs (pipelines/jobs.py), which claim the key before starting us.
+    p.add_argument(
+        "--trigger", default="manual", choices=["manual", "drift", "schedule"], help=argparse.SUPPRESS
+    )
+    p.add_argument("--claimed", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--about", action="append", help=argparse.SUPPRESS)
 
     p = verb("compare", cmd_compare, "Run the champion/challenger gate on two versions and a labelled "
              "file (both score the same rows). Exit 0 pass, 1 refused, 2 bad input.")  # fmt: skip

@@ -33,6 +33,11 @@ from pipelines.fresh import FreshConfig
 CANDIDATE = "candidate"  # the alias a retrained version waits under until the gate has spoken
 
 
+class Triggers(StrictModel):
+    cooldown_minutes: float = Field(1440, ge=0)  # after any retrain, scheduled triggers wait this long
+    timeout_minutes: float = Field(180, gt=0)  # a scheduled retrain's process is stopped after this
+
+
 class RetrainConfig(StrictModel):
     model_name: str = Field("support-intents", min_length=1)
     init: Literal["champion", "base"] = "champion"  # start from the champion's weights, or from its base
@@ -43,6 +48,7 @@ class RetrainConfig(StrictModel):
     gate: GateConfig = GateConfig()
     promotion: Literal["direct", "canary", "none"] = "direct"  # none: register and gate, move nothing
     experiment: str = "champion-retrain"
+    triggers: Triggers = Triggers()
 
 
 @dataclass
@@ -63,8 +69,10 @@ def retrain(
     trigger: str = "manual",
     trigger_key: str | None = None,
     about: dict[str, Any] | None = None,
+    claimed: bool = False,
 ) -> RetrainResult:
-    """One retrain attempt, recorded under `trigger_key` (unique: a key already used is refused)."""
+    """One retrain attempt, recorded under `trigger_key` (unique: a key already used is refused, unless
+    `claimed`: the scheduler that launched this process claimed it already)."""
     from champion.registry import _registered_model, connect
 
     reg = registry or connect()
@@ -76,7 +84,7 @@ def retrain(
                 f"fresh.files[{i}]: '{path}' does not exist; list labelled CSV, JSONL or Parquet files."
             )
     trigger_key = trigger_key or f"manual:{name}:{datetime.now(UTC).isoformat()}:{os.getpid()}"
-    attempt = start_attempt(reg, name, trigger, trigger_key)
+    attempt = claimed_attempt(reg, trigger_key) if claimed else start_attempt(reg, name, trigger, trigger_key)
     started = {"trigger": trigger, **(about or {})}
     _record(reg, name, "retrain_started", f"retrain started ({trigger}).", None, started, trigger_key)
 
@@ -368,7 +376,25 @@ def start_attempt(reg, name: str, trigger: str, trigger_key: str) -> int:
         ) from None
 
 
+def claimed_attempt(reg, trigger_key: str) -> int:
+    import sqlalchemy as sa
+
+    from champion.audit import retrain_runs
+
+    c = retrain_runs.c
+    with reg.audit.engine.begin() as conn:
+        row = conn.execute(sa.select(c.id, c.outcome).where(c.trigger_key == trigger_key)).first()
+        if row is None or row.outcome is not None:
+            raise ChampionError(f"--claimed: no open retrain attempt holds trigger '{trigger_key}'.")
+        conn.execute(retrain_runs.update().where(c.id == row.id).values(pid=os.getpid()))
+    return int(row.id)
+
+
 def finish_attempt(reg, attempt: int, outcome: str, version: str | None, detail: str) -> None:
+    """Record the outcome. A `skipped` attempt trained nothing, so it gives its trigger key back (renamed
+    with the attempt's id): the same trigger may start a retrain once there are enough fresh labels."""
+    import sqlalchemy as sa
+
     from champion.audit import retrain_runs
 
     values = {
@@ -377,8 +403,12 @@ def finish_attempt(reg, attempt: int, outcome: str, version: str | None, detail:
         "challenger_version": version,
         "detail": detail[:4000],
     }
+    c = retrain_runs.c
     with reg.audit.engine.begin() as conn:
-        conn.execute(retrain_runs.update().where(retrain_runs.c.id == attempt).values(**values))
+        if outcome == "skipped":
+            key = conn.execute(sa.select(c.trigger_key).where(c.id == attempt)).scalar() or ""
+            values["trigger_key"] = f"{key[:200]}#skipped-{attempt}"
+        conn.execute(retrain_runs.update().where(c.id == attempt).values(**values))
 
 
 class AlreadyClaimed(ChampionError):

@@ -159,14 +159,30 @@ def _attempts(registry) -> list[dict]:
         return [dict(r) for r in conn.execute(sa.select(retrain_runs).order_by(retrain_runs.c.id)).mappings()]
 
 
-def test_a_trigger_key_starts_at_most_one_retrain(registry, champion, tmp_path):
+def test_a_trigger_key_starts_at_most_one_retrain(registry, champion, tmp_path, monkeypatch):
+    import pipelines.finetune
     from pipelines.retrain import AlreadyClaimed, retrain
 
-    fresh = _fresh_file(tmp_path, "fresh.csv", 60, 25, TINY_INTENTS)
-    retrain(_cfg(fresh), registry, trigger="drift", trigger_key="drift:tiny-intents:v1:check-7")
+    key = "drift:tiny-intents:v1:check-7"
+    few = _fresh_file(tmp_path, "few.csv", 60, 25, TINY_INTENTS)
+    # Too few labels: nothing is trained, so the key is given back and the same trigger may try again.
+    assert retrain(_cfg(few), registry, trigger="drift", trigger_key=key).outcome == "skipped"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the machine went away (simulated)")
+
+    monkeypatch.setattr(pipelines.finetune, "finetune", broken)
+    enough = _fresh_file(tmp_path, "enough.csv", 700, 25, TINY_INTENTS)
+    with pytest.raises(RuntimeError, match="simulated"):
+        retrain(_cfg(enough), registry, trigger="drift", trigger_key=key)  # a real attempt: the key is spent
     with pytest.raises(AlreadyClaimed, match="has already started a retrain"):
-        retrain(_cfg(fresh), registry, trigger="drift", trigger_key="drift:tiny-intents:v1:check-7")
-    assert len(_attempts(registry)) == 1
+        retrain(_cfg(enough), registry, trigger="drift", trigger_key=key)
+    attempts = _attempts(registry)
+    assert [a["outcome"] for a in attempts] == ["skipped", "failed"]
+    assert (
+        attempts[0]["trigger_key"] == f"{key}#skipped-{attempts[0]['id']}"
+        and attempts[1]["trigger_key"] == key
+    )
 
 
 def test_a_failed_retrain_registers_nothing_and_is_recorded(registry, champion, tmp_path, monkeypatch):

@@ -219,5 +219,7 @@ def test_the_shipped_schedule_config_validates_and_names_its_command():
     path = TESTS.parent / "configs" / "schedule.yaml"
     cfg = load_config(ScheduleConfig, path)
     assert path.read_text().splitlines()[0] == "# champion schedule start --config configs/schedule.yaml"
-    (job,) = cfg.jobs
-    assert job.func == "monitoring.jobs:drift_check" and job.grace() == 3600
+    drift, retrain = cfg.jobs
+    assert drift.func == "monitoring.jobs:drift_check" and drift.grace() == 3600
+    assert retrain.func == "pipelines.jobs:retrain_on_drift" and retrain.grace() == 3600
+    assert retrain.kwargs["config"] == "configs/retrain.yaml"
