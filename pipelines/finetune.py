@@ -115,6 +115,7 @@ def finetune(
 
     # Data and model are checked before anything is written to MLflow.
     splits = load_splits(cfg.data)
+    source_sha256 = splits.sha256  # what cfg.data alone splits into: a retrain checks it again
     if extra_train is not None and len(extra_train):
         splits = with_extra_training_rows(splits, extra_train)
     device = resolve_device(cfg.train.device, cfg.train.precision)
@@ -162,7 +163,8 @@ def finetune(
             }
         )
         lineage = {
-            "data_sha256": splits.sha256,
+            "data_sha256": splits.sha256,  # every row used, fresh ones included
+            "source_data_sha256": source_sha256,
             "config_sha256": config_sha256,
             "base_model": cfg.model.base,
             "method": cfg.method,

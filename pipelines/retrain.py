@@ -287,10 +287,12 @@ def champion_recipe(reg, name: str, version: str, cfg: RetrainConfig):
                 f"{file_sha256(source)[:12]} now); restore it, or pass --data FILE to retrain on it as it is."
             )
     original = load_splits(ft_cfg.data)
-    if cfg.data is None and tags.get("data_sha256") and original.sha256 != tags["data_sha256"]:
+    # Versions from before `source_data_sha256` existed were trained on their source alone.
+    recorded = tags.get("source_data_sha256") or tags.get("data_sha256")
+    if cfg.data is None and recorded and original.sha256 != recorded:
         raise ChampionError(
             f"the champion v{version}'s data no longer splits into the rows it was trained on (content "
-            f"sha256 {tags['data_sha256'][:12]} recorded, {original.sha256[:12]} now); pass --data FILE."
+            f"sha256 {recorded[:12]} recorded, {original.sha256[:12]} now); pass --data FILE."
         )
     return ft_cfg, original
 

@@ -91,6 +91,16 @@ def test_a_retrain_that_learns_a_new_intent_passes_the_gate_and_is_served_with_i
     assert tail == [("loop", "retrain_started"), ("alias", "assign"), ("loop", "gate"),
                     ("alias", "gate_promote"), ("loop", "retrain_finished")]  # fmt: skip
 
+    # The retrained champion can be retrained in turn: its recipe is its source data, checked by the hash
+    # of what that source splits into (its data_sha256 also covers the fresh rows it learnt from).
+    assert (
+        tags["source_data_sha256"]
+        == registry.client.get_model_version("tiny-intents", champion).tags["source_data_sha256"]
+        != tags["data_sha256"]
+    )
+    again = retrain(_cfg(fresh, promotion="none", gate={"max_class_drop": 1.0}), registry)
+    assert again.outcome in ("not_promoted", "refused") and again.champion_version == new
+
 
 def test_a_challenger_trained_on_shuffled_labels_is_refused_and_nothing_moves(
     registry, champion, tickets_csv, tmp_path
