@@ -8,12 +8,14 @@ from champion.config import champion_home, load_config, tracking_uri
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEMO_CONFIG = CONFIGS / "minilm_lora_cpu.yaml"
-SERVE_CONFIG = CONFIGS / "serve_cpu.yaml"
+SERVE_CONFIG = CONFIGS / "serve_demo.yaml"
+LABELLED = 0.8  # the share of the demo's traffic a reviewer labels (feedback), for the fresh holdout
 SAMPLE_TICKETS = [
     "hi, my parcel still hasn't shown up and the tracking hasn't moved in 5 days",
     "I was charged twice for the same order, please fix this",
     "forgot my password and the reset email never arrives",
 ]
+NEW_INTENT_TICKET = "the parcel came but the blender inside is missing, only the manual was in the box"
 
 
 HELD_OUT_INTENTS = 4  # the last intents of the generator: never trained on, streamed later as drift
@@ -26,10 +28,13 @@ def run_demo(
     config: Path = DEMO_CONFIG,
     traffic_rows: int = 400,
 ) -> None:
-    from champion.registry import connect, promote
+    from champion.registry import connect, promote, story
     from monitoring.config import MonitorConfig
     from monitoring.job import drift, format_decision
+    from pipelines.compare import compare
     from pipelines.finetune import FinetuneConfig, finetune
+    from pipelines.fresh import FreshConfig, fresh_data
+    from pipelines.jobs import retrain_on_drift
     from pipelines.ticketgen import INTENTS, generate_tickets, write_tickets
     from serving.client import start_server
     from serving.config import inference_log_url, load_serve_config
@@ -38,68 +43,159 @@ def run_demo(
     home = champion_home()
     known, held_out = list(INTENTS[:-HELD_OUT_INTENTS]), list(INTENTS[-HELD_OUT_INTENTS:])
     data = write_tickets(home / "data" / "tickets.csv", rows, seed=0, intents=known)
-    print(f"1/8 generated {rows} support tickets across {len(known)} intents -> {data}")
-    print(f"    ({', '.join(held_out)} are kept back: they arrive later, as drift)")
+    print(f"1/12 generated {rows} support tickets across {len(known)} intents -> {data}")
+    print(f"     ({', '.join(held_out)} are kept back: they arrive later, as drift)")
 
     overrides = [f"data.source={data}", f"train.epochs={epochs}"] + ([f"model.base={base}"] if base else [])
     cfg = load_config(FinetuneConfig, config, overrides)
-    print(f"2/8 fine-tuning {cfg.model.base} with {cfg.method} on {cfg.train.device} ({config.name})")
+    print(f"2/12 fine-tuning {cfg.model.base} with {cfg.method} on {cfg.train.device} ({config.name})")
     reg = connect()
     result = finetune(cfg, registry=reg)
-    name, version = result.model_name, result.version
+    name, first = result.model_name, result.version
     print(
-        f"3/8 registered {name} v{version} as '{cfg.registry.alias}' "
+        f"3/12 registered {name} v{first} as '{cfg.registry.alias}' "
         f"(test accuracy {result.metrics['test_accuracy']:.3f}, "
         f"macro-F1 {result.metrics['test_macro_f1']:.3f}), with its held-out monitoring reference"
     )
 
-    decision = promote(reg, name, version, reason="demo: promote the freshly trained challenger")
+    decision = promote(reg, name, first, reason="demo: promote the freshly trained challenger")
     state = "promoted" if decision.allowed else "kept the current champion"
-    print(f"4/8 {state}: {decision.reason}")
+    print(f"4/12 {state}: {decision.reason}")
 
-    normal = generate_tickets(traffic_rows, seed=1, intents=known)["text"].tolist()
-    drifted = generate_tickets(traffic_rows, seed=2, intents=known[:8] + held_out, vocabulary_shift=0.6)[
-        "text"
-    ].tolist()
+    normal = generate_tickets(traffic_rows, seed=1, intents=known)
+    drifted = [
+        generate_tickets(traffic_rows, seed=seed, intents=known[:8] + held_out, vocabulary_shift=0.6)
+        for seed in (2, 3)
+    ]
     monitor = MonitorConfig()
-    print(f"5/8 serving {name}@champion with BentoML, sending {len(normal)} tickets like its training data")
+    print(
+        f"5/12 serving {name}@champion with BentoML ({SERVE_CONFIG.name}: a canary for any challenger),"
+        f" sending {len(normal)} tickets like its training data; a reviewer labels {LABELLED:.0%}"
+    )
     with start_server(name, config=SERVE_CONFIG) as client:
         answers = client.predict(SAMPLE_TICKETS)
-        _send(client, normal)
+        sent = len(SAMPLE_TICKETS) + _send(client, normal, feedback=True)
         status = client.reload()
-        print(f"    {client.url} serves v{status['champion']} ({status['policy']} policy); answers:")
+        print(f"     {client.url} serves v{status['champion']} ({status['policy']} policy); answers:")
         for text, answer in zip(SAMPLE_TICKETS, answers, strict=True):
-            print(f"      {answer['label']:<22} {answer['score']:.2f}  v{answer['version']}  {text}")
-        _wait_logged(name, len(SAMPLE_TICKETS) + len(normal))
-        print(f"6/8 drift check on the last {len(normal)} predictions (Evidently report logged to MLflow):")
+            print(f"       {answer['label']:<22} {answer['score']:.2f}  v{answer['version']}  {text}")
+        _wait_logged(name, sent)
+        print(f"6/12 drift check on the last {len(normal)} predictions (Evidently report logged to MLflow):")
         print(_indent(format_decision(drift(name, monitor, last=len(normal), registry=reg))))
 
-        print(f"7/8 sending {len(drifted)} drifted tickets (the held-out intents, reworded vocabulary)")
-        _send(client, drifted)
-        _wait_logged(name, len(SAMPLE_TICKETS) + len(normal) + len(drifted))
-        print(_indent(format_decision(drift(name, monitor, last=len(drifted), registry=reg))))
+        print(
+            f"7/12 sending 2 x {traffic_rows} drifted tickets (the held-out intents, reworded vocabulary), "
+            "labelled as they come, and checking each window"
+        )
+        for window in drifted:
+            sent += _send(client, window, feedback=True)
+            _wait_logged(name, sent)
+            print(_indent(format_decision(drift(name, monitor, last=len(window), registry=reg))))
+
+        retrain_config = _retrain_config(home, name, epochs)
+        print(
+            "8/12 the alarm is on, so the scheduler's job retrains in its own process "
+            f"({retrain_config.name}) on the champion's data plus the fresh labels; then the gate"
+        )
+        launched = retrain_on_drift(name, str(retrain_config))
+        print(f"     {launched.get('outcome', 'not started')}: {launched['reason']}")
+        challenger = launched.get("challenger_version")
+
+        if launched.get("outcome") == "canary":
+            print(f"9/12 the service's canary sends half of the traffic to v{challenger} and watches it")
+            verdict = _run_canary(
+                client, reg, name, challenger, generate_tickets(3000, seed=4, intents=known)
+            )
+            print(f"     {verdict}")
+        else:
+            print("9/12 no challenger for the canary: the retrain did not pass the gate")
+        answers = client.predict([*SAMPLE_TICKETS, NEW_INTENT_TICKET])
+        print("10/12 the service answers from the version it follows now:")
+        for text, answer in zip([*SAMPLE_TICKETS, NEW_INTENT_TICKET], answers, strict=True):
+            print(f"       {answer['label']:<22} {answer['score']:.2f}  v{answer['version']}  {text}")
+
+    champion = reg.client.get_registered_model(name).aliases.get("champion")
+    if champion is not None and str(champion) != first:
+        holdout = fresh_data(name, FreshConfig(), exclude_texts=None).holdout
+        refused = compare(reg, name, str(champion), first, holdout, log_mlflow=False).decision
+        verdict = "promoted" if refused.promote else "refused"
+        print(
+            f"11/12 the other way round: v{first} as a challenger to v{champion} on the same fresh "
+            f"holdout is {verdict}: {refused.reason}"
+        )
+    else:
+        print("11/12 the champion did not change, so there is no older version to compare it with")
+
+    print("12/12 the story of this loop (`champion history`):")
+    for entry in story(reg, name):
+        version = entry.get("to_version") or entry.get("version") or "-"
+        what = entry["alias"] if entry["type"] == "alias" else "loop"
+        when, reason = entry["at"][11:19], entry["reason"][:110]
+        print(f"       {when}  {what:<10} {entry['action']:<16} v{version:<3} {reason}")
     log = InferenceLog(inference_log_url(load_serve_config(SERVE_CONFIG, name)))
     logged = log.read(name)
     log.close()
     counts = ", ".join(f"v{v}: {n}" for v, n in logged.groupby("model_version").size().items())
+    labelled = int(logged["true_label"].notna().sum())
     print(
-        f"8/8 the inference log holds {len(logged)} predictions ({counts}), each with every class probability"
+        f"     the inference log holds {len(logged)} predictions ({counts}), {labelled} with a feedback label"
     )
     print(f"""
 Where to look:
-  champion models show {name}      versions, aliases, metrics, data hashes
-  champion history {name}          who moved which alias, when and why
+  champion models show {name}      versions, aliases, metrics, data hashes, gate tags
+  champion history {name}          alias moves, retrains and gate verdicts, in order
   champion drift {name} --last 400 a drift check on the latest traffic (exit 0 ok, 3 drift)
+  champion retrain {name}          retrain on fresh labels; the gate decides
   champion serve {name}            serve the champion on http://127.0.0.1:3000 (follows alias moves)
-  champion predict {name} "text"   label a text with the champion
-  champion ui{" " * (len(name) + 16)}the MLflow UI on {tracking_uri()} (experiment champion-monitoring)
+  champion ui{" " * (len(name) + 16)}the MLflow UI on {tracking_uri()} (champion-gate, champion-monitoring)
   state lives in {home}""")
     reg.close()
 
 
-def _send(client, texts: list[str]) -> None:
+def _retrain_config(home: Path, name: str, epochs: int) -> Path:
+    """configs/retrain.yaml for the demo: the canary decides, and a short retrain."""
+    import yaml
+
+    cfg = yaml.safe_load((CONFIGS / "retrain.yaml").read_text())
+    cfg.update(model_name=name, promotion="canary", overrides=[f"train.epochs={min(2, epochs)}"])
+    path = home / "retrain_demo.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def _run_canary(client, reg, name: str, challenger: str, traffic, timeout: float = 240.0) -> str:
+    """Send traffic until the canary has promoted or retired `challenger`; say which, with its reason."""
+    import time
+
+    texts = traffic["text"].tolist()
+    deadline, start = time.monotonic() + timeout, 0
+    while time.monotonic() < deadline and start < len(texts):
+        client.predict(texts[start : start + 16])
+        start += 16
+        events = [e for e in reg.audit.events(name) if e.action in ("canary_promote", "canary_rollback")]
+        done = [e for e in events if str(e.evidence.get("canary_challenger")) == str(challenger)]
+        if done:
+            e = done[-1]
+            verb = "promoted" if e.action == "canary_promote" else "retired"
+            for _ in range(60):  # the server follows the alias within its poll interval
+                if client.predict(texts[:1])[0]["version"] == str(
+                    reg.client.get_registered_model(name).aliases.get("champion")
+                ):
+                    break
+                time.sleep(0.5)
+            return f"after {start} tickets the canary {verb} v{challenger}: {e.reason}"
+    return f"the canary had not concluded after {start} tickets; v{challenger} stays the challenger."
+
+
+def _send(client, tickets, feedback: bool = False) -> int:
+    """Send the tickets 16 at a time; with `feedback`, a reviewer's true label for LABELLED of them."""
+    texts, labels = tickets["text"].tolist(), tickets["label"].tolist()
     for i in range(0, len(texts), 16):
-        client.predict(texts[i : i + 16])
+        answers = client.predict(texts[i : i + 16])
+        for j, answer in enumerate(answers):
+            if feedback and (i + j) % 10 < LABELLED * 10:
+                client.feedback(answer["request_id"], labels[i + j])
+    return len(texts)
 
 
 def _wait_logged(name: str, count: int, timeout: float = 30.0) -> None:

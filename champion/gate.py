@@ -8,7 +8,9 @@ test on the rows where exactly one model is right, and the per-class F1 changes.
 
 1. the holdout has at least `min_rows` rows, else refuse (too little evidence to promote anything);
 2. the lower end of the interval of the macro-F1 difference (challenger - champion) clears `margin`;
-3. no class with at least `min_class_rows` holdout rows loses more than `max_class_drop` of its F1;
+3. no class with at least `min_class_rows` holdout rows loses more than `max_class_drop` of its F1 while
+   its own paired interval lies below zero (a sure loss: with ten or twenty rows a class's F1 moves by
+   more than 0.1 by chance, and a point estimate alone would veto good challengers at random);
 4. optionally (`mcnemar_alpha`), McNemar's test on accuracy is significant in the challenger's favour.
 
 Macro-F1 is taken over the classes of the holdout's true labels, the same set for both models: a class the
@@ -82,14 +84,17 @@ def decide_gate(
     pb = np.array([index.get(c, -1) for c in b])
 
     full = np.ones((1, n))
-    fa, fb = _macro_f1(full, t, pa, k), _macro_f1(full, t, pb, k)
+    fa, fb = _macro_f1(*_class_f1(full, t, pa, k)), _macro_f1(*_class_f1(full, t, pb, k))
     acc_a, acc_b = float(np.mean(a == y)), float(np.mean(b == y))
     ok_diff = (b == y).astype(float) - (a == y).astype(float)
-    boot_f1, boot_acc = [], []
+    boot_f1, boot_acc, boot_class = [], [], []
     for counts in _paired_draws(n, cfg.resamples, cfg.seed):  # the same draws of rows for both models
-        boot_f1.append(_macro_f1(counts, t, pb, k) - _macro_f1(counts, t, pa, k))
+        class_a, present = _class_f1(counts, t, pa, k)
+        class_b, _ = _class_f1(counts, t, pb, k)
+        boot_f1.append(_macro_f1(class_b, present) - _macro_f1(class_a, present))
+        boot_class.append(np.where(present, class_b - class_a, np.nan))
         boot_acc.append(counts @ ok_diff / n)
-    boot_f1, boot_acc = np.concatenate(boot_f1), np.concatenate(boot_acc)
+    boot_f1, boot_acc, boot_class = map(np.concatenate, (boot_f1, boot_acc, boot_class))
     tail = (1 - cfg.confidence) / 2
     f1_ci = [float(np.quantile(boot_f1, tail)), float(np.quantile(boot_f1, 1 - tail))]
     acc_ci = [float(np.quantile(boot_acc, tail)), float(np.quantile(boot_acc, 1 - tail))]
@@ -97,9 +102,12 @@ def decide_gate(
     only_b = int(np.sum((b == y) & (a != y)))
     p_value = _mcnemar_exact(only_a, only_b)
 
-    per_class = _per_class_changes(t, pa, pb, classes, cfg.min_class_rows)
+    per_class = _per_class_changes(t, pa, pb, classes, boot_class, tail)
+    # A class blocks promotion when it lost more than the allowed F1 and surely lost (its interval lies
+    # below zero): with a few rows per class, a point estimate alone would veto good challengers by chance.
     judged = {c: v for c, v in per_class.items() if v["rows"] >= cfg.min_class_rows}
-    worst = min(judged.items(), key=lambda kv: kv[1]["change"], default=None)
+    fallen = {c: v for c, v in judged.items() if -v["change"] > cfg.max_class_drop and v["interval"][1] < 0}
+    worst = min(fallen.items(), key=lambda kv: kv[1]["change"], default=None)
     evidence.update(
         champion={"accuracy": acc_a, "macro_f1": float(fa[0])},
         challenger={"accuracy": acc_b, "macro_f1": float(fb[0])},
@@ -125,13 +133,14 @@ def decide_gate(
             f"refused: the challenger's {delta} is not surely better than the margin {cfg.margin:+.3f}.",
             evidence,
         )
-    if worst is not None and -worst[1]["change"] > cfg.max_class_drop:
+    if worst is not None:
         c, v = worst
         return GateDecision(
             False,
             f"refused: class '{c}' loses {-v['change']:.3f} of F1 ({v['champion']:.3f} -> "
-            f"{v['challenger']:.3f} on {v['rows']} rows), more than the allowed {cfg.max_class_drop:.3f}, "
-            f"although the challenger's {delta}.",
+            f"{v['challenger']:.3f} on {v['rows']} rows, {pct} interval {v['interval'][0]:+.3f} to "
+            f"{v['interval'][1]:+.3f}), more than the allowed {cfg.max_class_drop:.3f}, although the "
+            f"challenger's {delta}.",
             evidence,
         )
     if cfg.mcnemar_alpha is not None and not (only_b > only_a and p_value < cfg.mcnemar_alpha):
@@ -154,36 +163,36 @@ def _paired_draws(n: int, resamples: int, seed: int, cells: int = 4_000_000):
         yield rng.multinomial(n, np.full(n, 1.0 / n), size=size).astype(np.float64)
 
 
-def _macro_f1(weights: np.ndarray, t: np.ndarray, p: np.ndarray, k: int) -> np.ndarray:
-    """Macro-F1 over the k true classes under each row of weights (one resample per row)."""
+def _class_f1(weights: np.ndarray, t: np.ndarray, p: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(F1 of each of the k true classes, whether the class occurs) under each row of weights (one
+    resample per row); predictions outside the classes (-1) count only as misses."""
     n = len(t)
     true_onehot = np.zeros((n, k))
     true_onehot[np.arange(n), t] = 1.0
     pred_onehot = np.zeros((n, k))
     known = p >= 0
     pred_onehot[np.arange(n)[known], p[known]] = 1.0
-    hit = true_onehot * pred_onehot
-    tp = weights @ hit
+    tp = weights @ (true_onehot * pred_onehot)
     support = weights @ true_onehot  # tp + fn
-    predicted = weights @ pred_onehot  # tp + fp
-    denom = support + predicted
+    denom = support + weights @ pred_onehot  # + tp + fp
     f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
-    present = support > 0  # a class absent from a resample does not count in its macro average
+    return f1, support > 0
+
+
+def _macro_f1(f1: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """Macro average over the classes that occur in each resample."""
     return (f1 * present).sum(1) / np.maximum(present.sum(1), 1)
 
 
-def _per_class_changes(t, pa, pb, classes: list[str], min_rows: int) -> dict[str, dict[str, Any]]:
-    out = {}
-    for i, c in enumerate(classes):
-        f_a, f_b = _class_f1(t, pa, i), _class_f1(t, pb, i)
-        out[c] = {"rows": int(np.sum(t == i)), "champion": f_a, "challenger": f_b, "change": f_b - f_a}
-    return out
-
-
-def _class_f1(t: np.ndarray, p: np.ndarray, i: int) -> float:
-    tp = int(np.sum((t == i) & (p == i)))
-    denom = int(np.sum(t == i)) + int(np.sum(p == i))
-    return 2 * tp / denom if denom else 0.0
+def _per_class_changes(t, pa, pb, classes: list[str], boot: np.ndarray, tail: float) -> dict[str, dict]:
+    full = np.ones((1, len(t)))
+    f_a, f_b = _class_f1(full, t, pa, len(classes))[0][0], _class_f1(full, t, pb, len(classes))[0][0]
+    low, high = np.nanquantile(boot, tail, axis=0), np.nanquantile(boot, 1 - tail, axis=0)
+    return {
+        c: {"rows": int(np.sum(t == i)), "champion": float(f_a[i]), "challenger": float(f_b[i]),
+            "change": float(f_b[i] - f_a[i]), "interval": [float(low[i]), float(high[i])]}
+        for i, c in enumerate(classes)
+    }  # fmt: skip
 
 
 def _mcnemar_exact(b: int, c: int) -> float:

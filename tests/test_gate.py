@@ -165,3 +165,19 @@ def test_false_promotions_of_an_equal_challenger_stay_rare():
 def test_misaligned_rows_are_an_error():
     with pytest.raises(ValueError, match="aligned rows"):
         decide_gate(["a", "b"], ["a"], ["a", "b"])
+
+
+def test_a_class_drop_within_its_noise_does_not_veto():
+    """A 12-row class that loses three hits falls by more than 0.1 of F1, but its own paired interval
+    reaches zero: chance, not a sure loss, so the floor does not refuse a challenger that is surely better."""
+    y = _labels(2000, k=6)
+    y[:12] = "small"
+    champion, challenger = _model(y, 0.70, 1), _model(y, 0.90, 2)
+    for pred in (champion, challenger):
+        pred[12:][pred[12:] == "small"] = "intent_0"  # only the 12 rows of the small class say "small"
+        pred[:12] = "small"
+    challenger[:3] = "intent_0"
+    decision = decide_gate(y, champion, challenger, GateConfig(min_class_rows=10, max_class_drop=0.1))
+    small = decision.evidence["per_class"]["small"]
+    assert small["rows"] == 12 and -small["change"] > 0.1 and small["interval"][1] >= 0
+    assert decision.promote, decision.reason
