@@ -9,8 +9,9 @@ test on the rows where exactly one model is right, and the per-class F1 changes.
 1. the holdout has at least `min_rows` rows, else refuse (too little evidence to promote anything);
 2. the lower end of the interval of the macro-F1 difference (challenger - champion) clears `margin`;
 3. no class with at least `min_class_rows` holdout rows loses more than `max_class_drop` of its F1 while
-   its own paired interval lies below zero (a sure loss: with ten or twenty rows a class's F1 moves by
-   more than 0.1 by chance, and a point estimate alone would veto good challengers at random);
+   its own paired interval (Bonferroni-corrected over those classes) lies below zero: a sure loss. With
+   ten or twenty rows a class's F1 moves by more than 0.1 by chance, so a point estimate alone would veto
+   good challengers at random;
 4. optionally (`mcnemar_alpha`), McNemar's test on accuracy is significant in the challenger's favour.
 
 Macro-F1 is taken over the classes of the holdout's true labels, the same set for both models: a class the
@@ -102,9 +103,12 @@ def decide_gate(
     only_b = int(np.sum((b == y) & (a != y)))
     p_value = _mcnemar_exact(only_a, only_b)
 
-    per_class = _per_class_changes(t, pa, pb, classes, boot_class, tail)
     # A class blocks promotion when it lost more than the allowed F1 and surely lost (its interval lies
     # below zero): with a few rows per class, a point estimate alone would veto good challengers by chance.
+    # The per-class intervals share the error budget over the judged classes (Bonferroni): with 60 classes
+    # at 95% each, some class would "surely" lose by chance in most holdouts.
+    n_judged = max(1, int(sum(np.sum(t == i) >= cfg.min_class_rows for i in range(k))))
+    per_class = _per_class_changes(t, pa, pb, classes, boot_class, tail / n_judged)
     judged = {c: v for c, v in per_class.items() if v["rows"] >= cfg.min_class_rows}
     fallen = {c: v for c, v in judged.items() if -v["change"] > cfg.max_class_drop and v["interval"][1] < 0}
     worst = min(fallen.items(), key=lambda kv: kv[1]["change"], default=None)
@@ -119,6 +123,7 @@ def decide_gate(
         mcnemar={"champion_only_right": only_a, "challenger_only_right": only_b, "p_value": p_value},
         per_class=per_class,
         classes=k,
+        class_interval_confidence=1 - 2 * tail / n_judged,
         classes_too_small=sorted(c for c, v in per_class.items() if v["rows"] < cfg.min_class_rows),
         new_classes=None if champion_labels is None else sorted(set(classes) - set(champion_labels)),
     )
@@ -138,7 +143,7 @@ def decide_gate(
         return GateDecision(
             False,
             f"refused: class '{c}' loses {-v['change']:.3f} of F1 ({v['champion']:.3f} -> "
-            f"{v['challenger']:.3f} on {v['rows']} rows, {pct} interval {v['interval'][0]:+.3f} to "
+            f"{v['challenger']:.3f} on {v['rows']} rows, interval {v['interval'][0]:+.3f} to "
             f"{v['interval'][1]:+.3f}), more than the allowed {cfg.max_class_drop:.3f}, although the "
             f"challenger's {delta}.",
             evidence,

@@ -97,3 +97,43 @@ def test_monitor_notebook(home, tiny_model_dir, tmp_path, monkeypatch):
     concept = next(c for c in checks[2]["checks"] if c["name"] == "concept")
     assert concept["rows"] == 200 and concept["details"]["unseen_true_labels"]  # the held-out intents
     assert (home / "reports" / "notebook-03" / "drift.html").stat().st_size > 10_000
+
+
+def test_retrain_and_gate_notebook(home, tiny_model_dir, tmp_path, monkeypatch):
+    """Real `champion serve` with a canary on the tiny model: labels, retrain, gate, canary, story."""
+    from champion.registry import connect, story
+
+    cfg = tiny_finetune_config(
+        Path("unused.csv"), tiny_model_dir, method="full", train={"epochs": 6, "learning_rate": 3e-3}
+    )
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    serve = tmp_path / "serve.yaml"
+    canary = {"share": 0.5, "min_requests": 60, "min_requests_to_fail": 60, "min_agreement": 0.0,
+              "max_p99_ms": 5000}  # fmt: skip
+    serve.write_text(yaml.safe_dump({"threads": 1, "follow": {"poll_seconds": 0.2},
+                                     "traffic": {"policy": "canary", "canary": canary}}))  # fmt: skip
+    monkeypatch.setenv("CHAMPION_NOTEBOOK_CONFIG", str(config))
+    monkeypatch.setenv("CHAMPION_NOTEBOOK_SERVE_CONFIG", str(serve))
+    monkeypatch.setenv("CHAMPION_NOTEBOOK_ROWS", "600")
+    monkeypatch.setenv("CHAMPION_NOTEBOOK_WINDOW", "250")
+    # The tiny encoder may trade an old class for the new ones; the floor is tested in test_gate.py.
+    monkeypatch.setenv(
+        "CHAMPION_NOTEBOOK_RETRAIN_SET", "train.epochs=6;gate.max_class_drop=1.0;gate.min_rows=150"
+    )
+
+    _execute(NOTEBOOKS / "04-retrain-and-gate.ipynb")
+
+    reg = connect()
+    steps = [(e["type"], e["action"]) for e in story(reg, "tiny-intents")]
+    assert ("loop", "gate") in steps and ("alias", "canary_promote") in steps, steps
+    assert reg.client.get_registered_model("tiny-intents").aliases["champion"] == "2"
+    tags = reg.client.get_model_version("tiny-intents", "2").tags
+    assert tags["gate.promote"] == "true" and tags["retrain.parent_version"] == "1"
+    reg.close()
+    from serving.inference_log import InferenceLog
+
+    log = InferenceLog(f"sqlite:///{home / 'inference.db'}")
+    logged = log.read("tiny-intents")
+    log.close()
+    assert {"1", "2"} <= set(logged.model_version) and "canary" in set(logged.arm)
