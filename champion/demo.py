@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from champion.config import champion_home, load_config, tracking_uri
@@ -27,7 +28,8 @@ def run_demo(
     base: str | None = None,
     config: Path = DEMO_CONFIG,
     traffic_rows: int = 400,
-) -> None:
+) -> dict:
+    """Run the loop; returns what happened and how long the loop took (for tests and benchmarks/gate.py)."""
     from champion.registry import connect, promote, story
     from monitoring.config import MonitorConfig
     from monitoring.job import drift, format_decision
@@ -92,21 +94,29 @@ def run_demo(
             _wait_logged(name, sent)
             print(_indent(format_decision(drift(name, monitor, last=len(window), registry=reg))))
 
-        retrain_config = _retrain_config(home, name, epochs)
+        retrain_config = _retrain_config(home, name)
         print(
             "8/12 the alarm is on, so the scheduler's job retrains in its own process "
             f"({retrain_config.name}) on the champion's data plus the fresh labels; then the gate"
         )
+        alarm_at = time.monotonic()
         launched = retrain_on_drift(name, str(retrain_config))
-        print(f"     {launched.get('outcome', 'not started')}: {launched['reason']}")
+        retrain_s = time.monotonic() - alarm_at
+        print(f"     {launched.get('outcome', 'not started')} after {retrain_s:.0f} s: {launched['reason']}")
         challenger = launched.get("challenger_version")
+        summary = {"outcome": launched.get("outcome"), "challenger": challenger, "retrain_s": retrain_s}
 
         if launched.get("outcome") == "canary":
             print(f"9/12 the service's canary sends half of the traffic to v{challenger} and watches it")
-            verdict = _run_canary(
-                client, reg, name, challenger, generate_tickets(3000, seed=4, intents=known)
-            )
+            traffic = generate_tickets(3000, seed=4, intents=known)
+            verdict, switched_at = _run_canary(client, reg, name, challenger, traffic)
             print(f"     {verdict}")
+            if switched_at is not None:
+                summary["alarm_to_new_version_s"] = switched_at - alarm_at
+                print(
+                    f"     from the alarm to the service answering from v{challenger}: "
+                    f"{switched_at - alarm_at:.0f} s (the retrain and gate took {retrain_s:.0f} s)"
+                )
         else:
             print("9/12 no challenger for the canary: the retrain did not pass the gate")
         answers = client.predict([*SAMPLE_TICKETS, NEW_INTENT_TICKET])
@@ -128,10 +138,11 @@ def run_demo(
 
     print("12/12 the story of this loop (`champion history`):")
     for entry in story(reg, name):
-        version = entry.get("to_version") or entry.get("version") or "-"
+        version = entry.get("to_version") or entry.get("version")
+        version = f"v{version}" if version else "-"
         what = entry["alias"] if entry["type"] == "alias" else "loop"
         when, reason = entry["at"][11:19], entry["reason"][:110]
-        print(f"       {when}  {what:<10} {entry['action']:<16} v{version:<3} {reason}")
+        print(f"       {when}  {what:<10} {entry['action']:<16} {version:<4} {reason}")
     log = InferenceLog(inference_log_url(load_serve_config(SERVE_CONFIG, name)))
     logged = log.read(name)
     log.close()
@@ -150,23 +161,26 @@ Where to look:
   champion ui{" " * (len(name) + 16)}the MLflow UI on {tracking_uri()} (champion-gate, champion-monitoring)
   state lives in {home}""")
     reg.close()
+    return summary
 
 
-def _retrain_config(home: Path, name: str, epochs: int) -> Path:
+def _retrain_config(home: Path, name: str) -> Path:
     """configs/retrain.yaml for the demo: the canary decides, and a short retrain."""
     import yaml
 
     cfg = yaml.safe_load((CONFIGS / "retrain.yaml").read_text())
-    cfg.update(model_name=name, promotion="canary", overrides=[f"train.epochs={min(2, epochs)}"])
+    # One epoch over the original rows with each fresh row three times: the new intents get the weight of
+    # what production looks like now, and the retrain takes less time than two plain epochs.
+    cfg.update(model_name=name, promotion="canary", overrides=["train.epochs=1"])
+    cfg["fresh"]["repeat"] = 3
     path = home / "retrain_demo.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 
 
-def _run_canary(client, reg, name: str, challenger: str, traffic, timeout: float = 240.0) -> str:
-    """Send traffic until the canary has promoted or retired `challenger`; say which, with its reason."""
-    import time
-
+def _run_canary(client, reg, name: str, challenger: str, traffic, timeout: float = 240.0):
+    """Send traffic until the canary has promoted or retired `challenger`; (what happened, with its reason;
+    when the service first answered from the promoted version, or None)."""
     texts = traffic["text"].tolist()
     deadline, start = time.monotonic() + timeout, 0
     while time.monotonic() < deadline and start < len(texts):
@@ -177,14 +191,16 @@ def _run_canary(client, reg, name: str, challenger: str, traffic, timeout: float
         if done:
             e = done[-1]
             verb = "promoted" if e.action == "canary_promote" else "retired"
-            for _ in range(60):  # the server follows the alias within its poll interval
-                if client.predict(texts[:1])[0]["version"] == str(
-                    reg.client.get_registered_model(name).aliases.get("champion")
-                ):
+            switched = None
+            for _ in range(120):  # the server follows the alias within its poll interval
+                if e.action != "canary_promote":
                     break
-                time.sleep(0.5)
-            return f"after {start} tickets the canary {verb} v{challenger}: {e.reason}"
-    return f"the canary had not concluded after {start} tickets; v{challenger} stays the challenger."
+                if client.predict(texts[:1])[0]["version"] == str(challenger):
+                    switched = time.monotonic()
+                    break
+                time.sleep(0.25)
+            return f"after {start} tickets the canary {verb} v{challenger}: {e.reason}", switched
+    return f"the canary had not concluded after {start} tickets; v{challenger} stays the challenger.", None
 
 
 def _send(client, tickets, feedback: bool = False) -> int:
@@ -200,7 +216,6 @@ def _send(client, tickets, feedback: bool = False) -> int:
 
 def _wait_logged(name: str, count: int, timeout: float = 30.0) -> None:
     """The server writes its log in batches off the request path; wait until this traffic is in it."""
-    import time
 
     from serving.config import default_log_url
     from serving.inference_log import InferenceLog

@@ -126,7 +126,9 @@ def finetune(
         tokenizer = load_tokenizer(cfg.model.base)
         model = load_classifier(cfg.model.base, splits.labels)
     else:
-        tokenizer, model = load_registered_classifier(init_model, splits.labels)
+        tokenizer, model = load_registered_classifier(
+            init_model, splits.labels, examples=splits.train, max_length=cfg.model.max_length
+        )
     if cfg.method == "lora":
         model = apply_lora(model, cfg.lora)
     model.to(device.type)

@@ -33,6 +33,9 @@ class FreshConfig(StrictModel):
     holdout_share: float = Field(0.3, gt=0, lt=1)  # of the distinct texts, kept for the gate only
     seed: int = 0  # part of the hash: changing it re-deals every text, so keep it fixed per model
     min_train_rows: int = Field(20, ge=0)  # fresh rows a retrain needs to learn from
+    # How often each fresh-train row appears in the retrain's training split: above 1 weights what production
+    # looks like now (and the intents that are new) over the original data, without more epochs.
+    repeat: int = Field(1, ge=1, le=20)
 
 
 @dataclass

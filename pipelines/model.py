@@ -90,10 +90,11 @@ def load_classifier(base: str, labels: list[str]):
         hf_logging.set_verbosity(verbosity)
 
 
-def load_registered_classifier(folder: str, labels: list[str]):
+def load_registered_classifier(folder: str, labels: list[str], examples=None, max_length: int = 128):
     """(tokenizer, classifier) from a registered version's model folder (MLflow's transformers flavour:
     `model/` and `components/tokenizer/`), with a head for `labels`. Rows of labels the version knows keep
-    their trained weights, matched by name (never by position); new labels get freshly initialised rows."""
+    their trained weights, matched by name (never by position). A new label's row is imprinted from its
+    examples in `examples` (text, label), when there are any, else freshly initialised (see `_imprint`)."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -127,11 +128,54 @@ def load_registered_classifier(folder: str, labels: list[str]):
                 j = known.index(label)
                 new.weight[i] = head.weight[j]
                 new.bias[i] = head.bias[j]
+    if examples is not None:
+        _imprint(model, head, new, tokenizer, labels, known, examples, max_length)
     model.classifier = new
     model.num_labels = model.config.num_labels = len(labels)
     model.config.id2label = dict(enumerate(labels))
     model.config.label2id = {label: i for i, label in enumerate(labels)}
     return tokenizer, model
+
+
+def _imprint(model, head, new, tokenizer, labels, known, examples, max_length: int, limit: int = 64) -> None:
+    """Weight imprinting (Qi et al., 2018) for labels the version never saw: a new row points from the mean
+    of all examples' head inputs to the mean of its own examples', scaled like the trained rows, with a
+    bias that centres its logits like theirs. A freshly initialised row starts far below the trained ones
+    and a short retrain on a few examples does not lift it (measured: 0.0 F1 on four new intents after two
+    epochs of the demo's retrain); an imprinted one starts where its examples are."""
+    import torch
+
+    fresh = [label for label in labels if label not in known]
+    rows = examples[examples["label"].isin(fresh)].groupby("label").head(limit)
+    if rows.empty:
+        return
+    background = examples.sample(min(len(examples), 4 * limit), random_state=0)
+    features = []
+    hook = head.register_forward_hook(lambda _m, inputs, _out: features.append(inputs[0].detach()))
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for frame in (background, rows):
+                for start in range(0, len(frame), 32):
+                    enc = tokenizer(list(frame["text"][start : start + 32]), padding=True, truncation=True,
+                                    max_length=max_length, return_tensors="pt")  # fmt: skip
+                    model(**enc)
+    finally:
+        hook.remove()
+    feats = torch.cat(features)
+    centre = feats[: len(background)].mean(0)
+    own = feats[len(background) :]
+    scale = head.weight.norm(dim=1).mean()
+    with torch.no_grad():
+        for label in fresh:
+            mask = torch.tensor((rows["label"] == label).to_numpy())
+            if not mask.any():
+                continue
+            direction = own[mask].mean(0) - centre
+            weight = direction / direction.norm().clamp(min=1e-6) * scale
+            i = labels.index(label)
+            new.weight[i] = weight
+            new.bias[i] = head.bias.mean() - weight @ centre  # at the centre, an average trained logit
 
 
 def apply_lora(model, cfg: LoraConfig):

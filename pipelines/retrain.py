@@ -105,6 +105,8 @@ def retrain(
 
 
 def _retrain(cfg: RetrainConfig, reg, trigger: str, trigger_key: str, about: dict[str, Any]) -> RetrainResult:
+    import pandas as pd
+
     from champion.registry import CHALLENGER, CHAMPION, _alias_version, assign_alias, promote_on_gate
     from pipelines.compare import compare
     from pipelines.finetune import finetune
@@ -146,6 +148,7 @@ def _retrain(cfg: RetrainConfig, reg, trigger: str, trigger_key: str, about: dic
         "retrain.trigger_key": trigger_key[:250],
         "retrain.init": cfg.init,
         "retrain.fresh_train_rows": str(len(fresh.train)),
+        "retrain.fresh_repeat": str(cfg.fresh.repeat),
         "retrain.fresh_holdout_rows": str(len(fresh.holdout)),
         "retrain.fresh_holdout_sha256": fresh.holdout_sha256,
         **{f"retrain.{k}": str(v)[:250] for k, v in about.items()},
@@ -155,7 +158,7 @@ def _retrain(cfg: RetrainConfig, reg, trigger: str, trigger_key: str, about: dic
         trained = finetune(
             ft_cfg,
             registry=reg,
-            extra_train=fresh.train,
+            extra_train=pd.concat([fresh.train] * cfg.fresh.repeat, ignore_index=True),
             init_model=init_model,
             tags=lineage,
             reason=f"retrained from v{champion} ({trigger}) on {len(fresh.train)} fresh rows",
@@ -196,7 +199,7 @@ def _retrain(cfg: RetrainConfig, reg, trigger: str, trigger_key: str, about: dic
     if not decision.promote:
         return RetrainResult(
             "refused",
-            f"v{version} was refused by the gate: {decision.reason}",
+            f"v{version} {decision.reason}",
             now_champion,
             version,
             decision,

@@ -127,7 +127,7 @@ def test_retrain_and_gate_notebook(home, tiny_model_dir, tmp_path, monkeypatch):
     reg = connect()
     steps = [(e["type"], e["action"]) for e in story(reg, "tiny-intents")]
     assert ("loop", "gate") in steps and ("alias", "canary_promote") in steps, steps
-    assert reg.client.get_registered_model("tiny-intents").aliases["champion"] == "2"
+    assert str(reg.client.get_registered_model("tiny-intents").aliases["champion"]) == "2"
     tags = reg.client.get_model_version("tiny-intents", "2").tags
     assert tags["gate.promote"] == "true" and tags["retrain.parent_version"] == "1"
     reg.close()
