@@ -49,15 +49,16 @@ HELD_OUT_EVERY = 6  # every 6th intent (sorted) is held out: 13 of 77
 TARGETS = {"detection_at_500": 0.95, "false_alarms_per_window": 0.01, "seconds_at_1m": 30.0, "ratio": 1.5}
 
 
-def _code_state() -> dict:
+def code_state(paths=("monitoring", "serving", "benchmarks/drift.py")) -> dict:
+    """The commit, and what is uncommitted in the code a benchmark measures."""
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
-    paths = ("monitoring", "serving", "benchmarks/drift.py")
     return {"commit": git("rev-parse", "HEAD"), "uncommitted": git("status", "--porcelain", *paths)}
 
 
-def _machine() -> dict:
+def machine() -> dict:
     import torch
 
     model = ""
@@ -395,7 +396,7 @@ def main() -> None:
     home.mkdir(parents=True, exist_ok=True)
     os.environ["CHAMPION_HOME"] = str(home)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    report: dict = {"machine": _machine(), "code": _code_state(), "targets": TARGETS,
+    report: dict = {"machine": machine(), "code": code_state(), "targets": TARGETS,
                     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
 
     print("1. fine-tuning on the known intents", flush=True)

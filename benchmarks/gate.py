@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -51,32 +50,7 @@ KINDS = ("null_shuffled", "null_swapped", "better_2pt", "better_5pt", "better_2p
 NULLS = ("null_shuffled", "null_swapped")
 TARGET_NULL_RATE = 0.05
 
-
-def _code_state() -> dict:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    paths = ("benchmarks/gate.py", "champion/gate.py")
-    return {"commit": git("rev-parse", "HEAD"), "uncommitted": git("status", "--porcelain", *paths)}
-
-
-def _machine() -> dict:
-    import torch
-
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "")
-    except OSError:
-        pass
-    return {
-        "cpus": os.cpu_count(),
-        "cpu_model": model,
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-    }
-
+from benchmarks.drift import code_state, machine  # noqa: E402 (after the sys.path fix above)
 
 # --- the population: the real model's predictions on the known intents' test rows -------------------------
 
@@ -265,7 +239,7 @@ def main() -> None:
     from champion.gate import GateConfig
 
     cfg = GateConfig(resamples=args.resamples)
-    report: dict = {"machine": _machine(), "code": _code_state(),
+    report: dict = {"machine": machine(), "code": code_state(("benchmarks/gate.py", "champion/gate.py")),
                     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
     report["config"] = {
         "gate": cfg.model_dump(mode="json"),

@@ -62,3 +62,45 @@ def test_memory_tracker_reports_no_growth_when_nothing_is_allocated():
     with MemoryTracker("cpu") as memory:
         time.sleep(0.05)
     assert memory.baseline_mb > 0 and 0 <= memory.growth_mb < 16, (memory.baseline_mb, memory.growth_mb)
+
+
+def test_a_registered_head_is_kept_by_label_name_and_new_labels_are_imprinted(tiny_model_dir, tmp_path):
+    """Starting a retrain from a version: its trained rows follow their labels into the new order, and a
+    new label's row starts from its examples (its logit leads on them), not from noise."""
+    import pandas as pd
+    import torch
+
+    from pipelines.model import load_classifier, load_registered_classifier, load_tokenizer
+
+    old_labels = ["card_declined", "reset_password", "track_order"]
+    torch.manual_seed(0)
+    old = load_classifier(str(tiny_model_dir), old_labels)
+    with torch.no_grad():
+        old.classifier.weight *= 50  # trained rows are far larger than a fresh head's
+    folder = tmp_path / "version"
+    old.save_pretrained(folder / "model")
+    load_tokenizer(str(tiny_model_dir)).save_pretrained(folder / "components" / "tokenizer")
+
+    labels = ["invoice_request", "track_order", "card_declined", "reset_password"]  # a new one, reordered
+    examples = pd.DataFrame(
+        {"text": ["send me an invoice", "i need the invoice for my order", "invoice please",
+                  "where is my order", "my card was declined", "reset my password"],
+         "label": ["invoice_request"] * 3 + ["track_order", "card_declined", "reset_password"]}
+    )  # fmt: skip
+    tokenizer, model = load_registered_classifier(str(folder), labels, examples=examples)
+    assert model.config.id2label == dict(enumerate(labels)) and model.classifier.out_features == 4
+    for i, label in enumerate(labels[1:], start=1):
+        j = old_labels.index(label)
+        assert torch.equal(model.classifier.weight[i], old.classifier.weight[j]), label
+    scale = old.classifier.weight.detach().norm(dim=1).mean()
+    assert float(model.classifier.weight[0].detach().norm()) == pytest.approx(float(scale), rel=1e-4)
+    model.eval()
+    with torch.no_grad():
+        enc = tokenizer(list(examples["text"][:3]), padding=True, return_tensors="pt")
+        logits = model(**enc).logits
+        enc_others = tokenizer(list(examples["text"][3:]), padding=True, return_tensors="pt")
+        others = model(**enc_others).logits
+    assert logits[:, 0].mean() > others[:, 0].mean()  # the imprinted row prefers its own examples
+    # Without examples the new row is freshly initialised: small, as a new head's rows are.
+    _, plain = load_registered_classifier(str(folder), labels)
+    assert float(plain.classifier.weight[0].detach().norm()) < 0.5 * float(scale)
