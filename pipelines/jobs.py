@@ -54,7 +54,10 @@ def retrain_on_drift(
                     f"{monitor.alarm.n} judged windows needed)."}  # fmt: skip
         key = f"drift:{model}:v{version}:check-{episode['started_by']}"
         about = {"drift_check_id": episode["started_by"], "drift_checks_fired": ",".join(episode["fired"])}
-        return launch(reg, model, config, "drift", key, about)
+        fired = ", ".join(episode["fired"])
+        news = (f"drift alarm on v{version}: {monitor.alarm.k} of the last {monitor.alarm.n} judged windows "
+                f"drifted (from window {episode['started_by']}; checks: {fired}).")  # fmt: skip
+        return launch(reg, model, config, "drift", key, about, news)
     finally:
         reg.close()
 
@@ -96,8 +99,12 @@ def drift_episode(windows: list[dict], k: int, n: int, checks: list[str] | None 
     return {"started_by": flags[start][0], "fired": fired}
 
 
-def launch(reg, model: str, config: str | None, trigger: str, key: str, about: dict[str, Any]) -> dict:
-    """Cooldown, then claim `key`, then `champion retrain` in a child process; the outcome is recorded."""
+def launch(
+    reg, model: str, config: str | None, trigger: str, key: str, about: dict[str, Any], news: str = ""
+) -> dict:
+    """Cooldown, then claim `key`, then `champion retrain` in a child process; the outcome is recorded.
+    `news` (what triggered it) opens the story in the history, once per claimed key."""
+    from champion.audit import LoopEvent
     from pipelines.retrain import AlreadyClaimed, load_retrain_config, start_attempt
 
     cfg = load_retrain_config(config, name=model)
@@ -109,6 +116,8 @@ def launch(reg, model: str, config: str | None, trigger: str, key: str, about: d
         attempt = start_attempt(reg, model, trigger, key)
     except AlreadyClaimed as err:
         return {"started": False, "trigger_key": key, "reason": str(err)}
+    if news:
+        reg.audit.record(LoopEvent(model, trigger, news, None, about, trigger_key=key))
     command = [sys.executable, "-m", "champion.cli", "retrain", model, "--trigger-key", key,
                "--trigger", trigger, "--claimed", "--json"]  # fmt: skip
     if config:

@@ -190,8 +190,7 @@ def _retrain(cfg: RetrainConfig, reg, trigger: str, trigger_key: str, about: dic
         reg,
         name,
         "gate",
-        f"gate {'passed' if decision.promote else 'refused'} v{version} against "
-        f"v{now_champion}: {decision.reason}",
+        f"gate on v{version} against v{now_champion}: {decision.reason}",
         version,
         decision.evidence,
         trigger_key,

@@ -85,16 +85,27 @@ def _attempts(registry) -> list[dict]:
 def test_a_drift_alarm_starts_one_retrain_in_its_own_process_and_the_episode_never_another(registry, loop):
     from pipelines.jobs import retrain_on_drift
 
+    champion_version = loop["version"]
     assert retrain_on_drift("tiny-intents", loop["config"])["started"] is False  # no windows, no alarm
     ids = _store_windows(loop["version"], ["ok", "drift", "drift"])
     result = retrain_on_drift("tiny-intents", loop["config"])
-    assert result["started"] and result["outcome"] == "not_promoted", result
+    # Whether two tiny models differ surely on 350 rows is up to their numbers; this test is about the
+    # trigger: the retrain ran in a child process, reached the gate, and its outcome was recorded.
+    assert result["started"] and result["outcome"] in ("not_promoted", "refused"), result
     assert result["trigger_key"] == f"drift:tiny-intents:v{loop['version']}:check-{ids[2]}"
     attempt = _attempts(registry)[-1]
-    assert attempt["outcome"] == "not_promoted" and attempt["trigger"] == "drift"
+    assert attempt["outcome"] == result["outcome"] and attempt["trigger"] == "drift"
     assert attempt["challenger_version"] == result["challenger_version"]
     tags = registry.client.get_model_version("tiny-intents", result["challenger_version"]).tags
     assert tags["retrain.drift_check_id"] == str(ids[2]) and tags["retrain.trigger"] == "drift"
+    from champion.registry import story
+
+    steps = [(e["action"], e["reason"]) for e in story(registry, "tiny-intents") if e["type"] == "loop"]
+    assert [a for a, _ in steps] == ["drift", "retrain_started", "gate", "retrain_finished"]
+    expected = (
+        f"drift alarm on v{champion_version}: 2 of the last 3 judged windows drifted (from window {ids[2]}"
+    )
+    assert steps[0][1] == f"{expected}; checks: prediction)."
 
     # The same episode, one window later (a scheduler restart, a second scheduler): nothing new starts.
     _store_windows(loop["version"], ["drift"])
