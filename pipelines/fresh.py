@@ -77,7 +77,7 @@ def labelled_log_rows(model_name: str, log_url: str | None = None) -> pd.DataFra
     try:
         log = InferenceLog(url, retention_days=None)
         try:
-            frame = log.read(model_name, arms=list(LABELLED_ARMS))
+            frame = log.read(model_name, arms=list(LABELLED_ARMS), labelled_only=True)
         finally:
             log.engine.dispose()
     except Exception as err:

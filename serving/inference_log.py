@@ -467,8 +467,10 @@ class InferenceLog:
         until: datetime | None = None,
         arms: Sequence[str] | None = None,
         with_feedback: bool = True,
+        labelled_only: bool = False,
     ) -> pandas.DataFrame:
-        """Logged predictions in time order (`since` <= at < `until`), with `true_label` from feedback."""
+        """Logged predictions in time order (`since` <= at < `until`), with `true_label` from feedback;
+        `labelled_only`: just those that have one (filtered in the database, not after reading them all)."""
         import pandas as pd
 
         p = predictions.c
@@ -483,6 +485,8 @@ class InferenceLog:
             )
             columns.append(latest.label("true_label"))
         query = sa.select(*columns).order_by(p.at, p.id)
+        if labelled_only:
+            query = query.where(sa.exists().where(feedback.c.request_id == p.request_id))
         if model_name is not None:
             query = query.where(p.model_name == model_name)
         if since is not None:

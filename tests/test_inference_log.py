@@ -159,6 +159,19 @@ def test_feedback_reaches_queued_predictions_and_the_latest_label_wins(open_log,
     assert set(log.read()["true_label"]) == {"track_order"}
 
 
+def test_labelled_only_reads_just_the_predictions_with_feedback(open_log):
+    log = open_log().start()
+    records = _records(6)
+    log.append(records)
+    log.flush()
+    for record in records[1::2]:
+        log.add_feedback(record.request_id, "track_order")
+    labelled = log.read(labelled_only=True)
+    assert list(labelled["request_id"]) == [r.request_id for r in records[1::2]]
+    assert set(labelled["true_label"]) == {"track_order"} and len(log.read()) == 6
+    log.close()
+
+
 def test_retention_deletes_old_predictions_and_their_feedback(open_log):
     now = datetime.now(UTC)
     old, new = _records(3, at=now - timedelta(days=10)), _records(2, at=now - timedelta(days=1))
