@@ -84,16 +84,19 @@ def decide_gate(
     pa = np.array([index.get(c, -1) for c in a])  # -1: a label outside the holdout's classes
     pb = np.array([index.get(c, -1) for c in b])
 
+    support = np.bincount(t, minlength=k)  # holdout rows per class
     full = np.ones((1, n))
-    fa, fb = _macro_f1(*_class_f1(full, t, pa, k)), _macro_f1(*_class_f1(full, t, pb, k))
+    (class_a,), present = _class_f1(full, t, pa, k)
+    (class_b,), _ = _class_f1(full, t, pb, k)
+    fa, fb = _macro_f1(class_a[None], present), _macro_f1(class_b[None], present)
     acc_a, acc_b = float(np.mean(a == y)), float(np.mean(b == y))
     ok_diff = (b == y).astype(float) - (a == y).astype(float)
     boot_f1, boot_acc, boot_class = [], [], []
     for counts in _paired_draws(n, cfg.resamples, cfg.seed):  # the same draws of rows for both models
-        class_a, present = _class_f1(counts, t, pa, k)
-        class_b, _ = _class_f1(counts, t, pb, k)
-        boot_f1.append(_macro_f1(class_b, present) - _macro_f1(class_a, present))
-        boot_class.append(np.where(present, class_b - class_a, np.nan))
+        draw_a, drawn = _class_f1(counts, t, pa, k)
+        draw_b, _ = _class_f1(counts, t, pb, k)
+        boot_f1.append(_macro_f1(draw_b, drawn) - _macro_f1(draw_a, drawn))
+        boot_class.append(np.where(drawn, draw_b - draw_a, np.nan))
         boot_acc.append(counts @ ok_diff / n)
     boot_f1, boot_acc, boot_class = map(np.concatenate, (boot_f1, boot_acc, boot_class))
     tail = (1 - cfg.confidence) / 2
@@ -107,8 +110,8 @@ def decide_gate(
     # below zero): with a few rows per class, a point estimate alone would veto good challengers by chance.
     # The per-class intervals share the error budget over the judged classes (Bonferroni): with 60 classes
     # at 95% each, some class would "surely" lose by chance in most holdouts.
-    n_judged = max(1, int(sum(np.sum(t == i) >= cfg.min_class_rows for i in range(k))))
-    per_class = _per_class_changes(t, pa, pb, classes, boot_class, tail / n_judged)
+    n_judged = max(1, int(np.sum(support >= cfg.min_class_rows)))
+    per_class = _per_class_changes(classes, support, class_a, class_b, boot_class, tail / n_judged)
     judged = {c: v for c, v in per_class.items() if v["rows"] >= cfg.min_class_rows}
     fallen = {c: v for c, v in judged.items() if -v["change"] > cfg.max_class_drop and v["interval"][1] < 0}
     worst = min(fallen.items(), key=lambda kv: kv[1]["change"], default=None)
@@ -189,12 +192,13 @@ def _macro_f1(f1: np.ndarray, present: np.ndarray) -> np.ndarray:
     return (f1 * present).sum(1) / np.maximum(present.sum(1), 1)
 
 
-def _per_class_changes(t, pa, pb, classes: list[str], boot: np.ndarray, tail: float) -> dict[str, dict]:
-    full = np.ones((1, len(t)))
-    f_a, f_b = _class_f1(full, t, pa, len(classes))[0][0], _class_f1(full, t, pb, len(classes))[0][0]
+def _per_class_changes(
+    classes: list[str], support, f_a, f_b, boot: np.ndarray, tail: float
+) -> dict[str, dict]:
+    """Each class's rows, both F1s on the holdout, the change and its paired interval from `boot`."""
     low, high = np.nanquantile(boot, tail, axis=0), np.nanquantile(boot, 1 - tail, axis=0)
     return {
-        c: {"rows": int(np.sum(t == i)), "champion": float(f_a[i]), "challenger": float(f_b[i]),
+        c: {"rows": int(support[i]), "champion": float(f_a[i]), "challenger": float(f_b[i]),
             "change": float(f_b[i] - f_a[i]), "interval": [float(low[i]), float(high[i])]}
         for i, c in enumerate(classes)
     }  # fmt: skip
