@@ -32,7 +32,7 @@ class Comparison:
 
 def read_labelled_file(path: str | Path, field: str = "--data") -> pd.DataFrame:
     """A CSV, JSONL or Parquet file with `text` and `label` columns, blank rows dropped (and counted)."""
-    from pipelines.data import read_table
+    from pipelines.data import clean_labelled, read_table
 
     raw = read_table(str(path), "auto", "train", field)
     missing = [c for c in ("text", "label") if c not in raw.columns]
@@ -43,21 +43,6 @@ def read_labelled_file(path: str | Path, field: str = "--data") -> pd.DataFrame:
             "the gate needs a 'text' and a true 'label' for every row."
         )
     return clean_labelled(raw[["text", "label"]], field, str(path))
-
-
-def clean_labelled(frame: pd.DataFrame, field: str, source: str) -> pd.DataFrame:
-    import pandas as pd
-
-    frame = frame.dropna()
-    frame = pd.DataFrame(
-        {"text": frame["text"].astype(str).str.strip(), "label": frame["label"].astype(str).str.strip()}
-    )
-    frame = frame[(frame["text"] != "") & (frame["label"] != "")].reset_index(drop=True)
-    if frame.empty:
-        raise ChampionError(
-            f"{field}: '{source}' has no rows with both a text and a label; add labelled rows."
-        )
-    return frame
 
 
 def holdout_sha256(frame: pd.DataFrame) -> str:

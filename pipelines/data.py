@@ -130,8 +130,14 @@ def load_labelled(cfg: DataConfig, source: str, field: str) -> pd.DataFrame:
                 f"data.{key}: column '{column}' is not in '{source}' (columns: {columns}); "
                 f"set data.{key} to one of them."
             )
-    frame = pd.DataFrame({"text": raw[cfg.text_column], "label": raw[cfg.label_column]})
-    frame = frame.dropna()
+    return clean_labelled(pd.DataFrame({"text": raw[cfg.text_column], "label": raw[cfg.label_column]}),
+                          field, source)  # fmt: skip
+
+
+def clean_labelled(frame: pd.DataFrame, field: str, source: str) -> pd.DataFrame:
+    """`text` and `label` as stripped strings, rows missing either dropped; none left is an error naming
+    `field` and `source`."""
+    frame = frame[["text", "label"]].dropna()
     frame = frame.assign(
         text=frame["text"].astype(str).str.strip(), label=frame["label"].astype(str).str.strip()
     )
