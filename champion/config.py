@@ -102,8 +102,13 @@ def load_config(cls: type[T], path: str | os.PathLike[str], overrides: list[str]
         raise ChampionError(f"config file '{path}' does not exist; pass the path of a YAML config.")
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ChampionError(f"config file '{path}' is not valid YAML ({err}); fix its syntax.") from None
+    except yaml.YAMLError as err:  # PyYAML's own message spans several lines: keep the problem and where
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ChampionError(
+            f"config file '{path}' is not valid YAML ({problem}{where}); fix its syntax."
+        ) from None
     if not isinstance(data, dict):
         raise ChampionError(f"config file '{path}' must hold a mapping of sections; it holds a {type(data)}.")
     return parse_config(cls, apply_overrides(data, overrides or []), source=str(path))

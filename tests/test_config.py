@@ -117,8 +117,9 @@ def _write(tmp_path, text: str) -> Path:
     ],
 )
 def test_bad_config_is_one_clear_sentence(tmp_path, text, overrides, message):
-    with pytest.raises(ChampionError, match=message):
+    with pytest.raises(ChampionError, match=message) as err:
         load_config(FinetuneConfig, _write(tmp_path, text), overrides)
+    assert "\n" not in str(err.value)
 
 
 def test_overrides_apply_with_yaml_types(tmp_path):
