@@ -283,8 +283,10 @@ def _when(text: str | None, flag: str):
 def cmd_compare(args: argparse.Namespace) -> int:
     from champion.registry import connect
     from pipelines.compare import compare, format_comparison, read_labelled_file
+    from pipelines.retrain import load_retrain_config
 
-    cfg = gate_config(args.config, args.set)
+    # The gate section of a retrain config (configs/retrain.yaml), read and checked as `retrain` reads it.
+    cfg = load_retrain_config(args.config, [f"gate.{item}" for item in args.set or []]).gate
     holdout = read_labelled_file(args.data)
     reg = connect()
     comp = compare(
@@ -325,28 +327,6 @@ def cmd_retrain(args: argparse.Namespace) -> int:
               f"in the holdout ({dropped} dropped: seen in training)")  # fmt: skip
         print(f"  the story: champion history {args.name}")
     return RETRAIN_EXIT[result.outcome]
-
-
-def gate_config(path: str | None, overrides: list[str] | None):
-    """The `gate` section of a retrain config (or of any YAML holding one), with `key=value` overrides."""
-    import yaml
-
-    from champion.config import apply_overrides, parse_config
-    from champion.gate import GateConfig
-
-    data: dict = {}
-    source = "gate"
-    if path:
-        file = Path(path)
-        if not file.is_file():
-            raise ChampionError(f"--config: '{path}' does not exist; pass a YAML file with a 'gate' section.")
-        loaded = yaml.safe_load(file.read_text()) or {}
-        if not isinstance(loaded, dict) or not isinstance(loaded.get("gate", {}), dict):
-            raise ChampionError(
-                f"--config: '{path}' has no 'gate' mapping; add one (see configs/retrain.yaml)."
-            )
-        data, source = dict(loaded.get("gate") or {}), f"{path}: gate"
-    return parse_config(GateConfig, apply_overrides(data, overrides or []), source)
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:

@@ -85,6 +85,8 @@ def test_the_same_file_gives_the_same_holdout_hash_in_any_row_order(tmp_path, ho
 def test_bad_input_is_one_sentence(registry, versions, holdout_csv, tmp_path, capsys):
     no_label = tmp_path / "texts.csv"
     pd.DataFrame({"text": ["where is my order"]}).to_csv(no_label, index=False)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("gate: {margin: [0.1\n")
     cases = [
         (["compare", "tiny-intents", "1", "2", "--data", str(no_label)], "no 'label' column"),
         (["compare", "tiny-intents", "2", "2", "--data", str(holdout_csv)], "both sides are v2"),
@@ -92,9 +94,11 @@ def test_bad_input_is_one_sentence(registry, versions, holdout_csv, tmp_path, ca
         (["compare", "nope", "1", "2", "--data", str(holdout_csv)], "model 'nope' is not in the registry"),
         (["compare", "tiny-intents", "1", "2", "--data", str(tmp_path / "missing.csv")], "does not exist"),
         (["compare", "tiny-intents", "1", "2", "--data", str(holdout_csv), "--set", "margin=lots"],
-         "'margin'"),
+         "'gate.margin'"),
         (["compare", "tiny-intents", "1", "2", "--data", str(holdout_csv), "--set", "bogus=1"],
-         "unknown key 'bogus'"),
+         "unknown key 'gate.bogus'"),
+        (["compare", "tiny-intents", "1", "2", "--data", str(holdout_csv), "--config", str(broken)],
+         "is not valid YAML"),
     ]  # fmt: skip
     for argv, expected in cases:
         assert main(argv) == 2, argv
