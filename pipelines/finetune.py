@@ -25,7 +25,7 @@ from champion.errors import InterruptedRun
 from champion.registry import CHALLENGER, CHAMPION, METRIC_TAG, Registry, connect, register_version
 from champion.signals import StopRequest, graceful_stop
 from monitoring.reference import REFERENCE_TAG
-from pipelines.data import DataConfig, load_splits, with_extra_training_rows
+from pipelines.data import DataConfig, Splits, load_splits, with_extra_training_rows
 from pipelines.evaluate import Evaluation, evaluate, log_evaluation
 from pipelines.model import (
     LoraConfig,
@@ -97,6 +97,7 @@ def finetune(
     cfg: FinetuneConfig,
     registry: Registry | None = None,
     *,
+    splits: Splits | None = None,
     extra_train: pd.DataFrame | None = None,
     init_model: str | None = None,
     tags: dict[str, str] | None = None,
@@ -104,7 +105,8 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tune as `cfg` says and register the result under `cfg.registry.alias`.
 
-    The retraining loop also passes `extra_train` (fresh labelled rows added to the training split only;
+    The retraining loop also passes `splits` (what `cfg.data` splits into, already loaded and checked),
+    `extra_train` (fresh labelled rows added to the training split only;
     their labels may be new), `init_model` (a registered version's model folder to start from instead of
     `cfg.model.base`: its classifier rows are kept by label name) and extra version `tags` (lineage).
     """
@@ -114,7 +116,7 @@ def finetune(
     from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup, set_seed
 
     # Data and model are checked before anything is written to MLflow.
-    splits = load_splits(cfg.data)
+    splits = load_splits(cfg.data) if splits is None else splits
     source_sha256 = splits.sha256  # what cfg.data alone splits into: a retrain checks it again
     if extra_train is not None and len(extra_train):
         splits = with_extra_training_rows(splits, extra_train)

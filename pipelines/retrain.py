@@ -158,6 +158,7 @@ def _retrain(cfg: RetrainConfig, reg, trigger: str, trigger_key: str, about: dic
         trained = finetune(
             ft_cfg,
             registry=reg,
+            splits=original,  # the rows whose hash was just checked, not a second read of the file
             extra_train=pd.concat([fresh.train] * cfg.fresh.repeat, ignore_index=True),
             init_model=init_model,
             tags=lineage,
@@ -283,10 +284,11 @@ def champion_recipe(reg, name: str, version: str, cfg: RetrainConfig):
                 f"the champion v{version} was trained on '{source}', which is gone; put it back, or pass "
                 "--data FILE to retrain on another file."
             )
-        if recorded and file_sha256(source) != recorded:
+        now = file_sha256(source) if recorded else None
+        if recorded and now != recorded:
             raise ChampionError(
                 f"'{source}' changed since v{version} was trained on it (sha256 {recorded[:12]} recorded, "
-                f"{file_sha256(source)[:12]} now); restore it, or pass --data FILE to retrain on it as it is."
+                f"{now[:12]} now); restore it, or pass --data FILE to retrain on it as it is."
             )
     original = load_splits(ft_cfg.data)
     # Versions from before `source_data_sha256` existed were trained on their source alone.
