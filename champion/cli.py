@@ -31,6 +31,27 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distil(args: argparse.Namespace) -> int:
+    from champion.config import load_config
+    from pipelines.distil import DistilConfig, distil
+
+    cfg = load_config(DistilConfig, args.config, args.overrides)
+    result = distil(cfg)
+    m = result.metrics
+    verdict = "within budget" if result.decision.promote else "REFUSED"
+    print(f"registered {result.name} v{result.version} (student of v{result.teacher_version}) as "
+          f"'candidate' (run {result.run_id}): {verdict}")  # fmt: skip
+    print(f"  {result.decision.reason}")
+    print(f"  test: accuracy {m['test_accuracy']:.4f}, macro-F1 {m['test_macro_f1']:.4f} (teacher "
+          f"{m['teacher_test_accuracy']:.4f}, {m['teacher_test_macro_f1']:.4f}); x{m['speedup_batch']:.2f} "
+          f"throughput")  # fmt: skip
+    if result.promoted:
+        print(f"  promoted to champion (champion history {result.name})")
+    elif result.decision.promote:
+        print(f'  next: champion promote {result.name} {result.version} --reason "..."')
+    return 0 if result.decision.promote else 1
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from champion.registry import connect, list_models, show_model
 
@@ -300,6 +321,44 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0 if comp.decision.promote else 1
 
 
+def cmd_compress(args: argparse.Namespace) -> int:
+    from champion.config import apply_overrides, load_config, parse_config
+    from pipelines.compress import CompressConfig, compress
+
+    if args.config:
+        cfg = load_config(CompressConfig, args.config, args.set or [])
+    else:
+        cfg = parse_config(CompressConfig, apply_overrides({}, args.set or []), source="--set")
+    if args.to:
+        cfg.to = args.to
+    if args.data:
+        cfg.data = args.data
+    if args.promote:
+        cfg.promote = True
+    result = compress(args.name, args.version, cfg)
+    m = result.measured
+    if args.json:
+        out = {k: v for k, v in result.__dict__.items() if k != "decision"}
+        print(json.dumps({**out, "gate": result.decision.to_dict()}, indent=2, default=str))
+        return 0 if result.decision.promote else 1
+    verdict = "within budget" if result.decision.promote else "REFUSED"
+    print(f"registered {result.name} v{result.version} ({result.format} of v{result.source_version}) as "
+          f"'candidate': {verdict}")  # fmt: skip
+    print(f"  agreement {m['agreement']:.2%} on {m['rows']} held-out rows; macro-F1 "
+          f"{m['variant']['macro_f1']:.4f} (source {m['source']['macro_f1']:.4f})")  # fmt: skip
+    src, var = m["source_speed"], m["variant_speed"]
+    print(f"  single text p50 {var['single_ms_p50']:.1f} ms (source {src['single_ms_p50']:.1f}); "
+          f"{var['rows_per_s']:.0f} rows/s at batch {var['batch_size']} (source {src['rows_per_s']:.0f}), "
+          f"x{m['speedup_batch']:.2f}")  # fmt: skip
+    print(f"  CPU-seconds per 1,000 predictions {var['cpu_seconds_per_1k']:.2f} "
+          f"(source {src['cpu_seconds_per_1k']:.2f})")  # fmt: skip
+    if result.promoted:
+        print(f"  promoted to champion (champion history {result.name})")
+    elif result.decision.promote:
+        print(f'  next: champion promote {result.name} {result.version} --reason "..."')
+    return 0 if result.decision.promote else 1
+
+
 RETRAIN_EXIT = {"promoted": 0, "canary": 0, "refused": 1, "not_promoted": 1, "skipped": 1}
 
 
@@ -407,6 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", metavar="KEY=VALUE", help="override config values, e.g. train.epochs=1"
     )
 
+    p = verb("distil", cmd_distil, "Distil a registered teacher (default NAME@champion) into a smaller "
+             "student and register it. Exit 0 within budget, 1 refused, 2 bad input.")  # fmt: skip
+    p.add_argument("config", help="YAML config, e.g. configs/minilm_distil_l3_cpu.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config values, e.g. teacher=3")
+
     p = verb("models", cmd_models, "List registered models or show one model's versions.")
     sub = p.add_subparsers(dest="models_verb", required=True, metavar="list|show")
     sub.add_parser("list", help="all registered models with their aliases").add_argument(
@@ -508,6 +572,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-mlflow", action="store_true", help="do not log the evaluation run to MLflow")
     p.add_argument("--json", action="store_true", help="print the decision: promote, reason, evidence")
+
+    p = verb("compress", cmd_compress, "Build an int8, ONNX or ONNX-int8 copy of a version, measure it "
+             "against its source and register it. Exit 0 within budget, 1 refused, 2 bad input.")  # fmt: skip
+    p.add_argument("name", help="registered model name")
+    p.add_argument("version", help="the source version (an fp32 safetensors version)")
+    p.add_argument("--to", choices=["int8", "onnx", "onnx-int8"], help="the format (default onnx-int8)")
+    p.add_argument("--config", help="compress YAML, e.g. configs/minilm_int8.yaml (defaults otherwise)")
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override, e.g. budget.min_agreement=0.98"
+    )
+    p.add_argument("--data", help="labelled rows to judge on (default: the source's held-out test rows)")
+    p.add_argument("--promote", action="store_true", help="promote it at once if within budget")
+    p.add_argument("--json", action="store_true")
 
     p = verb("monitor", cmd_monitor, "Monitoring set-up: build a version's reference from held-out rows.")
     sub = p.add_subparsers(dest="monitor_verb", required=True, metavar="reference")

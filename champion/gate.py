@@ -211,3 +211,51 @@ def _mcnemar_exact(b: int, c: int) -> float:
     from scipy.stats import binomtest
 
     return float(binomtest(min(b, c), b + c, 0.5).pvalue)
+
+
+# --- variants of one model: a distilled student, an int8 or ONNX copy ------------------------------------
+
+
+class VariantBudget(StrictModel):
+    """How much quality a cheaper variant may give up against its source, on the same held-out rows."""
+
+    min_f1_ratio: float = Field(0.97, gt=0, le=1)  # a student: macro-F1 at least this share of the source's
+    min_agreement: float = Field(0.99, gt=0, le=1)  # int8 / ONNX: share of rows given the source's label
+    min_rows: int = Field(200, ge=1)  # held-out rows needed for any verdict
+
+
+def decide_variant(kind: str, measured: dict[str, Any], budget: VariantBudget | None = None) -> GateDecision:
+    """Is a variant (`kind`: student, int8, onnx, onnx-int8) within its quality budget of its source?
+
+    `measured` holds `rows`, `agreement` (share of identical labels) and `source`/`variant` dicts with
+    `macro_f1` and `accuracy`, all on the same held-out rows. A student is judged on its macro-F1 ratio
+    (it is trained to generalise, not to copy every label); a compressed copy on its label agreement.
+    """
+    budget = budget or VariantBudget()
+    n = int(measured["rows"])
+    source_f1, variant_f1 = measured["source"]["macro_f1"], measured["variant"]["macro_f1"]
+    ratio = variant_f1 / source_f1 if source_f1 > 0 else 0.0
+    evidence = {**measured, "kind": kind, "f1_ratio": ratio, "budget": budget.model_dump(mode="json")}
+    if n < budget.min_rows:
+        return GateDecision(
+            False,
+            f"only {n} held-out rows were scored, fewer than the {budget.min_rows} the variant gate needs; "
+            "pass --data with more labelled rows (or lower budget.min_rows).",
+            evidence,
+        )
+    if kind == "student":
+        ok = ratio >= budget.min_f1_ratio
+        verdict = (
+            f"the {kind} keeps {ratio:.1%} of its source's macro-F1 ({variant_f1:.4f} against "
+            f"{source_f1:.4f} on {n} held-out rows), {'within' if ok else 'outside'} the budget of "
+            f"{budget.min_f1_ratio:.0%}."
+        )
+    else:
+        agreement = float(measured["agreement"])
+        ok = agreement >= budget.min_agreement
+        verdict = (
+            f"the {kind} variant gives its source's label on {agreement:.2%} of {n} held-out rows, "
+            f"{'within' if ok else 'outside'} the budget of {budget.min_agreement:.0%} "
+            f"(macro-F1 {variant_f1:.4f} against {source_f1:.4f})."
+        )
+    return GateDecision(ok, verdict[0].upper() + verdict[1:], evidence)

@@ -16,6 +16,7 @@ from typing import Any
 from champion.audit import AliasEvent, AuditLog, current_actor
 from champion.config import artifact_root, audit_url, champion_home, prepare_environment, tracking_uri
 from champion.errors import ChampionError
+from champion.formats import SOURCE_TAG, VARIANT_TAG
 from champion.signals import signals_deferred
 
 _log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ def decide_promotion(
     force: bool = False,
 ) -> Decision:
     """Promote only a version at least as good as the champion on `metric`, unless forced."""
+    if candidate_tags.get(VARIANT_TAG):
+        return decide_variant_promotion(candidate, candidate_tags, champion, champion_tags, force)
     new, old = _metric(candidate_tags, metric), _metric(champion_tags, metric)
     evidence = {
         "metric": metric,
@@ -129,6 +132,56 @@ def decide_promotion(
         f"({'untagged' if old is None else f'{old:.4f}'}){note}."
     )
     return Decision(True, reason, candidate, evidence)
+
+
+def decide_variant_promotion(
+    candidate: str,
+    candidate_tags: dict[str, str],
+    champion: str | None,
+    champion_tags: dict[str, str],
+    force: bool = False,
+) -> Decision:
+    """A variant (student, int8, ONNX) replaces only its own source (or a sibling variant of it), and only
+    within the quality budget its gate measured; `force` overrides both, audited."""
+    kind, source = candidate_tags[VARIANT_TAG], candidate_tags.get(SOURCE_TAG)
+    within = candidate_tags.get("gate.within_budget") == "true"
+    family = champion_tags.get(SOURCE_TAG, champion) if champion else None
+    evidence = {
+        "candidate": candidate,
+        "variant": kind,
+        "source_version": source,
+        "champion": champion,
+        "champion_source": family,
+        "within_budget": within,
+        "gate_reason": candidate_tags.get("gate.reason"),
+        "forced": force,
+    }
+    if champion == candidate:
+        return Decision(False, f"version {candidate} is already the champion.", evidence=evidence)
+    if not within and not force:
+        why = candidate_tags.get("gate.reason", "it has no recorded variant gate verdict.")
+        return Decision(
+            False,
+            f"version {candidate} is a {kind} variant of v{source} outside its quality budget: {why} "
+            "Pass --force with a reason to promote it anyway.",
+            evidence=evidence,
+        )
+    if champion is not None and family != source and not force:
+        return Decision(
+            False,
+            f"version {candidate} is a {kind} variant of v{source}, but the champion is v{champion}"
+            f"{'' if family == champion else f' (a variant of v{family})'}; a variant may replace only "
+            f"its own source: build one from v{family}, or pass --force with a reason.",
+            evidence=evidence,
+        )
+    verdict = "forced" if force and not within else "within its quality budget"
+    detail = candidate_tags.get("gate.reason", "")
+    return Decision(
+        True,
+        f"version {candidate} ({kind} of v{source}) is {verdict}: {detail}".strip(" :"),
+        candidate,
+        evidence,
+    )
 
 
 def champion_lineage(events: list[AliasEvent]) -> list[str | None]:

@@ -324,18 +324,36 @@ def encode_rows(frame, tokenizer, label_ids: dict[str, int], max_length: int) ->
     ]
 
 
-def _loader(frame, tokenizer, label_ids: dict[str, int], cfg: FinetuneConfig, collate, shuffle: bool):
+def make_loader(
+    frame,
+    tokenizer,
+    label_ids: dict[str, int],
+    train: TrainConfig,
+    max_length: int,
+    collate,
+    shuffle: bool,
+    with_row: bool = False,
+):
+    """Batches of `frame`: shuffled training batches, or evaluation batches in row order. `with_row` adds
+    each row's index as `row` (distillation looks up its cached teacher outputs by it)."""
     import torch
     from torch.utils.data import DataLoader
 
-    generator = torch.Generator().manual_seed(cfg.train.seed)
+    rows = encode_rows(frame, tokenizer, label_ids, max_length)
+    if with_row:
+        for i, row in enumerate(rows):
+            row["row"] = i
     return DataLoader(
-        encode_rows(frame, tokenizer, label_ids, cfg.model.max_length),
-        batch_size=cfg.train.batch_size if shuffle else cfg.train.eval_batch_size,
+        rows,
+        batch_size=train.batch_size if shuffle else train.eval_batch_size,
         shuffle=shuffle,
-        generator=generator,
+        generator=torch.Generator().manual_seed(train.seed),
         collate_fn=collate,
     )
+
+
+def _loader(frame, tokenizer, label_ids: dict[str, int], cfg: FinetuneConfig, collate, shuffle: bool):
+    return make_loader(frame, tokenizer, label_ids, cfg.train, cfg.model.max_length, collate, shuffle)
 
 
 def _optimizer(model, train: TrainConfig):

@@ -248,7 +248,7 @@ def _retrain(cfg: RetrainConfig, reg, trigger: str, trigger_key: str, about: dic
     return RetrainResult(outcome, why, now_champion, version, decision, trained.run_id, counts)
 
 
-def champion_recipe(reg, name: str, version: str, cfg: RetrainConfig):
+def champion_recipe(reg, name: str, version: str, cfg: RetrainConfig, purpose: str = "retrain"):
     """The champion's fine-tuning config (from its MLflow run) with the retrain's changes, and its original
     splits, checked against the data hash recorded with the version."""
     import mlflow
@@ -263,7 +263,7 @@ def champion_recipe(reg, name: str, version: str, cfg: RetrainConfig):
     except Exception:
         raise ChampionError(
             f"v{version} of '{name}' has no recorded config.yaml in its run (registered outside Champion?); "
-            "retrain needs the champion's recipe, so fine-tune one with `champion finetune` instead."
+            f"{purpose} needs its recipe, so fine-tune one with `champion finetune` instead."
         ) from None
     data = yaml.safe_load(text) or {}
     if cfg.method is not None:

@@ -57,8 +57,8 @@ def metrics() -> Metrics:
         swaps=Counter("champion_swaps", "Times an alias moved to another loaded version", ["model", "alias"]),
         served=Gauge(
             "champion_served_version",
-            "1 for the version each alias is served by",
-            ["model", "alias", "version"],
+            "1 for the version each alias is served by, with its format (safetensors, int8, onnx, onnx-int8)",
+            ["model", "alias", "version", "format"],
             multiprocess_mode="livemax",
         ),
         log_pending=Gauge(

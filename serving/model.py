@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from champion.errors import ChampionError
@@ -20,12 +23,17 @@ class LoadedModel:
 
     name: str
     version: str
-    model: Any  # transformers PreTrainedModel, eval mode
+    model: Any  # a transformers model in eval mode (safetensors, int8) or an ONNX Runtime session (onnx*)
     tokenizer: Any
     labels: tuple[str, ...]
     max_tokens: int
     device: str
     load_seconds: float
+    format: str = "safetensors"  # champion.formats.FORMATS
+
+    @property
+    def onnx(self) -> bool:
+        return self.format.startswith("onnx")
 
     def predict_proba(self, texts: list[str], chunk: int = 0):
         """Class probabilities, one row per text (a float32 numpy array).
@@ -45,15 +53,42 @@ class LoadedModel:
         return out
 
     def _forward(self, texts: list[str]):
+        if self.onnx:
+            return _softmax(self.logits(texts))
         import torch
 
-        enc = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
-        )
-        enc = {k: v.to(self.device) for k, v in enc.items()}
+        enc = {k: v.to(self.device) for k, v in self._encode(texts, "pt").items()}
         with torch.inference_mode():
             logits = self.model(**enc).logits
         return torch.softmax(logits.float(), dim=-1).cpu().numpy()
+
+    def logits(self, texts: list[str]):
+        """The raw scores (float32 numpy, one row per text) before the softmax: what distillation needs."""
+        if self.onnx:
+            return self._run_onnx(self._encode(texts, "np"), ["logits"])[0].astype("float32")
+        import torch
+
+        enc = {k: v.to(self.device) for k, v in self._encode(texts, "pt").items()}
+        with torch.inference_mode():
+            return self.model(**enc).logits.float().cpu().numpy()
+
+    def _encode(self, texts: list[str], tensors: str):
+        return self.tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=self.max_tokens,
+            return_tensors=tensors,
+            return_token_type_ids=True,
+        )
+
+    def _run_onnx(self, enc, outputs: list[str]):
+        import numpy as np
+
+        from champion.formats import ONNX_INPUTS
+
+        feed = {k: np.asarray(enc[k], dtype=np.int64) for k in ONNX_INPUTS}
+        return self.model.run(outputs, feed)
 
     def describe(self, texts: list[str], batch_size: int = 32) -> dict[str, Any]:
         """What monitoring needs of `texts`, from the forward pass the server runs.
@@ -69,23 +104,22 @@ class LoadedModel:
         probs, embeddings, tokens, unk_share = [], [], [], []
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths pad less
         for start in range(0, len(texts), batch_size):
-            enc = self.tokenizer(
-                [texts[i] for i in order[start : start + batch_size]],
-                padding=True,
-                truncation=True,
-                max_length=self.max_tokens,
-                return_tensors="pt",
-            )
+            enc = self._encode([texts[i] for i in order[start : start + batch_size]], "pt")
             mask = enc["attention_mask"]
             lengths = mask.sum(dim=1)
             unks = ((enc["input_ids"] == unk) & mask.bool()).sum(dim=1) if unk is not None else 0 * lengths
-            enc = {k: v.to(self.device) for k, v in enc.items()}
-            with torch.inference_mode():
-                out = self.model(**enc, output_hidden_states=True)
-            weights = enc["attention_mask"].unsqueeze(-1).to(out.hidden_states[-1].dtype)
-            pooled = (out.hidden_states[-1] * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
-            probs.append(torch.softmax(out.logits.float(), dim=-1).cpu().numpy())
-            embeddings.append(pooled.float().cpu().numpy())
+            if self.onnx:  # the graph's second output is the same masked mean of the last hidden state
+                logits, pooled = self._run_onnx({k: v.numpy() for k, v in enc.items()}, ["logits", "pooled"])
+                probs.append(_softmax(logits))
+                embeddings.append(pooled.astype(np.float32))
+            else:
+                enc = {k: v.to(self.device) for k, v in enc.items()}
+                with torch.inference_mode():
+                    out = self.model(**enc, output_hidden_states=True)
+                weights = enc["attention_mask"].unsqueeze(-1).to(out.hidden_states[-1].dtype)
+                pooled = (out.hidden_states[-1] * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+                probs.append(torch.softmax(out.logits.float(), dim=-1).cpu().numpy())
+                embeddings.append(pooled.float().cpu().numpy())
             tokens.append(lengths.numpy())
             unk_share.append((unks / (lengths - 2).clamp(min=1)).float().numpy())  # [CLS] and [SEP] aside
         if not texts:
@@ -106,15 +140,36 @@ class LoadedModel:
             self.predict_proba((WARMUP_TEXTS * size)[:size])
 
 
+def _softmax(logits):
+    import numpy as np
+
+    z = logits.astype(np.float32) - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
 def load_version(client, name: str, version: str, device: str = "auto", max_tokens: int | None = None):
-    """Load `models:/name/version` with the transformers flavour (safetensors; no pickle) and warm it."""
-    import mlflow
+    """Load `models:/name/version` in the format its tags record (no pickle in any of them) and warm it."""
     import torch
+
+    from champion.formats import format_of
 
     started = time.perf_counter()
     mv = client.get_model_version(name, str(version))
     if max_tokens is None:
         max_tokens = _trained_max_length(client, mv.run_id)
+    try:
+        fmt = format_of(dict(mv.tags))
+    except ChampionError as err:
+        raise ChampionError(f"version {version} of '{name}' could not be loaded: {err}") from None
+    if fmt != "safetensors":
+        loaded = load_variant(name, str(version), fmt, _download(name, str(version)), max_tokens)
+        loaded.warm()
+        object.__setattr__(loaded, "load_seconds", time.perf_counter() - started)
+        log.info("loaded %s v%s (%s) in %.2f s", name, version, fmt, loaded.load_seconds)
+        return loaded
+    import mlflow
+
     kind = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
     flavor_log = logging.getLogger("mlflow.transformers")
     level = flavor_log.level
@@ -131,12 +186,70 @@ def load_version(client, name: str, version: str, device: str = "auto", max_toke
     id2label = model.config.id2label
     labels = tuple(str(id2label[i]) for i in range(len(id2label)))
     loaded = LoadedModel(
-        name, str(version), model, parts["tokenizer"], labels, max_tokens, kind, time.perf_counter() - started
+        name,
+        str(version),
+        model,
+        parts["tokenizer"],
+        labels,
+        max_tokens,
+        kind,
+        time.perf_counter() - started,
     )
     loaded.warm()
     object.__setattr__(loaded, "load_seconds", time.perf_counter() - started)
     log.info("loaded %s v%s on %s in %.2f s", name, version, kind, loaded.load_seconds)
     return loaded
+
+
+def _download(name: str, version: str):
+    import mlflow
+
+    from champion.config import champion_home
+
+    target = champion_home() / "cache" / "models" / name / version
+    if (target / ".complete").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=tmp))
+        except Exception as err:
+            raise ChampionError(f"version {version} of '{name}' could not be downloaded: {err}") from err
+        (local / ".complete").touch()
+        shutil.rmtree(target, ignore_errors=True)
+        local.rename(target)
+    return target
+
+
+def load_variant(name: str, version: str, fmt: str, folder, max_tokens: int) -> LoadedModel:
+    """A model stored as `int8` or `onnx`/`onnx-int8` (see champion/formats.py), read from `folder`."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from champion.formats import load_int8, onnx_session
+
+    folder = Path(folder)
+    try:
+        if fmt == "int8":
+            model = load_int8(folder)
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            id2label = model.config.id2label
+        else:
+            files = folder / "extra_files" if (folder / "extra_files").is_dir() else folder
+            graphs = sorted(folder.glob("*.onnx"))
+            if not graphs:
+                raise ChampionError(f"no .onnx file in {folder}")
+            model = onnx_session(graphs[0])
+            tokenizer = AutoTokenizer.from_pretrained(str(files))
+            config = json.loads((files / "config.json").read_text())
+            id2label = {int(k): v for k, v in config["id2label"].items()}
+    except ChampionError as err:
+        raise ChampionError(f"version {version} of '{name}' ({fmt}) could not be loaded: {err}") from None
+    except Exception as err:
+        raise ChampionError(f"version {version} of '{name}' ({fmt}) could not be loaded: {err}") from err
+    labels = tuple(str(id2label[i]) for i in range(len(id2label)))
+    return LoadedModel(name, version, model, tokenizer, labels, max_tokens, "cpu", 0.0, fmt)
 
 
 def _trained_max_length(client, run_id: str | None, default: int = 128) -> int:

@@ -71,6 +71,7 @@ class ModelServer:
         self._shadow: queue.Queue = queue.Queue(maxsize=cfg.traffic.shadow_queue)
         self._threads: list[threading.Thread] = []
         self._closed = threading.Event()
+        self._serving: dict[str, tuple[str, str]] = {}  # alias -> (version, format) now served
         self.follower = Follower(
             name=self.name,
             read_aliases=self._read_aliases,
@@ -274,9 +275,13 @@ class ModelServer:
     def _on_swap(self, swap: Swap, served: Served) -> None:
         m = self.metrics
         m.swaps.labels(self.name, swap.alias).inc()
-        if swap.from_version is not None:
-            m.served.labels(self.name, swap.alias, swap.from_version).set(0)
-        m.served.labels(self.name, swap.alias, swap.to_version).set(1)
+        model = served.champion if swap.alias == "champion" else served.challenger
+        serving = (swap.to_version, model.format if model is not None else "unknown")
+        before = self._serving.get(swap.alias)
+        if before is not None and before != serving:
+            m.served.labels(self.name, swap.alias, *before).set(0)
+        m.served.labels(self.name, swap.alias, *serving).set(1)
+        self._serving[swap.alias] = serving
 
     def not_ready_reason(self) -> str:
         error = self.follower.last_error

@@ -175,3 +175,15 @@ def pg_url(pg_server):
     with conn.cursor() as cur:
         cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     conn.close()
+
+
+@pytest.fixture
+def tiny_champion(registry, tiny_model_dir, tickets_csv) -> str:
+    """v1 of tiny-intents: the tiny model fully fine-tuned on the four tiny intents, promoted to champion."""
+    from champion.registry import promote
+    from pipelines.finetune import finetune
+
+    learn = {"method": "full", "train": {"epochs": 6, "learning_rate": 3e-3}}
+    version = finetune(tiny_finetune_config(tickets_csv, tiny_model_dir, **learn), registry=registry).version
+    promote(registry, "tiny-intents", version, reason="first champion")
+    return version

@@ -11,7 +11,8 @@ from champion.errors import ChampionError
 from pipelines.finetune import FinetuneConfig
 
 ALL_CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
-CONFIGS = [p for p in ALL_CONFIGS if not p.name.startswith(("serve_", "monitor", "schedule", "retrain"))]
+OTHER = ("serve_", "monitor", "schedule", "retrain", "minilm_distil", "minilm_int8")
+CONFIGS = [p for p in ALL_CONFIGS if not p.name.startswith(OTHER)]
 SERVE_CONFIGS = [p for p in ALL_CONFIGS if p.name.startswith("serve_")]
 
 
@@ -88,6 +89,23 @@ def test_shipped_config_validates_and_names_its_command(path):
     assert cfg.method in path.name
     first = path.read_text().splitlines()[0]
     assert first.startswith("# ") and f"champion finetune configs/{path.name}" in first
+
+
+def test_shipped_distil_and_compress_configs_validate_and_name_their_command(tmp_path):
+    from pipelines.compress import CompressConfig
+    from pipelines.distil import DistilConfig
+
+    configs = ALL_CONFIGS[0].parent
+    distil = load_config(DistilConfig, configs / "minilm_distil_l3_cpu.yaml")
+    assert distil.student.keep_layers == [0, 2, 4] and distil.budget.min_f1_ratio == 0.97
+    first = (configs / "minilm_distil_l3_cpu.yaml").read_text().splitlines()[0]
+    assert first == "# champion distil configs/minilm_distil_l3_cpu.yaml"
+    compress = load_config(CompressConfig, configs / "minilm_int8.yaml")
+    assert compress.budget.min_agreement == 0.99
+    first = (configs / "minilm_int8.yaml").read_text().splitlines()[0]
+    assert first.startswith("# champion compress ") and "--config configs/minilm_int8.yaml" in first
+    with pytest.raises(ChampionError, match="unknown key 'student.layers'"):
+        load_config(DistilConfig, _write(tmp_path, "student: {layers: 3}\n"))
 
 
 def _write(tmp_path, text: str) -> Path:

@@ -226,7 +226,7 @@ def test_exported_series_come_from_the_registered_metrics():
     assert series["champion_requests_total"] == {"model", "version", "arm"}
     assert series["champion_request_latency_seconds_bucket"] == {"model", "version", "arm", "le"}
     assert series["champion_errors_total"] == {"model", "version", "arm", "kind"}
-    assert series["champion_served_version"] == {"model", "alias", "version"}
+    assert series["champion_served_version"] == {"model", "alias", "version", "format"}
     assert "champion_requests" not in series and "champion_requests_created" not in series
 
 

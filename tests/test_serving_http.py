@@ -209,3 +209,68 @@ def test_each_worker_follows_the_registry_on_its_own(tmp_path, home, registry, s
         after = _answers_by_worker(url, 40)
     assert {version for _, version in after} == {"2"}, after
     assert {pid for pid, _ in after} <= set(workers), "an unknown worker answered"
+
+
+def test_alias_moves_between_formats_under_load_fail_nothing(
+    tmp_path, home, registry, served_versions, tickets_csv
+):
+    """The champion moves from safetensors to ONNX, int8 and back under 8 clients: no failed request, every
+    answer tagged with the version that made it, and /metrics names the format being served."""
+    from pipelines.compress import CompressConfig, compress
+
+    v1 = served_versions[0]
+    loose = {"budget": {"min_rows": 1, "min_agreement": 0.01}, "cost": {"rows": 32, "repeats": 1}}
+    onnx_v = compress(NAME, v1, CompressConfig(to="onnx", data=str(tickets_csv), **loose), registry).version
+    int8_v = compress(NAME, v1, CompressConfig(to="int8", data=str(tickets_csv), **loose), registry).version
+    config = write_yaml(tmp_path / "serve.yaml")
+    results: list[tuple[float, str]] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def load(url: str, worker: int) -> None:
+        client = Client(url)
+        while not stop.is_set():
+            try:
+                status, headers, body = client.predict(
+                    [f"refund my order {worker}", "my card was charged twice"]
+                )
+            except Exception as err:
+                failures.append(f"{type(err).__name__}: {err}")
+                client = Client(url)
+                continue
+            if status != 200 or {item["version"] for item in body} != {headers["x-model-version"]}:
+                failures.append(f"{status}: {body}")
+                continue
+            results.append((time.time(), headers["x-model-version"]))
+
+    def scrape(url: str) -> str:
+        parsed = urlparse(url)
+        conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=30)
+        conn.request("GET", "/metrics")
+        return conn.getresponse().read().decode()
+
+    with http_process(serve_command(config), tmp_path / "serve.log", ready="/readyz") as url:
+        threads = [threading.Thread(target=load, args=(url, i)) for i in range(8)]
+        for t in threads:
+            t.start()
+        moves, formats = [], {}
+        for version, fmt in ((onnx_v, "onnx"), (int8_v, "int8"), (v1, "safetensors"), (onnx_v, "onnx")):
+            time.sleep(3)
+            decision = promote(registry, NAME, version, reason=f"to {fmt} under load")
+            assert decision.allowed, decision.reason
+            moves.append((time.time(), version))
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not (results and results[-1][1] == version):
+                time.sleep(0.1)
+            formats[fmt] = scrape(url)
+        time.sleep(2)
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert not failures, failures[:5]
+    assert len(results) > 50, "the load generator hardly ran"
+    for (moved_at, version), (next_at, _) in zip(moves, [*moves[1:], (float("inf"), None)], strict=True):
+        assert any(v == version and moved_at <= t < next_at for t, v in results), f"v{version} never answered"
+    for fmt, text in formats.items():
+        line = f'alias="champion",format="{fmt}",model="{NAME}"'
+        assert any(line in row and row.endswith(" 1.0") for row in text.splitlines()), (fmt, text[-2000:])

@@ -1,0 +1,237 @@
+"""The formats a registered classifier can be stored and served in, and how each is written and read.
+
+- `safetensors`: the transformers flavour, fp32 weights (what fine-tuning and distillation register).
+- `int8`: dynamic int8 quantization in torch (int8 weights, per output channel scales; activations are
+  quantized per batch at run time). Stored as plain tensors in a safetensors file and rebuilt on load:
+  no pickle, and the quantized modules never go through `torch.save`.
+- `onnx` / `onnx-int8`: an ONNX graph (the MLflow onnx flavour) run by ONNX Runtime with its graph
+  optimisations on; `onnx-int8` is ONNX Runtime's own dynamic quantization (int8, per channel).
+
+Every format gives the same two outputs the service and the drift monitor need: the logits and the
+encoder's last hidden state mean-pooled over real tokens.
+
+Why torch.ao for `int8` and not torchao: on torch 2.13, torchao's `quantize_` is fast only under
+`torch.compile` (a 54 s compile per process and a recompile per new shape), and eager it is slower than
+fp32 (0.52x at batch 1, measured in ../shared/docs/COMPRESS.md §1b); `torch.ao.quantization.quantize_dynamic`
+is deprecated but ships in 2.13, runs eager at 1.7x and needs no compile. Its label agreement is lower, which
+is why every variant is gated on its measured agreement with its source before it can be promoted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+from champion.errors import ChampionError
+
+FORMAT_TAG = "format"
+VARIANT_TAG = "variant"  # student | int8 | onnx | onnx-int8
+SOURCE_TAG = "source_version"
+FORMATS = ("safetensors", "int8", "onnx", "onnx-int8")
+COMPRESSED = ("int8", "onnx", "onnx-int8")
+INT8_FILE = "model.int8.safetensors"
+FORMAT_FILE = "champion_format.json"
+ONNX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+ONNX_OUTPUTS = ("logits", "pooled")
+
+
+def format_of(tags: dict[str, str]) -> str:
+    """The storage format of a version from its tags; versions from before formats existed are safetensors."""
+    fmt = tags.get(FORMAT_TAG, "safetensors")
+    if fmt not in FORMATS:
+        raise ChampionError(
+            f"the version's '{FORMAT_TAG}' tag says '{fmt}', which is none of {', '.join(FORMATS)}."
+        )
+    return fmt
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.ao.quantization and the TorchScript ONNX exporter warn that they are deprecated, and the tracer
+    that shape checks become constants (true of the padded example it traces); we know."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+# --- int8 in torch ------------------------------------------------------------------------------------
+
+
+def _int8_targets(model, skip: tuple[str, ...]) -> dict[str, Any]:
+    import torch
+    from torch.ao.quantization import per_channel_dynamic_qconfig
+
+    return {
+        name: per_channel_dynamic_qconfig
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and not any(name == s or name.endswith("." + s) for s in skip)
+    }
+
+
+def quantize_int8(model, skip: tuple[str, ...] = ("classifier",)):
+    """A copy of `model` with every nn.Linear (but those named in `skip`) as a dynamic int8 Linear."""
+    import copy
+
+    import torch
+    from torch.ao.quantization import quantize_dynamic
+
+    with _quiet():
+        return quantize_dynamic(copy.deepcopy(model).eval(), _int8_targets(model, skip), dtype=torch.qint8)
+
+
+def save_int8(quantized, skip: tuple[str, ...], folder: Path) -> None:
+    """Write a `quantize_int8` model as plain tensors: int8 weights with their per-channel scales and zero
+    points, fp32 biases and every other weight as it was, plus the transformers config."""
+    import torch
+    from safetensors.torch import save_file
+    from torch.ao.nn.quantized.dynamic import Linear as QLinear
+
+    tensors: dict[str, torch.Tensor] = {}
+    quantized_names = []
+    for name, module in quantized.named_modules():
+        if isinstance(module, QLinear):
+            w = module.weight()
+            tensors[f"{name}.weight_int8"] = w.int_repr().contiguous()
+            tensors[f"{name}.weight_scale"] = w.q_per_channel_scales().to(torch.float32).contiguous()
+            tensors[f"{name}.weight_zero_point"] = w.q_per_channel_zero_points().to(torch.int64).contiguous()
+            if module.bias() is not None:
+                tensors[f"{name}.bias"] = module.bias().detach().contiguous()
+            quantized_names.append(name)
+    prefixes = tuple(n + "." for n in quantized_names)
+    for key, value in quantized.state_dict().items():
+        if isinstance(value, torch.Tensor) and not key.startswith(prefixes) and not value.is_quantized:
+            tensors[key] = value.detach().contiguous()
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / INT8_FILE), metadata={"format": "int8", "scheme": "per_channel_affine"})
+    quantized.config.save_pretrained(str(folder))
+    meta = {"format": "int8", "quantized_modules": quantized_names, "skip": list(skip)}
+    (folder / FORMAT_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def load_int8(folder: Path):
+    """Rebuild a `save_int8` model: the architecture from its config, the tensors from its safetensors."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    meta = json.loads((folder / FORMAT_FILE).read_text())
+    tensors = load_file(str(folder / INT8_FILE))
+    config = AutoConfig.from_pretrained(str(folder))
+    # Built on the CPU (not the meta device): the embeddings' non-persistent buffers are made here.
+    skeleton = AutoModelForSequenceClassification.from_config(config).eval()
+    modules = dict(skeleton.named_modules())
+    missing = [n for n in meta["quantized_modules"] if n not in modules]
+    if missing:
+        raise ChampionError(f"the int8 model names modules its config does not have: {missing[:3]}.")
+    plain = {
+        k: v
+        for k, v in tensors.items()
+        if not k.endswith(("weight_int8", "weight_scale", "weight_zero_point"))
+    }
+    for name in meta["quantized_modules"]:
+        plain.setdefault(f"{name}.weight", torch.zeros(modules[name].weight.shape))  # replaced below
+    result = skeleton.load_state_dict(plain, strict=False)
+    if result.unexpected_keys or [k for k in result.missing_keys if not k.endswith("position_ids")]:
+        raise ChampionError(
+            f"the int8 weights do not match the model's config (missing {result.missing_keys[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]})."
+        )
+    model = quantize_int8(skeleton, tuple(meta["skip"]))
+    qmodules = dict(model.named_modules())
+    for name in meta["quantized_modules"]:
+        weight = torch._make_per_channel_quantized_tensor(
+            tensors[f"{name}.weight_int8"],
+            tensors[f"{name}.weight_scale"].double(),
+            tensors[f"{name}.weight_zero_point"],
+            0,
+        )
+        qmodules[name].set_weight_bias(weight, tensors.get(f"{name}.bias"))
+    return model.eval()
+
+
+# --- ONNX ---------------------------------------------------------------------------------------------
+
+
+def export_onnx(model, tokenizer, path: Path, opset: int = 17) -> Path:
+    """Export `model` to ONNX with two outputs: `logits` and `pooled` (last hidden state, masked mean).
+
+    The TorchScript exporter (`dynamo=False`): 1 s, one file, and faster under ONNX Runtime than the
+    dynamo exporter's graph (x2.8 against x2.3 at batch 1, ../shared/docs/COMPRESS.md §2). The example
+    input is padded, so the attention mask stays in the traced graph.
+    """
+    import torch
+
+    class _Outputs(torch.nn.Module):
+        def __init__(self, inner) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            out = self.inner(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                token_type_ids=token_type_ids,
+                output_hidden_states=True,
+            )
+            hidden = out.hidden_states[-1]
+            weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            return out.logits, (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+    was_training = model.training
+    wrapper = _Outputs(model.float().cpu()).eval()
+    example = tokenizer(
+        ["a short one", "a slightly longer example sentence so that the first is padded"],
+        padding=True,
+        return_tensors="pt",
+        return_token_type_ids=True,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    axes = {n: {0: "batch", 1: "sequence"} for n in ONNX_INPUTS}
+    try:
+        with _quiet():
+            torch.onnx.export(
+                wrapper,
+                tuple(example[n] for n in ONNX_INPUTS),
+                str(path),
+                input_names=list(ONNX_INPUTS),
+                output_names=list(ONNX_OUTPUTS),
+                opset_version=opset,
+                dynamo=False,
+                dynamic_axes={**axes, "logits": {0: "batch"}, "pooled": {0: "batch"}},
+            )
+    finally:
+        model.train(was_training)  # the exporter leaves the module in the wrapper's mode
+    return path
+
+
+def quantize_onnx(source: Path, target: Path) -> Path:
+    """ONNX Runtime's dynamic int8 quantization, per output channel (92.6 % agreement on a random-ish
+    head against 83.2 % per tensor, ../shared/docs/COMPRESS.md §2c)."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # "Please consider to run pre-processing before quantization"
+    try:
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True)
+    finally:
+        root.setLevel(level)
+    return target
+
+
+def onnx_session(path: Path, threads: int | None = None):
+    """An ONNX Runtime session on the CPU with every graph optimisation on."""
+    import onnxruntime as ort
+    import torch
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
