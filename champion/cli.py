@@ -23,6 +23,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     cfg = load_config(FinetuneConfig, args.config, args.overrides)
     result = finetune(cfg)
+    if not result.version:  # another rank of a torchrun / accelerate launch: rank 0 registers and reports
+        return 0
     m = result.metrics
     print(f"registered {result.model_name} v{result.version} as '{cfg.registry.alias}' (run {result.run_id})")
     print(f"  validation: accuracy {m['val_accuracy']:.4f}, macro-F1 {m['val_macro_f1']:.4f}")
@@ -88,19 +90,35 @@ def cmd_models(args: argparse.Namespace) -> int:
     rows = []
     for v in info["versions"]:
         t = v["tags"]
+        kind = t.get("variant") or t.get("method", "-")
+        if t.get("source_version"):
+            kind += f" of v{t['source_version']}"
+        if t.get("gate.within_budget") == "false":
+            kind += " (outside budget)"
         rows.append(
             [
                 v["version"],
                 ",".join(v["aliases"]) or "-",
-                t.get("metric.val_macro_f1", "-")[:6],
-                t.get("metric.test_accuracy", "-")[:6],
-                t.get("method", "-"),
+                t.get("metric.val_macro_f1", t.get("metric.heldout_macro_f1", "-"))[:6],
+                t.get("metric.test_accuracy", t.get("metric.heldout_accuracy", "-"))[:6],
+                kind,
+                t.get("format", "safetensors"),
+                _cost(t),
                 t.get("data_sha256", "-")[:12],
                 v["created"],
             ]
         )
-    _table(rows, ["VERSION", "ALIASES", "VAL_F1", "TEST_ACC", "METHOD", "DATA", "CREATED"])
+    header = ["VERSION", "ALIASES", "VAL_F1", "TEST_ACC", "KIND", "FORMAT", "CPU-S/1K (COST/1M)", "DATA"]
+    _table(rows, [*header, "CREATED"])
     return 0
+
+
+def _cost(tags: dict[str, str]) -> str:
+    """CPU-seconds per 1,000 predictions and the cost per million, where a compress/distil run measured it."""
+    seconds = tags.get("cost.cpu_seconds_per_1k")
+    if seconds is None:
+        return "-"
+    return f"{float(seconds):.2f} ({float(tags.get('cost.per_million', 'nan')):.3f})"
 
 
 def _decision_exit(decision, verb: str) -> int:

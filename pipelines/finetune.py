@@ -25,6 +25,7 @@ from champion.errors import InterruptedRun
 from champion.registry import CHALLENGER, CHAMPION, METRIC_TAG, Registry, connect, register_version
 from champion.signals import StopRequest, graceful_stop
 from monitoring.reference import REFERENCE_TAG
+from pipelines import distributed
 from pipelines.data import DataConfig, Splits, load_splits, with_extra_training_rows
 from pipelines.evaluate import Evaluation, evaluate, log_evaluation
 from pipelines.model import (
@@ -121,8 +122,11 @@ def finetune(
     if extra_train is not None and len(extra_train):
         splits = with_extra_training_rows(splits, extra_train)
     device = resolve_device(cfg.train.device, cfg.train.precision)
-    if cfg.train.num_threads:
+    dist = distributed.setup(device.type, cfg.train.num_threads)  # under torchrun / accelerate launch
+    if cfg.train.num_threads and dist is None:
         torch.set_num_threads(cfg.train.num_threads)
+    if dist is not None and not dist.main:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"progress": False})})
     set_seed(cfg.train.seed)
     if init_model is None:
         tokenizer = load_tokenizer(cfg.model.base)
@@ -138,13 +142,32 @@ def finetune(
 
     collate = DataCollatorWithPadding(tokenizer)  # dynamic padding: each batch pads to its longest text
     label_ids = {label: i for i, label in enumerate(splits.labels)}
-    train_loader = _loader(splits.train, tokenizer, label_ids, cfg, collate, shuffle=True)
+    # Distributed, each rank takes batch_size / world rows per step: the optimiser sees the config's batch.
+    per_rank = (
+        cfg.train.model_copy(update={"batch_size": max(1, cfg.train.batch_size // dist.world)})
+        if dist
+        else cfg.train
+    )
+    train_loader = make_loader(
+        splits.train, tokenizer, label_ids, per_rank, cfg.model.max_length, collate, shuffle=True, dist=dist
+    )
     val_loader = _loader(splits.validation, tokenizer, label_ids, cfg, collate, shuffle=False)
     test_loader = _loader(splits.test, tokenizer, label_ids, cfg, collate, shuffle=False)
 
     optimizer = _optimizer(model, cfg.train)
     steps = len(train_loader) * cfg.train.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, int(steps * cfg.train.warmup_ratio), steps)
+    trained = distributed.wrap(model, dist, device.type)  # `model` itself when run as one process
+
+    if dist is not None and not dist.main:  # the other ranks train in step with rank 0, which records
+        try:
+            with graceful_stop() as stop:
+                _fit(
+                    trained, train_loader, val_loader, optimizer, scheduler, device, cfg, splits.labels, stop
+                )
+        finally:
+            distributed.teardown(dist)
+        return FinetuneResult("", cfg.registry.model_name, "", "", {})
 
     reg = registry or connect(cfg.registry.tracking_uri)
     experiment_id = tracking.ensure_experiment(cfg.registry.experiment)
@@ -164,6 +187,7 @@ def finetune(
                 "params.total": total,
                 "device": device.type,
                 "precision": device.precision,
+                "distributed.world_size": dist.world if dist else 1,
             }
         )
         lineage = {
@@ -184,7 +208,7 @@ def finetune(
         try:
             with graceful_stop() as stop:
                 fit = _fit(
-                    model, train_loader, val_loader, optimizer, scheduler, device, cfg, splits.labels, stop
+                    trained, train_loader, val_loader, optimizer, scheduler, device, cfg, splits.labels, stop
                 )
                 model.load_state_dict(fit.best_state, strict=False)
                 test = evaluate(model, test_loader, device, splits.labels)
@@ -192,7 +216,8 @@ def finetune(
                     **fit.best_val.scalars("val"),
                     **test.scalars("test"),
                     "best_epoch": fit.best_epoch,
-                    "train_samples_per_second": fit.samples / fit.seconds,
+                    "train_samples_per_second": fit.samples * (dist.world if dist else 1) / fit.seconds,
+                    "train_cpu_seconds": fit.cpu_seconds,  # every core of this process: core-seconds
                     "train_peak_memory_mb": fit.memory.peak_mb,
                     "train_memory_growth_mb": fit.memory.growth_mb,
                 }
@@ -214,6 +239,7 @@ def finetune(
                 stop.check()
         except KeyboardInterrupt:
             mlflow.end_run(status="KILLED")
+            distributed.teardown(dist)
             raise InterruptedRun(
                 f"the run was interrupted before registration; nothing was registered and the aliases are "
                 f"unchanged (MLflow run {run.info.run_id} is marked KILLED)."
@@ -237,6 +263,7 @@ def finetune(
             evidence={k: round(v, 6) for k, v in metrics.items()},
         )
         mlflow.set_tag("registered_version", f"{cfg.registry.model_name}/{version}")
+    distributed.teardown(dist)
     return FinetuneResult(
         run.info.run_id,
         cfg.registry.model_name,
@@ -254,31 +281,41 @@ class _Fit:
     samples: int
     seconds: float  # training steps only, without evaluation
     memory: MemoryTracker
+    cpu_seconds: float = 0.0  # CPU time of this process over the training steps (core-seconds)
 
 
 def _fit(
     model, train_loader, val_loader, optimizer, scheduler, device, cfg: FinetuneConfig, labels, stop
 ) -> _Fit:
-    """Train, evaluating after every epoch; keep the best epoch (and stop early if configured)."""
+    """Train, evaluating after every epoch; keep the best epoch (and stop early if configured).
+
+    `model` may be DDP-wrapped: it trains; its inner module is evaluated and copied. Only the process that
+    holds an MLflow run (rank 0) logs."""
     import mlflow
 
+    net = getattr(model, "module", model)
+    log = mlflow.active_run() is not None
     best_val, best_epoch, best_state = None, 0, None
-    samples, seconds = 0, 0.0
+    samples, seconds, cpu_seconds = 0, 0.0, 0.0
     # Memory is measured over the first epoch: it allocates the optimizer state and sees every step's
     # activations; later epochs add only the copy of the best weights.
     memory = MemoryTracker(device.type)
     for epoch in range(1, cfg.train.epochs + 1):
-        started = time.perf_counter()
+        if hasattr(train_loader.sampler, "set_epoch"):  # a DistributedSampler: a new shuffle each epoch
+            train_loader.sampler.set_epoch(epoch)
+        started, cpu_started = time.perf_counter(), time.process_time()
         with memory if epoch == 1 else contextlib.nullcontext():
             train_loss, n = _train_epoch(model, train_loader, optimizer, scheduler, device, cfg, epoch, stop)
         epoch_seconds = time.perf_counter() - started
+        cpu_seconds += time.process_time() - cpu_started
         seconds += epoch_seconds
         samples += n
-        val = evaluate(model, val_loader, device, labels)
+        val = evaluate(net, val_loader, device, labels)
         stop.check()
-        mlflow.log_metrics(
-            {"train_loss": train_loss, **val.scalars("val"), **val.per_class_f1("val_f1")}, step=epoch
-        )
+        if log:
+            mlflow.log_metrics(
+                {"train_loss": train_loss, **val.scalars("val"), **val.per_class_f1("val_f1")}, step=epoch
+            )
         if cfg.train.progress:
             print(
                 f"epoch {epoch}/{cfg.train.epochs}: train_loss {train_loss:.4f}, "
@@ -287,14 +324,15 @@ def _fit(
                 flush=True,
             )
         if best_val is None or getattr(val, cfg.train.metric) > getattr(best_val, cfg.train.metric):
-            best_val, best_epoch, best_state = val, epoch, _trainable_state(model)
+            best_val, best_epoch, best_state = val, epoch, _trainable_state(net)
         elif cfg.train.early_stopping_patience and epoch - best_epoch >= cfg.train.early_stopping_patience:
-            print(
-                f"early stopping after epoch {epoch}: no val_{cfg.train.metric} gain "
-                f"in {cfg.train.early_stopping_patience} epoch(s)"
-            )
+            if cfg.train.progress:
+                print(
+                    f"early stopping after epoch {epoch}: no val_{cfg.train.metric} gain "
+                    f"in {cfg.train.early_stopping_patience} epoch(s)"
+                )
             break
-    return _Fit(best_val, best_epoch, best_state, samples, seconds, memory)
+    return _Fit(best_val, best_epoch, best_state, samples, seconds, memory, cpu_seconds)
 
 
 def _log_reference(model, tokenizer, splits, cfg: FinetuneConfig) -> str:
@@ -333,9 +371,11 @@ def make_loader(
     collate,
     shuffle: bool,
     with_row: bool = False,
+    dist: distributed.Dist | None = None,
 ):
     """Batches of `frame`: shuffled training batches, or evaluation batches in row order. `with_row` adds
-    each row's index as `row` (distillation looks up its cached teacher outputs by it)."""
+    each row's index as `row` (distillation looks up its cached teacher outputs by it); with `dist`, the
+    shuffled batches are this rank's shard."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -343,10 +383,12 @@ def make_loader(
     if with_row:
         for i, row in enumerate(rows):
             row["row"] = i
+    shard = distributed.sampler(rows, dist, train.seed) if shuffle else None
     return DataLoader(
         rows,
         batch_size=train.batch_size if shuffle else train.eval_batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle and shard is None,
+        sampler=shard,
         generator=torch.Generator().manual_seed(train.seed),
         collate_fn=collate,
     )

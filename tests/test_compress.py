@@ -38,7 +38,7 @@ def _aliases(registry) -> dict[str, str]:
     return {k: str(v) for k, v in registry.client.get_registered_model(NAME).aliases.items()}
 
 
-def test_each_format_gives_its_sources_labels_and_is_registered_with_lineage(registry, source, home):
+def test_each_format_gives_its_sources_labels_and_is_registered_with_lineage(registry, source, home, capsys):
     from champion.formats import format_of
     from monitoring.reference import REFERENCE_TAG, load_reference
     from pipelines.compress import compress
@@ -78,6 +78,16 @@ def test_each_format_gives_its_sources_labels_and_is_registered_with_lineage(reg
 
     # The source got its own cost tags, measured in the same runs.
     assert "cost.cpu_seconds_per_1k" in registry.client.get_model_version(NAME, source).tags
+    # `champion models show` lists each version's kind, format and measured cost.
+    capsys.readouterr()
+    assert main(["models", "show", NAME]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "FORMAT" in lines[1] and "CPU-S/1K (COST/1M)" in lines[1]
+    row = next(line.split() for line in lines[2:] if line.split()[0] == result.version)
+    assert (
+        row[4:8] == ["int8", "of", f"v{source}", "int8"]
+        and row[8] == f"{float(tags['cost.cpu_seconds_per_1k']):.2f}"
+    )
     # Nothing pickled anywhere in the store.
     assert not [p for p in home.rglob("*") if p.suffix in {".pkl", ".pickle", ".pt", ".bin"}]
 

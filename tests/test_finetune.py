@@ -30,6 +30,7 @@ def test_full_finetune_learns_logs_and_registers(registry, tickets_csv, tiny_mod
     result = finetune(cfg, registry=registry)
 
     assert result.metrics["val_accuracy"] > 0.4  # four intents: chance is 0.25
+    assert result.metrics["train_cpu_seconds"] > 0  # core-seconds of the training steps
     run = mlflow.get_run(result.run_id)
     losses = [m.value for m in mlflow.MlflowClient().get_metric_history(result.run_id, "train_loss")]
     assert len(losses) == 6 and losses[-1] < losses[0]

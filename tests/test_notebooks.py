@@ -137,3 +137,29 @@ def test_retrain_and_gate_notebook(home, tiny_model_dir, tmp_path, monkeypatch):
     logged = log.read("tiny-intents")
     log.close()
     assert {"1", "2"} <= set(logged.model_version) and "canary" in set(logged.arm)
+
+
+def test_distil_and_compress_notebook(home, tiny_model_dir, tmp_path, monkeypatch):
+    from champion.registry import connect, show_model
+
+    cfg = tiny_finetune_config(Path("unused.csv"), tiny_model_dir, train={"epochs": 6, "learning_rate": 3e-3})
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    monkeypatch.setenv("CHAMPION_NOTEBOOK_CONFIG", str(config))
+    monkeypatch.setenv("CHAMPION_NOTEBOOK_ROWS", "320")
+    loose = "budget.min_rows=20;cost.rows=64;cost.repeats=1"
+    monkeypatch.setenv(
+        "CHAMPION_NOTEBOOK_DISTIL_SET",
+        f"{loose};budget.min_f1_ratio=0.5;train.epochs=3;train.learning_rate=0.003;train.progress=false",
+    )
+    monkeypatch.setenv("CHAMPION_NOTEBOOK_VARIANT_SET", f"{loose};budget.min_agreement=0.9")
+
+    _execute(NOTEBOOKS / "05-distil-and-compress.ipynb")
+
+    reg = connect()
+    info = show_model(reg, "notebook-compress")
+    kinds = {v["tags"].get("variant") for v in info["versions"]}
+    assert kinds >= {"student", "int8", "onnx", "onnx-int8"}
+    champion = next(v for v in info["versions"] if "champion" in v["aliases"])
+    assert champion["tags"].get("variant") in {"int8", "onnx", "onnx-int8"}  # the cheapest within budget
+    reg.close()
