@@ -69,8 +69,10 @@ def prepare(args, env: dict[str, str], log: Path) -> dict[str, object]:
     steps: dict[str, float] = {}
     versions = _versions(reg) if _has_model(reg) else []
     teacher = args.teacher_version
-    if teacher is None and versions:
-        teacher = str(reg.client.get_registered_model(NAME).aliases.get("champion") or "") or None
+    if teacher is None and versions:  # the champion if it is a full fine-tune, else the latest full fine-tune
+        champion = str(reg.client.get_registered_model(NAME).aliases.get("champion") or "")
+        full = [v["version"] for v in versions if v.get("method") == "full" and not v.get("variant")]
+        teacher = champion if champion in full else (full[-1] if full else None)
     if teacher is None:
         steps["finetune_teacher_s"] = _run(["finetune", "configs/minilm_full_banking77.yaml"], env, log)
         versions = _versions(reg)

@@ -96,6 +96,28 @@ def register_versions(count: int) -> list[str]:
     return versions
 
 
+IN_FLIGHT: dict[str, int | None] = {"value": None}  # --in-flight, for _ours_config
+
+
+def compress_v1(to: str) -> dict[str, Any]:
+    """`champion compress` of v1 (judged on generated tickets; the random head's agreement is reported, not
+    gated), promoted to champion with --force."""
+    from champion.registry import connect, promote
+    from pipelines.compress import CompressConfig, compress
+    from pipelines.ticketgen import write_tickets
+
+    reg = connect()
+    data = write_tickets(Path(os.environ["CHAMPION_HOME"]) / "tickets.csv", 600, seed=11)
+    cfg = CompressConfig(to=to, data=str(data), budget={"min_rows": 1, "min_agreement": 0.01})
+    result = compress(NAME, "1", cfg, reg)
+    promote(reg, NAME, result.version, reason=f"benchmark: serve the {to} copy", force=True)
+    reg.close()
+    m = result.measured
+    return {"version": result.version, "format": to, "agreement_with_v1": m["agreement"],
+            "in_process_speedup_batch": m["speedup_batch"],
+            "in_process_speedup_single": m["speedup_single"]}  # fmt: skip
+
+
 # --- the ceiling: the model forward alone, in one process ------------------------------------------------
 
 
@@ -304,6 +326,8 @@ def _ours_config(home: Path, port: int, max_batch_size: int | None) -> tuple[Pat
     data["port"] = port
     if max_batch_size is not None:
         data["batching"]["max_batch_size"] = max_batch_size
+    if IN_FLIGHT["value"] is not None:
+        data["batching"]["in_flight"] = IN_FLIGHT["value"]
     path = home / f"serve-{port}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path, data
@@ -666,6 +690,18 @@ def _targets(report: dict[str, Any]) -> dict[str, Any]:
             "ratio": best["req_per_s"] / ceiling,
             "met": best["req_per_s"] >= 0.75 * ceiling,
         }
+    variant = report.get("ours_variant", {}).get("levels", [])
+    if variant and base:
+        out["variant_vs_mlflow_fp32"] = [
+            {
+                "clients": r["clients"],
+                "throughput_ratio": r["req_per_s"] / b["req_per_s"] if b["req_per_s"] else None,
+                "met": bool(b["req_per_s"] and r["req_per_s"] >= 4 * b["req_per_s"]),
+            }
+            for r in variant
+            for b in base
+            if b["clients"] == r["clients"]
+        ]
     top = max(ours, key=lambda r: r["clients"], default=None)
     if top is not None:
         out["errors_at_top"] = {"clients": top["clients"], "errors": top["errors"], "met": top["errors"] == 0}
@@ -678,7 +714,7 @@ def _met(ok: bool) -> str:
 
 def _print_report(report: dict[str, Any]) -> None:
     print(f"\n{HEADER}")
-    for key in ("ours", "mlflow"):
+    for key in ("ours", "ours_variant", "mlflow"):
         for r in report.get(key, {}).get("levels", []):
             print(_row_text(key, r))
     for r in report.get("tuning", []):
@@ -696,6 +732,11 @@ def _print_report(report: dict[str, Any]) -> None:
         print(
             f"ours/mlflow at {v['clients']} clients: throughput x{v['throughput_ratio']:.2f}, p99 "
             f"x{v['p99_ratio']:.2f}; target >= 2x at equal or better p99: {_met(v['met'])}"
+        )
+    for v in t.get("variant_vs_mlflow_fp32", []):
+        print(
+            f"{report['ours_variant']['format']} variant / mlflow fp32 at {v['clients']} clients: throughput "
+            f"x{v['throughput_ratio']:.2f}; target >= 4x: {_met(v['met'])}"
         )
     if "vs_ceiling" in t:
         c = t["vs_ceiling"]
@@ -743,6 +784,14 @@ def main() -> None:
     parser.add_argument(
         "--quiet-wait", type=float, default=120, help="wait up to this long for other load to stop, per level"
     )
+    parser.add_argument(
+        "--variant",
+        choices=["int8", "onnx", "onnx-int8"],
+        help="also serve this compressed copy of v1 (champion compress) and compare it with mlflow's fp32",
+    )
+    parser.add_argument(
+        "--in-flight", type=int, help="batching.in_flight for our service (default: the config's)"
+    )
     parser.add_argument("--skip-mlflow", action="store_true")
     parser.add_argument("--skip-swap", action="store_true")
     parser.add_argument("--skip-ceiling", action="store_true")
@@ -759,6 +808,8 @@ def main() -> None:
         task, payload = args.child[0], json.loads(Path(args.child[1]).read_text())
         if task == "register":
             print(json.dumps(register_versions(payload["count"])))
+        elif task == "compress":
+            print(json.dumps(compress_v1(payload["to"])))
         else:
             print(json.dumps(measure_ceiling(**payload)))
         return
@@ -820,6 +871,8 @@ def main() -> None:
                 "levels": run_levels(target, levels, args.warmup, args.seconds, pid, "mlflow"),
             }
 
+    if args.in_flight:
+        IN_FLIGHT["value"] = args.in_flight
     port = _free_port()
     config, data = _ours_config(home, port, None)
     report["config"] = {"file": str(SERVE_CONFIG.relative_to(ROOT)), "changed": ["port"], "values": data}
@@ -836,6 +889,25 @@ def main() -> None:
             print(f"swaps under {SWAP_CLIENTS} clients (registry polled every {poll} s)", flush=True)
             report["swaps"] = run_swaps(ours, pid, args.warmup, max(3.0, args.seconds / 3), poll)
     if not args.skip_swap:  # serve v1 again for the rest of the run
+        from champion.registry import connect, promote
+
+        reg = connect()
+        promote(reg, NAME, "1", reason="benchmark: back to v1", force=True)
+        reg.close()
+
+    if args.variant:  # the same service and config, serving a compressed copy of v1
+        variant = _child("compress", home, threads, {"to": args.variant})
+        port = _free_port()
+        config, _ = _ours_config(home, port, None)
+        print(f"ours serving v{variant['version']} ({args.variant} of v1)", flush=True)
+        with server(_ours_command(config, port), env, "/readyz", port, home / "ours-variant.log") as pid:
+            report["ours_variant"] = {
+                **variant,
+                "code": _code_state(),
+                "levels": run_levels(
+                    _ours_target(port, bodies), levels, args.warmup, args.seconds, pid, "variant"
+                ),
+            }
         from champion.registry import connect, promote
 
         reg = connect()

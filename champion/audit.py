@@ -150,6 +150,12 @@ class AuditLog:
         with self.engine.connect() as conn:
             return _select_events(conn, model_name, alias)
 
+    def latest_event_id(self, model_name: str) -> int | None:
+        """The id of the model's newest alias event: a cheap token that changes with every audited move."""
+        query = sa.select(sa.func.max(alias_events.c.id)).where(alias_events.c.model_name == model_name)
+        with self.engine.connect() as conn:
+            return conn.execute(query).scalar()
+
     def record(self, event: LoopEvent) -> LoopEvent:
         """Append one step of the loop (drift, retrain, gate) to the history."""
         values = {

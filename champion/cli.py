@@ -39,6 +39,8 @@ def cmd_distil(args: argparse.Namespace) -> int:
 
     cfg = load_config(DistilConfig, args.config, args.overrides)
     result = distil(cfg)
+    if not result.version:  # another rank of a torchrun / accelerate launch: rank 0 registers and reports
+        return 0
     m = result.metrics
     verdict = "within budget" if result.decision.promote else "REFUSED"
     print(f"registered {result.name} v{result.version} (student of v{result.teacher_version}) as "

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import yaml
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from champion import tracking
 from champion.config import StrictModel, prepare_environment
@@ -34,6 +34,7 @@ from champion.errors import ChampionError, InterruptedRun
 from champion.formats import FORMAT_TAG, SOURCE_TAG, VARIANT_TAG, format_of
 from champion.gate import GateDecision, VariantBudget, decide_variant
 from champion.signals import graceful_stop
+from pipelines import distributed
 from pipelines.compress import CANDIDATE, CostConfig, cost_tags, gate_tags, measure_speeds, quality
 from pipelines.evaluate import evaluate, log_evaluation
 from pipelines.finetune import TrainConfig, _optimizer, _trainable_state, make_loader
@@ -61,6 +62,12 @@ class LossConfig(StrictModel):
 class DistilConfig(StrictModel):
     model_name: str = Field("support-intents", min_length=1)
     teacher: str = "champion"  # an alias or a version number of `model_name`
+
+    @field_validator("teacher", mode="before")
+    @classmethod
+    def _version_number(cls, value):
+        return str(value) if isinstance(value, int) else value  # `teacher=3` on the command line
+
     data: str | None = None  # train on this file instead of the teacher's recorded one (same columns)
     student: StudentConfig = StudentConfig()
     loss: LossConfig = LossConfig()
@@ -110,8 +117,11 @@ def distil(cfg: DistilConfig, registry=None) -> DistilResult:
     )
     max_length = recipe.model.max_length
     device = resolve_device(cfg.train.device, cfg.train.precision)
-    if cfg.train.num_threads:
+    dist = distributed.setup(device.type, cfg.train.num_threads)  # under torchrun / accelerate launch
+    if cfg.train.num_threads and dist is None:
         torch.set_num_threads(cfg.train.num_threads)
+    if dist is not None and not dist.main:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"progress": False})})
     set_seed(cfg.train.seed)
     teacher = load_version(reg.client, name, teacher_version, device="cpu", max_tokens=max_length)
     if list(teacher.labels) != splits.labels:
@@ -123,7 +133,11 @@ def distil(cfg: DistilConfig, registry=None) -> DistilResult:
     # The student, and the teacher's logits and pooled embeddings of every training row (computed once,
     # cached on disk).
     student = build_student(teacher, cfg.student, splits.labels).to(device.type)
+    if dist is not None and not dist.main:
+        distributed.barrier(dist)  # rank 0 computes the teacher's outputs once; the others read its cache
     soft = teacher_outputs(teacher, splits, progress=cfg.train.progress)
+    if dist is not None and dist.main:
+        distributed.barrier(dist)
     if cfg.loss.hidden_weight > 0 and student.config.hidden_size != soft["pooled"].shape[1]:
         raise ChampionError(
             f"loss.hidden_weight: the student's hidden size {student.config.hidden_size} is not the "
@@ -135,12 +149,25 @@ def distil(cfg: DistilConfig, registry=None) -> DistilResult:
     label_ids = {label: i for i, label in enumerate(splits.labels)}
     loader = partial(make_loader, tokenizer=tokenizer, label_ids=label_ids, train=cfg.train,
                      max_length=max_length, collate=collate)  # fmt: skip
-    train_loader = loader(splits.train, shuffle=True, with_row=True)
+    per_rank = (
+        cfg.train.model_copy(update={"batch_size": max(1, cfg.train.batch_size // dist.world)})
+        if dist
+        else cfg.train
+    )
+    train_loader = loader(splits.train, shuffle=True, with_row=True, train=per_rank, dist=dist)
     val_loader = loader(splits.validation, shuffle=False)
     test_loader = loader(splits.test, shuffle=False)
     optimizer = _optimizer(student, cfg.train)
     steps = len(train_loader) * cfg.train.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, int(steps * cfg.train.warmup_ratio), steps)
+    trained = distributed.wrap(student, dist, device.type)  # `student` itself when run as one process
+    if dist is not None and not dist.main:  # the other ranks train in step with rank 0, which records
+        try:
+            with graceful_stop() as stop:
+                _fit(trained, train_loader, val_loader, optimizer, scheduler, device, cfg, soft, splits, stop)
+        finally:
+            distributed.teardown(dist)
+        return DistilResult(name, teacher_version, "", "", GateDecision(False, "not rank 0"), {})
 
     experiment_id = tracking.ensure_experiment(cfg.experiment)
     config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
@@ -155,6 +182,7 @@ def distil(cfg: DistilConfig, registry=None) -> DistilResult:
                 "params.total": total,
                 "data.rows_train": len(splits.train),
                 "device": device.type,
+                "distributed.world_size": dist.world if dist else 1,
             }
         )
         lineage = {
@@ -180,7 +208,7 @@ def distil(cfg: DistilConfig, registry=None) -> DistilResult:
         try:
             with graceful_stop() as stop:
                 fit = _fit(
-                    student, train_loader, val_loader, optimizer, scheduler, device, cfg, soft, splits, stop
+                    trained, train_loader, val_loader, optimizer, scheduler, device, cfg, soft, splits, stop
                 )
                 student.load_state_dict(fit["best_state"], strict=False)
                 test = evaluate(student, test_loader, device, splits.labels)
@@ -211,7 +239,7 @@ def distil(cfg: DistilConfig, registry=None) -> DistilResult:
                     **fit["best_val"].scalars("val"),
                     **test.scalars("test"),
                     "best_epoch": fit["best_epoch"],
-                    "train_samples_per_second": fit["samples"] / fit["seconds"],
+                    "train_samples_per_second": fit["samples"] * (dist.world if dist else 1) / fit["seconds"],
                     "train_cpu_seconds": fit["cpu_seconds"],
                     "train_peak_memory_mb": fit["memory"].peak_mb,
                     "teacher_logits_seconds": soft["seconds"],
@@ -230,6 +258,7 @@ def distil(cfg: DistilConfig, registry=None) -> DistilResult:
                 stop.check()
         except KeyboardInterrupt:
             mlflow.end_run(status="KILLED")
+            distributed.teardown(dist)
             raise InterruptedRun(
                 f"the distillation was interrupted before registration; nothing was registered (MLflow run "
                 f"{run.info.run_id} is marked KILLED)."
@@ -255,6 +284,7 @@ def distil(cfg: DistilConfig, registry=None) -> DistilResult:
             evidence={"gate": decision.evidence},
         )
         mlflow.set_tag("registered_version", f"{name}/{version}")
+    distributed.teardown(dist)
     for key, value in cost_tags(measured["source_speed"], cfg.cost).items():
         reg.client.set_model_version_tag(name, teacher_version, key, value)
     promoted = False
@@ -304,9 +334,9 @@ def teacher_outputs(teacher: LoadedModel, splits: Splits, progress: bool = False
     logits, pooled = [], []
     step = 128
     for start in tqdm(range(0, len(texts), step), desc="teacher logits", disable=not progress, leave=False):
-        chunk = texts[start : start + step]
-        logits.append(teacher.logits(chunk))
-        pooled.append(teacher.describe(chunk, batch_size=step)["embeddings"])
+        seen = teacher.describe(texts[start : start + step], batch_size=32)  # one forward pass for both
+        logits.append(seen["logits"])
+        pooled.append(seen["embeddings"])
     out = {"logits": np.concatenate(logits), "pooled": np.concatenate(pooled)}
     folder.mkdir(parents=True, exist_ok=True)
     for key_, value in out.items():
@@ -376,6 +406,8 @@ def _fit(
     import torch
     from tqdm.auto import tqdm
 
+    net = getattr(student, "module", student)  # `student` may be DDP-wrapped: it trains, `net` is evaluated
+    log = mlflow.active_run() is not None  # only rank 0 holds a run
     teacher_logits = torch.from_numpy(soft["logits"])
     teacher_pooled = torch.from_numpy(soft["pooled"])
     best_val, best_epoch, best_state = None, 0, None
@@ -383,6 +415,8 @@ def _fit(
     memory = MemoryTracker(device.type)
     for epoch in range(1, cfg.train.epochs + 1):
         student.train()
+        if hasattr(train_loader.sampler, "set_epoch"):  # a DistributedSampler: a new shuffle each epoch
+            train_loader.sampler.set_epoch(epoch)
         started, cpu_started = time.perf_counter(), time.process_time()
         totals = torch.zeros(3)
         bar = tqdm(
@@ -418,12 +452,15 @@ def _fit(
                 stop.check()
         seconds += time.perf_counter() - started
         cpu_seconds += time.process_time() - cpu_started
-        val = evaluate(student, val_loader, device, splits.labels)
-        n = len(train_loader.dataset)
-        loss_, kl_, ce_ = (totals / n).tolist()
-        mlflow.log_metrics(
-            {"train_loss": loss_, "train_kl": kl_, "train_ce": ce_, **val.scalars("val")}, step=epoch
+        val = evaluate(net, val_loader, device, splits.labels)
+        n = max(
+            1, len(train_loader.sampler) if train_loader.sampler is not None else len(train_loader.dataset)
         )
+        loss_, kl_, ce_ = (totals / n).tolist()
+        if log:
+            mlflow.log_metrics(
+                {"train_loss": loss_, "train_kl": kl_, "train_ce": ce_, **val.scalars("val")}, step=epoch
+            )
         if cfg.train.progress:
             print(
                 f"epoch {epoch}/{cfg.train.epochs}: loss {loss_:.4f} (kl {kl_:.4f}, ce {ce_:.4f}), "
@@ -431,7 +468,7 @@ def _fit(
                 flush=True,
             )
         if best_val is None or getattr(val, cfg.train.metric) > getattr(best_val, cfg.train.metric):
-            best_val, best_epoch, best_state = val, epoch, _trainable_state(student)
+            best_val, best_epoch, best_state = val, epoch, _trainable_state(net)
         elif cfg.train.early_stopping_patience and epoch - best_epoch >= cfg.train.early_stopping_patience:
             break
         stop.check()

@@ -21,6 +21,9 @@ class BatchingConfig(StrictModel):
     max_batch_size: int = Field(32, ge=1, le=1024)  # MiniLM on 2 CPU cores: 32 short texts take ~60 ms
     max_latency_ms: int = Field(10_000, ge=10)  # a hard budget in BentoML: past it requests get 503 (B1)
     forward_chunk: int = Field(8, ge=0)  # a batch runs as length-sorted groups this big (0: one group)
+    # Batches in flight per worker. With 2, one batch is tokenised and another answered while a third is in
+    # the forward pass (one forward at a time: serving/model.py FORWARD_LOCK).
+    in_flight: int = Field(1, ge=1, le=8)
 
 
 class LimitsConfig(StrictModel):
@@ -29,7 +32,10 @@ class LimitsConfig(StrictModel):
 
 
 class FollowConfig(StrictModel):
-    poll_seconds: float = Field(1.0, gt=0, le=3600)  # how often each worker asks the registry for aliases
+    # Each poll reads the audit history's newest event id (one indexed query); the aliases themselves are
+    # read from MLflow only when it changed, or every `full_check_seconds` for moves made outside Champion.
+    poll_seconds: float = Field(1.0, gt=0, le=3600)  # how often each worker checks for alias moves
+    full_check_seconds: float = Field(15.0, gt=0, le=86400)  # MLflow UI / API moves are seen this late
     keep_previous: bool = True  # the replaced champion stays loaded, so a rollback swaps instantly
     retry_failed_seconds: float = Field(60.0, ge=0)  # a version that failed to load is retried this late
 

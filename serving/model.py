@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ from champion.errors import ChampionError
 
 log = logging.getLogger(__name__)
 
+# One forward pass at a time per process (see LoadedModel.predict_proba); re-entrant for nested calls.
+FORWARD_LOCK = threading.RLock()
 WARMUP_TEXTS = ["warm up", "a slightly longer sentence to warm up the model before it takes traffic"]
 
 
@@ -39,25 +42,33 @@ class LoadedModel:
         """Class probabilities, one row per text (a float32 numpy array).
 
         With `chunk`, texts run in length-sorted groups of that size: on a CPU, small batches of similar
-        length beat one large padded batch (measured in benchmarks/serving.py).
+        length beat one large padded batch (measured in benchmarks/serving.py). Every group is tokenised
+        first; then the forward passes run under the process's forward lock, so batches running in other
+        threads overlap their tokenisation and answers with this one's matrix products, never their matrix
+        products with each other (each already uses every core it is given).
         """
         import numpy as np
 
         if not chunk or len(texts) <= chunk:
-            return self._forward(texts)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        rows = np.concatenate([self._forward([texts[i] for i in order[s : s + chunk]])
-                               for s in range(0, len(order), chunk)])  # fmt: skip
-        out = np.empty_like(rows)
-        out[order] = rows
+            groups = [list(range(len(texts)))]
+        else:
+            order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+            groups = [order[s : s + chunk] for s in range(0, len(order), chunk)]
+        encoded = [self._encode([texts[i] for i in group], "np" if self.onnx else "pt") for group in groups]
+        with FORWARD_LOCK:
+            rows = [self._probs(enc) for enc in encoded]
+        if len(groups) == 1:
+            return rows[0]
+        out = np.empty((len(texts), rows[0].shape[1]), dtype=rows[0].dtype)
+        out[np.concatenate(groups)] = np.concatenate(rows)
         return out
 
-    def _forward(self, texts: list[str]):
+    def _probs(self, enc):
         if self.onnx:
-            return _softmax(self.logits(texts))
+            return _softmax(self._run_onnx(enc, ["logits"])[0])
         import torch
 
-        enc = {k: v.to(self.device) for k, v in self._encode(texts, "pt").items()}
+        enc = {k: v.to(self.device) for k, v in enc.items()}
         with torch.inference_mode():
             logits = self.model(**enc).logits
         return torch.softmax(logits.float(), dim=-1).cpu().numpy()
@@ -93,15 +104,15 @@ class LoadedModel:
     def describe(self, texts: list[str], batch_size: int = 32) -> dict[str, Any]:
         """What monitoring needs of `texts`, from the forward pass the server runs.
 
-        Returns float32 arrays: `probs` (one row per text), `embeddings` (the encoder's last hidden state,
-        mean-pooled over real tokens), and per text `tokens` (count, special tokens included, after
-        truncation) and `unk_share` (the share of its word-piece tokens that are the unknown token).
+        Returns float32 arrays: `probs` and `logits` (one row per text), `embeddings` (the encoder's last
+        hidden state, mean-pooled over real tokens), and per text `tokens` (count, special tokens included,
+        after truncation) and `unk_share` (the share of its word-piece tokens that are the unknown token).
         """
         import numpy as np
         import torch
 
         unk = self.tokenizer.unk_token_id
-        probs, embeddings, tokens, unk_share = [], [], [], []
+        probs, embeddings, tokens, unk_share, all_logits = [], [], [], [], []
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths pad less
         for start in range(0, len(texts), batch_size):
             enc = self._encode([texts[i] for i in order[start : start + batch_size]], "pt")
@@ -110,28 +121,31 @@ class LoadedModel:
             unks = ((enc["input_ids"] == unk) & mask.bool()).sum(dim=1) if unk is not None else 0 * lengths
             if self.onnx:  # the graph's second output is the same masked mean of the last hidden state
                 logits, pooled = self._run_onnx({k: v.numpy() for k, v in enc.items()}, ["logits", "pooled"])
-                probs.append(_softmax(logits))
-                embeddings.append(pooled.astype(np.float32))
+                logits, pooled = logits.astype(np.float32), pooled.astype(np.float32)
             else:
                 enc = {k: v.to(self.device) for k, v in enc.items()}
                 with torch.inference_mode():
                     out = self.model(**enc, output_hidden_states=True)
                 weights = enc["attention_mask"].unsqueeze(-1).to(out.hidden_states[-1].dtype)
                 pooled = (out.hidden_states[-1] * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
-                probs.append(torch.softmax(out.logits.float(), dim=-1).cpu().numpy())
-                embeddings.append(pooled.float().cpu().numpy())
+                logits, pooled = out.logits.float().cpu().numpy(), pooled.float().cpu().numpy()
+            all_logits.append(logits)
+            probs.append(_softmax(logits))
+            embeddings.append(pooled)
             tokens.append(lengths.numpy())
             unk_share.append((unks / (lengths - 2).clamp(min=1)).float().numpy())  # [CLS] and [SEP] aside
         if not texts:
             width = len(self.labels)
             return {"probs": np.zeros((0, width), np.float32), "embeddings": np.zeros((0, 0), np.float32),
-                    "tokens": np.zeros(0, np.int64), "unk_share": np.zeros(0, np.float32)}  # fmt: skip
+                    "tokens": np.zeros(0, np.int64), "unk_share": np.zeros(0, np.float32),
+                    "logits": np.zeros((0, width), np.float32)}  # fmt: skip
         back = np.argsort(order)  # rows in the order of `texts` again
         return {
             "probs": np.concatenate(probs)[back],
             "embeddings": np.concatenate(embeddings)[back],
             "tokens": np.concatenate(tokens)[back],
             "unk_share": np.concatenate(unk_share)[back],
+            "logits": np.concatenate(all_logits)[back],
         }
 
     def warm(self) -> None:
@@ -163,7 +177,7 @@ def load_version(client, name: str, version: str, device: str = "auto", max_toke
     except ChampionError as err:
         raise ChampionError(f"version {version} of '{name}' could not be loaded: {err}") from None
     if fmt != "safetensors":
-        loaded = load_variant(name, str(version), fmt, _download(name, str(version)), max_tokens)
+        loaded = load_variant(name, str(version), fmt, _download(name, str(version), mv.source), max_tokens)
         loaded.warm()
         object.__setattr__(loaded, "load_seconds", time.perf_counter() - started)
         log.info("loaded %s v%s (%s) in %.2f s", name, version, fmt, loaded.load_seconds)
@@ -201,12 +215,17 @@ def load_version(client, name: str, version: str, device: str = "auto", max_toke
     return loaded
 
 
-def _download(name: str, version: str):
+def _download(name: str, version: str, source: str):
+    """The version's files in a local cache, keyed by its source too: a version number freed by a deleted
+    version and used again never finds the old files."""
+    import hashlib
+
     import mlflow
 
     from champion.config import champion_home
 
-    target = champion_home() / "cache" / "models" / name / version
+    key = hashlib.sha256(source.encode()).hexdigest()[:12]
+    target = champion_home() / "cache" / "models" / name / f"{version}-{key}"
     if (target / ".complete").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

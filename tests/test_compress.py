@@ -110,6 +110,20 @@ def test_a_variant_outside_its_budget_is_registered_but_promotion_refuses_it(reg
     event = registry.audit.events(NAME, "champion")[-1]
     assert event.evidence["forced"] is True and event.evidence["variant"] == "onnx"
 
+    # Bad input is one sentence (exit 2), before anything is built.
+    capsys.readouterr()
+    assert main(["compress", NAME, result.version, "--to", "int8"]) == 2  # an ONNX copy is no source
+    err = capsys.readouterr().err.strip()
+    assert (
+        err.startswith("error: ") and f"compress its source v{source}" in err and len(err.splitlines()) == 1
+    )
+    assert main(["compress", NAME, "99", "--to", "int8"]) == 2
+    assert "99" in capsys.readouterr().err
+    assert main(["compress", NAME, source, "--set", "budget.min_agreement=2"]) == 2
+    assert "budget.min_agreement" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["compress", NAME, source, "--to", "fp16"])
+
 
 def test_compress_promote_moves_the_champion_and_a_variant_of_another_version_is_refused(
     registry, source, tiny_model_dir, tickets_csv, capsys
@@ -142,19 +156,3 @@ def test_compress_promote_moves_the_champion_and_a_variant_of_another_version_is
     stranger = json.loads(capsys.readouterr().out)["version"]
     assert main(["promote", NAME, stranger, "--reason", "cheaper"]) == 1
     assert f"a variant may replace only its own source: build one from v{source}" in capsys.readouterr().err
-
-
-def test_compress_bad_input_is_one_sentence(registry, source, capsys):
-    from pipelines.compress import compress
-
-    onnx_version = compress(NAME, source, _cfg("onnx"), registry=registry).version
-    capsys.readouterr()
-    assert main(["compress", NAME, onnx_version, "--to", "int8"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "compress its source v" in err and len(err.splitlines()) == 1
-    assert main(["compress", NAME, "99", "--to", "int8"]) == 2
-    assert "99" in capsys.readouterr().err
-    assert main(["compress", NAME, source, "--set", "budget.min_agreement=2"]) == 2
-    assert "budget.min_agreement" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["compress", NAME, source, "--to", "fp16"])

@@ -98,6 +98,7 @@ def test_shipped_distil_and_compress_configs_validate_and_name_their_command(tmp
     configs = ALL_CONFIGS[0].parent
     distil = load_config(DistilConfig, configs / "minilm_distil_l3_cpu.yaml")
     assert distil.student.keep_layers == [0, 2, 4] and distil.budget.min_f1_ratio == 0.97
+    assert DistilConfig.model_validate({"teacher": 3}).teacher == "3"  # `teacher=3` parses as a number
     first = (configs / "minilm_distil_l3_cpu.yaml").read_text().splitlines()[0]
     assert first == "# champion distil configs/minilm_distil_l3_cpu.yaml"
     compress = load_config(CompressConfig, configs / "minilm_int8.yaml")

@@ -87,6 +87,37 @@ def test_polling_picks_up_an_alias_move_without_a_reload(make_server, registry, 
     assert time.monotonic() - moved < 3  # the issue's target: answering within 3 s of the move
 
 
+def test_polls_ask_mlflow_only_after_an_audited_move_or_the_full_check(
+    make_server, registry, versions, monkeypatch
+):
+    """A poll reads the audit history's newest event id; MLflow's (costly) alias read happens only when it
+    changed, every `full_check_seconds` (a move made in the MLflow UI), or on /reload."""
+    server = make_server(follow={"poll_seconds": 0.05, "full_check_seconds": 2.0})
+    reads = []
+    real = server.registry.client.get_registered_model
+    monkeypatch.setattr(
+        server.registry.client,
+        "get_registered_model",
+        lambda name: reads.append(time.monotonic()) or real(name),
+    )
+    time.sleep(0.5)
+    assert len(reads) <= 1  # ten polls, at most one MLflow read
+
+    promote(registry, NAME, versions[1], reason="audited move")
+    moved = time.monotonic()
+    while server.predict(TEXTS[:1])[0].version != versions[1]:
+        assert time.monotonic() - moved < 3, "an audited move was not followed at poll speed"
+        time.sleep(0.02)
+
+    registry.client.set_registered_model_alias(NAME, "champion", versions[2])  # as in the MLflow UI
+    moved = time.monotonic()
+    while server.predict(TEXTS[:1])[0].version != versions[2]:
+        assert time.monotonic() - moved < 6, "a move outside Champion was not seen by the full check"
+        time.sleep(0.05)
+    registry.client.set_registered_model_alias(NAME, "champion", versions[0])
+    assert server.reload()["champion"] == versions[0]  # /reload always asks MLflow itself
+
+
 def test_ab_split_sends_both_arms_and_logs_the_arm(make_server, versions):
     server = make_server(traffic={"policy": "ab", "challenger_weight": 0.5})
     answers = [a for _ in range(10) for a in server.predict(TEXTS)]

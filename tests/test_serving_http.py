@@ -214,15 +214,16 @@ def test_each_worker_follows_the_registry_on_its_own(tmp_path, home, registry, s
 def test_alias_moves_between_formats_under_load_fail_nothing(
     tmp_path, home, registry, served_versions, tickets_csv
 ):
-    """The champion moves from safetensors to ONNX, int8 and back under 8 clients: no failed request, every
-    answer tagged with the version that made it, and /metrics names the format being served."""
+    """The champion moves from safetensors to ONNX, int8 and back under 8 clients, with two batches in
+    flight per worker: no failed request, every answer tagged with the version that made it, and /metrics
+    names the format being served."""
     from pipelines.compress import CompressConfig, compress
 
     v1 = served_versions[0]
     loose = {"budget": {"min_rows": 1, "min_agreement": 0.01}, "cost": {"rows": 32, "repeats": 1}}
     onnx_v = compress(NAME, v1, CompressConfig(to="onnx", data=str(tickets_csv), **loose), registry).version
     int8_v = compress(NAME, v1, CompressConfig(to="int8", data=str(tickets_csv), **loose), registry).version
-    config = write_yaml(tmp_path / "serve.yaml")
+    config = write_yaml(tmp_path / "serve.yaml", batching={"in_flight": 2})  # two batches at once per worker
     results: list[tuple[float, str]] = []
     failures: list[str] = []
     stop = threading.Event()
