@@ -7,7 +7,9 @@ import shutil
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,40 @@ log = logging.getLogger(__name__)
 
 # One forward pass at a time per process (see LoadedModel.predict_proba); re-entrant for nested calls.
 FORWARD_LOCK = threading.RLock()
+_FORWARD_THREAD: dict[str, Any] = {"executor": None}
+FORWARD_THREAD_NAME = "champion-forward"
+
+
+def serve_forwards_from_one_thread(threads: int) -> None:
+    """From now on, run every forward pass of this process on one dedicated thread.
+
+    A server's forward passes come from several threads (BentoML's worker pool, the follower's warm-up).
+    Each thread that calls torch gets its own OpenMP team. With more OpenMP threads than cores, libgomp
+    spins for far less time before sleeping, so the threads sleep and wake between the many small parallel
+    regions of a small encoder. Measured on 2 cores: 176 texts/s from one thread against 146 from a second
+    thread of the same process, at 1.98 against 1.65 busy cores.
+    """
+    import torch
+
+    with FORWARD_LOCK:
+        if _FORWARD_THREAD["executor"] is None:
+            _FORWARD_THREAD["executor"] = ThreadPoolExecutor(
+                1,
+                thread_name_prefix=FORWARD_THREAD_NAME,
+                initializer=torch.set_num_threads,
+                initargs=(threads,),
+            )
+
+
+def on_forward_thread(fn):
+    """`fn()` on the forward thread when the server set one up, else here under FORWARD_LOCK."""
+    executor = _FORWARD_THREAD["executor"]
+    if executor is None or threading.current_thread().name.startswith(FORWARD_THREAD_NAME):
+        with FORWARD_LOCK:
+            return fn()
+    return executor.submit(fn).result()
+
+
 WARMUP_TEXTS = ["warm up", "a slightly longer sentence to warm up the model before it takes traffic"]
 
 
@@ -55,8 +91,7 @@ class LoadedModel:
             order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
             groups = [order[s : s + chunk] for s in range(0, len(order), chunk)]
         encoded = [self._encode([texts[i] for i in group], "np" if self.onnx else "pt") for group in groups]
-        with FORWARD_LOCK:
-            rows = [self._probs(enc) for enc in encoded]
+        rows = on_forward_thread(lambda: [self._probs(enc) for enc in encoded])
         if len(groups) == 1:
             return rows[0]
         out = np.empty((len(texts), rows[0].shape[1]), dtype=rows[0].dtype)
@@ -76,12 +111,17 @@ class LoadedModel:
     def logits(self, texts: list[str]):
         """The raw scores (float32 numpy, one row per text) before the softmax: what distillation needs."""
         if self.onnx:
-            return self._run_onnx(self._encode(texts, "np"), ["logits"])[0].astype("float32")
+            enc = self._encode(texts, "np")
+            return on_forward_thread(lambda: self._run_onnx(enc, ["logits"])[0].astype("float32"))
         import torch
 
         enc = {k: v.to(self.device) for k, v in self._encode(texts, "pt").items()}
-        with torch.inference_mode():
-            return self.model(**enc).logits.float().cpu().numpy()
+
+        def forward():
+            with torch.inference_mode():
+                return self.model(**enc).logits.float().cpu().numpy()
+
+        return on_forward_thread(forward)
 
     def _encode(self, texts: list[str], tensors: str):
         return self.tokenizer(
@@ -109,7 +149,6 @@ class LoadedModel:
         after truncation) and `unk_share` (the share of its word-piece tokens that are the unknown token).
         """
         import numpy as np
-        import torch
 
         unk = self.tokenizer.unk_token_id
         probs, embeddings, tokens, unk_share, all_logits = [], [], [], [], []
@@ -119,16 +158,7 @@ class LoadedModel:
             mask = enc["attention_mask"]
             lengths = mask.sum(dim=1)
             unks = ((enc["input_ids"] == unk) & mask.bool()).sum(dim=1) if unk is not None else 0 * lengths
-            if self.onnx:  # the graph's second output is the same masked mean of the last hidden state
-                logits, pooled = self._run_onnx({k: v.numpy() for k, v in enc.items()}, ["logits", "pooled"])
-                logits, pooled = logits.astype(np.float32), pooled.astype(np.float32)
-            else:
-                enc = {k: v.to(self.device) for k, v in enc.items()}
-                with torch.inference_mode():
-                    out = self.model(**enc, output_hidden_states=True)
-                weights = enc["attention_mask"].unsqueeze(-1).to(out.hidden_states[-1].dtype)
-                pooled = (out.hidden_states[-1] * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
-                logits, pooled = out.logits.float().cpu().numpy(), pooled.float().cpu().numpy()
+            logits, pooled = on_forward_thread(partial(self._logits_and_pooled, enc))
             all_logits.append(logits)
             probs.append(_softmax(logits))
             embeddings.append(pooled)
@@ -148,6 +178,21 @@ class LoadedModel:
             "logits": np.concatenate(all_logits)[back],
         }
 
+    def _logits_and_pooled(self, enc):
+        """Logits and the last hidden state mean-pooled over real tokens, as float32 numpy arrays."""
+        import numpy as np
+        import torch
+
+        if self.onnx:  # the graph's second output is the same masked mean of the last hidden state
+            logits, pooled = self._run_onnx({k: v.numpy() for k, v in enc.items()}, ["logits", "pooled"])
+            return logits.astype(np.float32), pooled.astype(np.float32)
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        with torch.inference_mode():
+            out = self.model(**enc, output_hidden_states=True)
+        weights = enc["attention_mask"].unsqueeze(-1).to(out.hidden_states[-1].dtype)
+        pooled = (out.hidden_states[-1] * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+        return out.logits.float().cpu().numpy(), pooled.float().cpu().numpy()
+
     def warm(self) -> None:
         """Run a couple of batches so the first real request does not pay for lazy initialisation."""
         for size in (1, 8):
@@ -163,7 +208,10 @@ def _softmax(logits):
 
 
 def load_version(client, name: str, version: str, device: str = "auto", max_tokens: int | None = None):
-    """Load `models:/name/version` in the format its tags record (no pickle in any of them) and warm it."""
+    """Load `models:/name/version` in the format its tags record (no pickle in any of them) and warm it.
+
+    `device` applies to safetensors versions; int8 and ONNX versions run on the CPU (their formats are
+    CPU formats: torch's dynamic int8 kernels, ONNX Runtime's CPU provider)."""
     import torch
 
     from champion.formats import format_of

@@ -21,7 +21,7 @@ from serving.config import ServeConfig, inference_log_url
 from serving.follower import Follower, Served, Swap
 from serving.inference_log import InferenceLog, PredictionRecord, encode_probs
 from serving.metrics import metrics
-from serving.model import LoadedModel, load_version
+from serving.model import LoadedModel, load_version, serve_forwards_from_one_thread
 from serving.traffic import CANARY_ARM, CHALLENGER_ARM, CHAMPION_ARM, SHADOW_ARM, CanaryMonitor, choose_arms
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ class ModelServer:
         import torch
 
         torch.set_num_threads(self.cfg.threads)
+        serve_forwards_from_one_thread(self.cfg.threads)  # one OpenMP team: see serving/model.py
         self.log.start()
         self.follower.start()
         try:  # load the champion before taking traffic: no worker says "not ready" once /readyz said ok
