@@ -79,9 +79,10 @@ class LoadedModel:
 
         With `chunk`, texts run in length-sorted groups of that size: on a CPU, small batches of similar
         length beat one large padded batch (measured in benchmarks/serving.py). Every group is tokenised
-        first; then the forward passes run under the process's forward lock, so batches running in other
-        threads overlap their tokenisation and answers with this one's matrix products, never their matrix
-        products with each other (each already uses every core it is given).
+        first, in the caller's thread; then the forward passes run one batch at a time (on the server's
+        forward thread, else under FORWARD_LOCK), so batches of other threads overlap their tokenisation
+        and answers with this one's matrix products, never their matrix products with each other (each
+        already uses every core it is given).
         """
         import numpy as np
 
