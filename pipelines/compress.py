@@ -168,7 +168,13 @@ def held_out_rows(reg, name: str, version: str, data: str | None) -> pd.DataFram
 
     if data is not None:
         return read_labelled_file(data, "--data")
-    rows = load_reference(reg, name, version).rows
+    try:
+        rows = load_reference(reg, name, version).rows
+    except ChampionError as err:
+        raise ChampionError(
+            f"--data: v{version} of '{name}' has no held-out rows on record to judge a variant on ({err}); "
+            "pass --data FILE with labelled rows it never trained on."
+        ) from None
     test = rows[rows["split"] == "test"]
     chosen = test if len(test) else rows
     return chosen[["text", "label"]].reset_index(drop=True)

@@ -37,7 +37,7 @@ from champion.signals import graceful_stop
 from pipelines import distributed
 from pipelines.compress import CANDIDATE, CostConfig, cost_tags, gate_tags, measure_speeds, quality
 from pipelines.evaluate import evaluate, log_evaluation
-from pipelines.finetune import TrainConfig, _optimizer, _trainable_state, make_loader
+from pipelines.finetune import TrainConfig, _optimizer, _trainable_state, log_held_out_reference, make_loader
 from pipelines.model import MemoryTracker, count_parameters, resolve_device
 
 if TYPE_CHECKING:
@@ -254,7 +254,7 @@ def distil(cfg: DistilConfig, registry=None) -> DistilResult:
                 stop.check()
                 info = tracking.log_classifier(student, tokenizer, example=texts[:2])
                 stop.check()
-                reference_uri = _log_reference(served, splits, name)
+                reference_uri = log_held_out_reference(served, splits, name)
                 stop.check()
         except KeyboardInterrupt:
             mlflow.end_run(status="KILLED")
@@ -487,19 +487,6 @@ def _labels(model: LoadedModel, texts: list[str]) -> np.ndarray:
     from pipelines.compare import predict_labels
 
     return predict_labels(model, texts)
-
-
-def _log_reference(served: LoadedModel, splits: Splits, name: str) -> str:
-    """The student's monitoring reference: the held-out rows as the student sees them."""
-    import pandas as pd
-
-    from monitoring.reference import build_reference, log_reference
-
-    held_out = pd.concat(
-        [splits.validation.assign(split="validation"), splits.test.assign(split="test")], ignore_index=True
-    )
-    meta = {"model": name, "data_sha256": splits.sha256}
-    return log_reference(build_reference(served, held_out, splits.train["text"], meta))
 
 
 def main(argv: list[str] | None = None) -> int:

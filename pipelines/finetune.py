@@ -336,19 +336,25 @@ def _fit(
 
 
 def _log_reference(model, tokenizer, splits, cfg: FinetuneConfig) -> str:
-    """Score the validation and test rows with the final model and log them as its monitoring reference."""
-    import pandas as pd
-
-    from monitoring.reference import build_reference, log_reference
     from serving.model import LoadedModel
 
     served = LoadedModel(
         cfg.registry.model_name, "", model, tokenizer, tuple(splits.labels), cfg.model.max_length, "cpu", 0.0
     )
+    return log_held_out_reference(served, splits, cfg.registry.model_name)
+
+
+def log_held_out_reference(served, splits: Splits, name: str) -> str:
+    """Score the validation and test rows with the final model (a serving LoadedModel) and log them into the
+    active run as its monitoring reference; returns the URI for the version's reference tag."""
+    import pandas as pd
+
+    from monitoring.reference import build_reference, log_reference
+
     held_out = pd.concat(
         [splits.validation.assign(split="validation"), splits.test.assign(split="test")], ignore_index=True
     )
-    meta = {"model": cfg.registry.model_name, "data_sha256": splits.sha256}
+    meta = {"model": name, "data_sha256": splits.sha256}
     return log_reference(build_reference(served, held_out, splits.train["text"], meta))
 
 
