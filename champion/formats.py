@@ -160,7 +160,8 @@ def export_onnx(model, tokenizer, path: Path, opset: int = 17) -> Path:
 
     The TorchScript exporter (`dynamo=False`): 1 s, one file, and faster under ONNX Runtime than the
     dynamo exporter's graph (x2.8 against x2.3 at batch 1, ../shared/docs/COMPRESS.md §2). The example
-    input is padded, so the attention mask stays in the traced graph.
+    input is padded, so the traced graph has seen a real attention mask (tests compare it with torch on
+    padded batches of other lengths).
     """
     import torch
 
