@@ -35,7 +35,7 @@ from champion.formats import FORMAT_TAG, SOURCE_TAG, VARIANT_TAG, format_of
 from champion.gate import GateDecision, VariantBudget, decide_variant
 from champion.signals import graceful_stop
 from pipelines import distributed
-from pipelines.compress import CANDIDATE, CostConfig, cost_tags, gate_tags, measure_speeds, quality
+from pipelines.compress import CANDIDATE, CostConfig, cost_tags, gate_tags, measure_pair
 from pipelines.evaluate import evaluate, log_evaluation
 from pipelines.finetune import TrainConfig, _optimizer, _trainable_state, log_held_out_reference, make_loader
 from pipelines.model import MemoryTracker, count_parameters, resolve_device
@@ -219,21 +219,7 @@ def distil(cfg: DistilConfig, registry=None) -> DistilResult:
                 )
 
                 # Student and teacher on the same held-out rows, and their speed in this process.
-                truth = splits.test["label"].astype(str).to_numpy(dtype=object)
-                texts = splits.test["text"].astype(str).tolist()
-                teacher_pred = _labels(teacher, texts)
-                student_pred = _labels(served, texts)
-                speeds = measure_speeds([teacher, served], texts, cfg.cost)
-                measured = {
-                    "rows": len(texts),
-                    "agreement": float(np.mean(teacher_pred == student_pred)),
-                    "source": quality(truth, teacher_pred),
-                    "variant": quality(truth, student_pred),
-                    "source_speed": speeds[0],
-                    "variant_speed": speeds[1],
-                    "speedup_batch": speeds[1]["rows_per_s"] / speeds[0]["rows_per_s"],
-                    "speedup_single": speeds[0]["single_ms_p50"] / speeds[1]["single_ms_p50"],
-                }
+                measured = measure_pair(teacher, served, splits.test, cfg.cost)
                 decision = decide_variant("student", measured, cfg.budget)
                 metrics = {
                     **fit["best_val"].scalars("val"),
@@ -252,7 +238,7 @@ def distil(cfg: DistilConfig, registry=None) -> DistilResult:
                 mlflow.log_metrics(metrics)
                 mlflow.log_dict(decision.to_dict(), "gate/decision.json")
                 stop.check()
-                info = tracking.log_classifier(student, tokenizer, example=texts[:2])
+                info = tracking.log_classifier(student, tokenizer, example=list(splits.test["text"][:2]))
                 stop.check()
                 reference_uri = log_held_out_reference(served, splits, name)
                 stop.check()
@@ -481,12 +467,6 @@ def _fit(
         "cpu_seconds": cpu_seconds,
         "memory": memory,
     }
-
-
-def _labels(model: LoadedModel, texts: list[str]) -> np.ndarray:
-    from pipelines.compare import predict_labels
-
-    return predict_labels(model, texts)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -181,3 +181,21 @@ def test_a_class_drop_within_its_noise_does_not_veto():
     small = decision.evidence["per_class"]["small"]
     assert small["rows"] == 12 and -small["change"] > 0.1 and small["interval"][1] >= 0
     assert decision.promote, decision.reason
+
+
+def test_the_variant_budget_judges_a_student_on_f1_and_a_compressed_copy_on_agreement():
+    from champion.gate import VariantBudget, decide_variant
+
+    budget = VariantBudget(min_rows=100)
+    measured = {"rows": 500, "agreement": 0.985, "source": {"macro_f1": 0.90}, "variant": {"macro_f1": 0.89}}
+    copy = decide_variant("onnx-int8", measured, budget)
+    assert not copy.promote and "98.50%" in copy.reason and "outside the budget of 99%" in copy.reason
+    assert decide_variant(
+        "onnx-int8", {**measured, "agreement": 0.99}, budget
+    ).promote  # the bound is inclusive
+    student = decide_variant("student", measured, budget)  # 0.89 / 0.90 = 98.9% of the F1: within 97%
+    assert student.promote and student.evidence["f1_ratio"] == pytest.approx(0.89 / 0.90)
+    low = {**measured, "variant": {"macro_f1": 0.87}}  # 96.7%
+    assert not decide_variant("student", low, budget).promote
+    few = decide_variant("student", {**measured, "rows": 99}, budget)
+    assert not few.promote and "fewer than the 100" in few.reason
