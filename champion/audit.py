@@ -1,8 +1,9 @@
 """The append-only audit history of alias changes, in sqlite (default) or PostgreSQL (by URL).
 
-Every alias move happens inside `AuditLog.lock(model, alias)`: a per-model lock (a PostgreSQL advisory
-lock, or a file lock beside the sqlite file) held in the same transaction that appends the event, so
-concurrent promotions from many processes serialise and the history stays a consistent chain.
+Every alias move happens inside `AuditLog.lock(model)`: a per-model lock (a PostgreSQL session advisory
+lock, or a file lock beside the sqlite file), so concurrent promotions from many processes serialise and
+the history stays a consistent chain. Under the lock a move is written as an intent first ("pending"),
+then made, then marked "done"; the next holder settles any intent a killed process left (champion/repair).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import fcntl
 import hashlib
 import json
 import os
+import pwd
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,6 +37,27 @@ alias_events = sa.Table(
     sa.Column("at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("evidence", sa.Text, nullable=False),  # JSON
+    # Written "pending" before the alias moves and "done" after, so that after a crash the next operation
+    # can tell a move that happened (the alias is on to_version: done) from one that did not (aborted).
+    # Only done events are the history.
+    sa.Column("status", sa.String(16), nullable=False, server_default="done"),
+)
+# A registration in progress: written before the version is created and closed after its alias moved, so a
+# version whose process died in between is found (by its `champion.registration` tag) and rolled back.
+_STATUS_COLUMN = "status VARCHAR(16) NOT NULL DEFAULT 'done'"
+registrations = sa.Table(
+    "champion_registrations",
+    _metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("model_name", sa.String(256), nullable=False, index=True),
+    sa.Column("alias", sa.String(64), nullable=False),
+    sa.Column("model_uri", sa.Text, nullable=False),
+    sa.Column("created_model", sa.Boolean, nullable=False),
+    sa.Column("actor", sa.String(256), nullable=False),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # pending | done | rolled_back
+    sa.Column("version", sa.String(32)),
+    sa.Column("note", sa.Text),
 )
 # The loop's other steps, in the same store: drift alarms, retrains, gate verdicts. `champion history` shows
 # them in time order with the alias moves, so one loop iteration reads as one story.
@@ -103,9 +127,18 @@ def current_actor() -> str:
         return actor
     try:
         user = os.getlogin()
-    except OSError:
-        user = os.environ.get("USER") or str(os.getuid())
+    except OSError:  # no login terminal: cron, containers, systemd services
+        user = _account_name()
     return f"{user}@{os.uname().nodename}"
+
+
+def _account_name() -> str:
+    """The account's user name; a bare uid only when the system has no name for it (an audit wants names)."""
+    uid = os.getuid()
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:  # a uid with no passwd entry, as containers run with `--user 1234`
+        return os.environ.get("USER") or os.environ.get("LOGNAME") or f"uid{uid}"
 
 
 class AuditLog:
@@ -118,21 +151,53 @@ class AuditLog:
         if self.engine.dialect.name == "sqlite" and self.engine.url.database not in (None, "", ":memory:"):
             self._sqlite_path = Path(self.engine.url.database)
             self._sqlite_path.parent.mkdir(parents=True, exist_ok=True)
+        self._held = threading.local()
         with self.engine.begin() as conn:
             if self.engine.dialect.name == "postgresql":  # two processes creating the table at once collide
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key("create")})
             _metadata.create_all(conn, checkfirst=True)
+            have = {c["name"] for c in sa.inspect(conn).get_columns(alias_events.name)}
+            if "status" not in have:  # a history written before intents: every row in it is done
+                conn.execute(sa.text(f"ALTER TABLE {alias_events.name} ADD COLUMN {_STATUS_COLUMN}"))
 
     def dispose(self) -> None:
         self.engine.dispose()
 
     @contextmanager
-    def lock(self, model_name: str, alias: str) -> Iterator[_LockedHistory]:
-        """Serialise alias changes for one model across processes; appends commit when the block exits."""
-        with self._file_lock(), self.engine.begin() as conn:
-            if self.engine.dialect.name == "postgresql":
-                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key(model_name)})
-            yield _LockedHistory(conn, model_name, alias)
+    def lock(self, model_name: str, alias: str | None = None) -> Iterator[LockedHistory]:
+        """Serialise registry changes to one model across processes (re-entrant within a thread).
+
+        Held across several short transactions: an intent row commits before the change it announces, so
+        whoever takes the lock next and finds a pending row knows its writer died (a live one holds it).
+        """
+        depth = self._held.__dict__.setdefault("depth", {})
+        if depth.get(model_name):
+            depth[model_name] += 1
+            try:
+                yield LockedHistory(self, model_name, alias, fresh=False)
+            finally:
+                depth[model_name] -= 1
+            return
+        with self._file_lock(), self._pg_lock(model_name):
+            depth[model_name] = 1
+            try:
+                yield LockedHistory(self, model_name, alias, fresh=True)
+            finally:
+                depth.pop(model_name, None)
+
+    @contextmanager
+    def _pg_lock(self, model_name: str) -> Iterator[None]:
+        """A session-level advisory lock on its own connection; released if this process dies."""
+        if self.engine.dialect.name != "postgresql":
+            yield
+            return
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            key = {"k": _lock_key(model_name)}
+            conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), key)
+            try:
+                yield
+            finally:
+                conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), key)
 
     @contextmanager
     def _file_lock(self) -> Iterator[None]:
@@ -150,9 +215,22 @@ class AuditLog:
         with self.engine.connect() as conn:
             return _select_events(conn, model_name, alias)
 
+    def models_with_pending(self) -> list[str]:
+        """Models with an alias move or a registration that was announced and never settled."""
+        with self.engine.connect() as conn:
+            moves = conn.execute(
+                sa.select(alias_events.c.model_name).where(alias_events.c.status == "pending").distinct()
+            ).scalars()
+            regs = conn.execute(
+                sa.select(registrations.c.model_name).where(registrations.c.status == "pending").distinct()
+            ).scalars()
+            return sorted(set(moves) | set(regs))
+
     def latest_event_id(self, model_name: str) -> int | None:
         """The id of the model's newest alias event: a cheap token that changes with every audited move."""
-        query = sa.select(sa.func.max(alias_events.c.id)).where(alias_events.c.model_name == model_name)
+        query = sa.select(sa.func.max(alias_events.c.id)).where(
+            alias_events.c.model_name == model_name, alias_events.c.status == "done"
+        )
         with self.engine.connect() as conn:
             return conn.execute(query).scalar()
 
@@ -186,14 +264,20 @@ class AuditLog:
         ]  # fmt: skip
 
 
-class _LockedHistory:
-    def __init__(self, conn: sa.Connection, model_name: str, alias: str):
-        self._conn, self.model_name, self.alias = conn, model_name, alias
+class LockedHistory:
+    """The audit rows of one model while its lock is held; every write commits at once.
 
-    def events(self) -> list[AliasEvent]:
-        return _select_events(self._conn, self.model_name, self.alias)
+    `fresh` is True for the outermost holder: only it may treat pending rows as left by a dead process.
+    """
 
-    def append(self, event: AliasEvent) -> AliasEvent:
+    def __init__(self, log: AuditLog, model_name: str, alias: str | None, fresh: bool):
+        self._log, self.model_name, self.alias, self.fresh = log, model_name, alias, fresh
+
+    def events(self, alias: str | None = None) -> list[AliasEvent]:
+        with self._log.engine.connect() as conn:
+            return _select_events(conn, self.model_name, alias or self.alias)
+
+    def append(self, event: AliasEvent, status: str = "done") -> AliasEvent:
         values = {
             "model_name": event.model_name,
             "alias": event.alias,
@@ -204,13 +288,54 @@ class _LockedHistory:
             "at": event.at,
             "reason": event.reason,
             "evidence": json.dumps(event.evidence, sort_keys=True, default=str),
+            "status": status,
         }
-        new_id = self._conn.execute(alias_events.insert().values(**values)).inserted_primary_key[0]
+        with self._log.engine.begin() as conn:
+            new_id = conn.execute(alias_events.insert().values(**values)).inserted_primary_key[0]
         return AliasEvent(**{**event.__dict__, "id": int(new_id)})
 
+    def pending(self) -> list[AliasEvent]:
+        """Alias moves announced but never marked done or aborted (their writer died)."""
+        with self._log.engine.connect() as conn:
+            return _select_events(conn, self.model_name, None, status="pending")
 
-def _select_events(conn: sa.Connection, model_name: str, alias: str | None) -> list[AliasEvent]:
-    query = sa.select(alias_events).where(alias_events.c.model_name == model_name)
+    def settle(self, event_id: int, status: str) -> None:
+        """Mark an announced alias move `done` (it happened) or `aborted` (it did not)."""
+        with self._log.engine.begin() as conn:
+            conn.execute(alias_events.update().where(alias_events.c.id == event_id).values(status=status))
+
+    def begin_registration(self, alias: str, model_uri: str, created_model: bool, actor: str) -> int:
+        values = {
+            "model_name": self.model_name, "alias": alias, "model_uri": model_uri,
+            "created_model": created_model, "actor": actor, "at": datetime.now(UTC), "status": "pending",
+        }  # fmt: skip
+        with self._log.engine.begin() as conn:
+            return int(conn.execute(registrations.insert().values(**values)).inserted_primary_key[0])
+
+    def end_registration(
+        self, registration_id: int, status: str, version: str | None, note: str = ""
+    ) -> None:
+        with self._log.engine.begin() as conn:
+            conn.execute(
+                registrations.update()
+                .where(registrations.c.id == registration_id)
+                .values(status=status, version=version, note=note or None)
+            )
+
+    def pending_registrations(self) -> list[dict[str, Any]]:
+        query = sa.select(registrations).where(
+            registrations.c.model_name == self.model_name, registrations.c.status == "pending"
+        )
+        with self._log.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query.order_by(registrations.c.id)).mappings()]
+
+
+def _select_events(
+    conn: sa.Connection, model_name: str, alias: str | None, status: str = "done"
+) -> list[AliasEvent]:
+    query = sa.select(alias_events).where(
+        alias_events.c.model_name == model_name, alias_events.c.status == status
+    )
     if alias is not None:
         query = query.where(alias_events.c.alias == alias)
     rows = conn.execute(query.order_by(alias_events.c.id)).mappings()

@@ -166,6 +166,21 @@ def cmd_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from champion.registry import connect
+    from champion.repair import doctor
+
+    findings = doctor(connect(), args.name, fix=args.fix)
+    if args.json:
+        print(json.dumps([f.__dict__ for f in findings], indent=2))
+    elif not findings:
+        print("nothing left half-done: every alias move and registration is settled, no orphaned runs.")
+    else:
+        rows = [[f.model or "-", f.kind, f.subject, f.action] for f in findings]
+        _table(rows, ["MODEL", "KIND", "WHAT", "FIXED" if args.fix else "WOULD BE FIXED (run with --fix)"])
+    return 0 if args.fix or not findings else 1
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from champion.config import artifact_root, champion_home, prepare_environment, tracking_uri
 
@@ -515,6 +530,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("history", cmd_history, "The audit history of a model's alias changes.")
     p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+
+    p = verb("doctor", cmd_doctor, "Find what killed processes left half-done (alias moves, "
+             "registrations, runs left RUNNING); --fix settles it. Exit 1: something to fix.")  # fmt: skip
+    p.add_argument("name", nargs="?", help="one model (default: all, and the runs of every experiment)")
+    p.add_argument("--fix", action="store_true", help="settle what is found, as the next operation would")
     p.add_argument("--json", action="store_true")
 
     p = verb("ui", cmd_ui, "Start the MLflow UI on Champion's store.")

@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from champion.audit import AliasEvent, AuditLog, current_actor
+from champion.audit import AliasEvent, AuditLog, LoopEvent, current_actor
 from champion.config import artifact_root, audit_url, champion_home, prepare_environment, tracking_uri
 from champion.errors import ChampionError
 from champion.formats import SOURCE_TAG, VARIANT_TAG
+from champion.repair import REGISTRATION_TAG, crash_point, settle_model, settle_runs
+from champion.safety import DIGEST_TAG
 from champion.signals import signals_deferred
 
 _log = logging.getLogger(__name__)
@@ -262,7 +264,10 @@ def _move_alias(
 ) -> Decision:
     reason = _require_reason(reason)
     actor = actor or current_actor()
-    with signals_deferred(), reg.audit.lock(name, alias) as history:  # commit before signals return
+    with signals_deferred(), reg.audit.lock(name, alias) as history:
+        settle_model(reg, name, history)  # what a killed process left, before anything new
+        if history.fresh:
+            settle_runs_quietly(reg)
         current = _alias_version(reg, name, alias)
         events = history.events()
         recorded = events[-1].to_version if events else None
@@ -286,6 +291,10 @@ def _move_alias(
         if not decision.allowed:
             return decision
         target = decision.target_version
+        if alias == CHAMPION and target is not None and (refusal := version_refusal(reg, name, target)):
+            reg.audit.record(LoopEvent(name, "refused", refusal, target, {"action": action}, actor))
+            return Decision(False, refusal, None, {"refused_version": target})
+        # The intent first: after a crash at any point below, the next holder of the lock settles it.
         event = history.append(
             AliasEvent(
                 name,
@@ -296,18 +305,39 @@ def _move_alias(
                 actor,
                 reason,
                 {"decision": decision.reason, **decision.evidence},
-            )
+            ),
+            status="pending",
         )
+        crash_point("alias:announced")
         try:
             if target is None:
                 reg.client.delete_registered_model_alias(name, alias)
             else:
                 reg.client.set_registered_model_alias(name, alias, target)
+            crash_point("alias:moved")
             _mirror_tags(reg, event)
         except BaseException as err:
             _restore_alias(reg, name, alias, current, err)
-            raise  # the transaction rolls back, so the event is not recorded either
+            _settle_quietly(history, event.id, "aborted")  # or the next operation finds it pending
+            raise
+        history.settle(event.id, "done")
+        crash_point("alias:done")
         return Decision(True, decision.reason, target, decision.evidence, event.id)
+
+
+def settle_runs_quietly(reg: Registry) -> None:
+    """Mark runs whose process died FAILED; a registry operation never fails because of that sweep."""
+    try:
+        settle_runs(reg)
+    except Exception as err:
+        _log.warning("could not check for runs left RUNNING by dead processes: %s", err)
+
+
+def _settle_quietly(history, event_id: int, status: str) -> None:
+    try:
+        history.settle(event_id, status)
+    except Exception as err:
+        _log.warning("could not mark audit row %s %s (the next operation will): %s", event_id, status, err)
 
 
 def _v(version: str | None) -> str:
@@ -513,25 +543,74 @@ def register_version(
 ) -> str:
     """Register `model_uri` as a new version of `name` with its tags, and point `alias` at it.
 
-    Either all of it happens or none: a failure or a Ctrl-C part-way deletes the new version again.
+    Either all of it happens or none: a failure or a Ctrl-C part-way deletes the new version again, and
+    after a kill the next registry operation on the model does (the registration row announces it).
     """
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    with signals_deferred():
+    actor = current_actor()
+    with signals_deferred(), reg.audit.lock(name, alias) as history:
+        settle_model(reg, name, history)
+        if history.fresh:
+            settle_runs_quietly(reg)
         try:
             reg.client.get_registered_model(name)
             created_model = False
         except MlflowException:
             created_model = True
+        digest = _checked_digest(model_uri, tags, f"the model at {model_uri}")
+        registration = history.begin_registration(alias, model_uri, created_model, actor)
+        crash_point("register:announced")
+        tags = {**tags, REGISTRATION_TAG: str(registration), DIGEST_TAG: digest}
         mv = mlflow.register_model(model_uri, name, tags=tags, await_registration_for=300)
         version = str(mv.version)
+        crash_point("register:registered")
         try:
-            assign_alias(reg, name, alias, version, reason, evidence)
+            assign_alias(reg, name, alias, version, reason, evidence, actor)
         except BaseException as err:
             _unregister(reg, name, version, created_model, err)
+            history.end_registration(registration, "rolled_back", version, f"failed: {err}"[:2000])
             raise
+        history.end_registration(registration, "done", version)
     return version
+
+
+def _checked_digest(model_uri: str, tags: dict[str, str], where: str) -> str:
+    """Check the files at `model_uri` are safe to load and return their digest, recorded with the version."""
+    import tempfile
+
+    import mlflow
+
+    from champion.formats import format_of
+    from champion.safety import check_files, files_digest
+
+    with tempfile.TemporaryDirectory(prefix="champion-register-") as tmp:
+        folder = mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp)
+        check_files(folder, format_of(tags), where)
+        return files_digest(folder)
+
+
+def version_refusal(reg: Registry, name: str, version: str) -> str | None:
+    """Why `version` may not become champion (unsafe files or flavour, files changed), or None."""
+    import tempfile
+
+    import mlflow
+
+    from champion.formats import format_of
+    from champion.safety import UnsafeModelError, check_version_folder
+
+    mv = _version(reg, name, version)
+    tags = dict(mv.tags)
+    try:
+        with tempfile.TemporaryDirectory(prefix="champion-check-") as tmp:
+            folder = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=tmp)
+            check_version_folder(folder, format_of(tags), tags, f"v{version} of '{name}'")
+    except (UnsafeModelError, ChampionError) as err:
+        return str(err)
+    except Exception as err:  # no files at all, a store that does not answer
+        return f"the files of v{version} of '{name}' could not be read to check them ({err})."
+    return None
 
 
 def _unregister(reg: Registry, name: str, version: str, created_model: bool, err: BaseException) -> None:

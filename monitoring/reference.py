@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from champion.errors import ChampionError
+from champion.repair import process_tags
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -192,7 +193,9 @@ def reference_for_version(
         model, data, train_texts, meta={"model": name, "version": str(version), "source": source}
     )
     experiment = tracking.ensure_experiment("champion-monitoring")
-    with mlflow.start_run(experiment_id=experiment, run_name=f"reference-{name}-v{version}"):
+    with mlflow.start_run(
+        experiment_id=experiment, run_name=f"reference-{name}-v{version}", tags=process_tags()
+    ):
         mlflow.set_tags({"model": name, "version": str(version), "kind": "reference"})
         uri = log_reference(ref)
     reg.client.set_model_version_tag(name, str(version), REFERENCE_TAG, uri)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from champion.repair import process_tags
 from monitoring.drift import NOT_COMPUTABLE, DriftDecision, Window
 from monitoring.reference import Reference
 
@@ -127,7 +128,9 @@ def log_report(
     with tempfile.TemporaryDirectory() as tmp:
         out = write_report(decision, window, ref, folder or Path(tmp))
         with mlflow.start_run(
-            experiment_id=experiment_id, run_name=f"drift-{decision.model}-v{decision.version}"
+            experiment_id=experiment_id,
+            run_name=f"drift-{decision.model}-v{decision.version}",
+            tags=process_tags(),
         ) as run:
             mlflow.set_tags(tags)
             metrics = {"rows": decision.rows}

@@ -15,6 +15,7 @@ import numpy as np
 
 from champion.errors import ChampionError
 from champion.gate import GateConfig, GateDecision, decide_gate
+from champion.repair import process_tags
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -116,7 +117,9 @@ def _log_run(decision: GateDecision, name: str, champion: str, challenger: str) 
 
     ev = decision.evidence
     experiment_id = tracking.ensure_experiment(GATE_EXPERIMENT)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"gate-v{champion}-v{challenger}") as run:
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name=f"gate-v{champion}-v{challenger}", tags=process_tags()
+    ) as run:
         mlflow.set_tags(
             {
                 "model": name,

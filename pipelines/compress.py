@@ -27,6 +27,7 @@ from champion.config import StrictModel, prepare_environment
 from champion.errors import ChampionError
 from champion.formats import FORMAT_TAG, SOURCE_TAG, VARIANT_TAG, format_of
 from champion.gate import GateDecision, VariantBudget, decide_variant
+from champion.repair import process_tags
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -105,7 +106,9 @@ def compress(name: str, version: str, cfg: CompressConfig | None = None, registr
         decision = decide_variant(cfg.to, measured, cfg.budget)
 
         experiment_id = tracking.ensure_experiment(cfg.experiment)
-        with mlflow.start_run(experiment_id=experiment_id, run_name=f"compress-{cfg.to}-v{version}") as run:
+        with mlflow.start_run(
+            experiment_id=experiment_id, run_name=f"compress-{cfg.to}-v{version}", tags=process_tags()
+        ) as run:
             mlflow.log_params(
                 {
                     **tracking.flatten(cfg.model_dump(mode="json"), "compress."),

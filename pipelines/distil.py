@@ -33,6 +33,7 @@ from champion.config import StrictModel, prepare_environment
 from champion.errors import ChampionError, InterruptedRun
 from champion.formats import FORMAT_TAG, SOURCE_TAG, VARIANT_TAG, format_of
 from champion.gate import GateDecision, VariantBudget, decide_variant
+from champion.repair import process_tags
 from champion.signals import graceful_stop
 from pipelines import distributed
 from pipelines.compress import CANDIDATE, CostConfig, cost_tags, gate_tags, measure_pair
@@ -171,7 +172,9 @@ def distil(cfg: DistilConfig, registry=None) -> DistilResult:
 
     experiment_id = tracking.ensure_experiment(cfg.experiment)
     config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"distil-v{teacher_version}") as run:
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name=f"distil-v{teacher_version}", tags=process_tags()
+    ) as run:
         mlflow.log_params(tracking.flatten(cfg.model_dump(mode="json")))
         mlflow.log_params(
             {

@@ -23,6 +23,7 @@ from champion import tracking
 from champion.config import StrictModel, prepare_environment
 from champion.errors import InterruptedRun
 from champion.registry import CHALLENGER, CHAMPION, METRIC_TAG, Registry, connect, register_version
+from champion.repair import crash_point, process_tags
 from champion.signals import StopRequest, graceful_stop
 from monitoring.reference import REFERENCE_TAG
 from pipelines import distributed
@@ -174,7 +175,8 @@ def finetune(
     config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     config_sha256 = hashlib.sha256(config_yaml.encode()).hexdigest()
 
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"finetune-{cfg.method}") as run:
+    run_name = f"finetune-{cfg.method}"
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=process_tags()) as run:
         mlflow.log_params(tracking.flatten(cfg.model_dump(mode="json")))
         mlflow.log_params(
             {
@@ -449,6 +451,7 @@ def _train_epoch(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        crash_point("finetune:step")  # tests kill the run here (does nothing unless CHAMPION_CRASH_AT says)
         total_loss += loss.detach()
         seen += batch["labels"].shape[0]
         if stop is not None:

@@ -1,20 +1,24 @@
 """The inference log: every prediction, and the true labels that arrive later, in sqlite or PostgreSQL.
 
-`append` only puts records on a bounded in-memory queue; one writer thread commits them in batches, so
-the request path never waits on the database unless the queue is full (then it waits: nothing is
-dropped). A failed write is retried with backoff until it commits, and `close` drains what is left.
-Monitoring reads the log back with `read`, one row per prediction with its latest feedback label.
+`append` writes records to a local spool file and returns: the request path never waits on the database,
+and a record survives `kill -9` of the process once `append` returned. One writer thread ships the spool
+to the database in batches, retrying with backoff while it is down, and whatever a killed process left is
+written by the next log started on the same spool folder. Nothing is dropped: when the spool reaches its
+bound (the database has been down for long), `append` refuses with SpoolFullError and the service
+answers 503. Monitoring reads the log back with `read`, one row per prediction with its latest label.
 """
 
 from __future__ import annotations
 
 import atexit
+import base64
 import fcntl
 import hashlib
+import json
 import logging
+import os
 import threading
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -25,6 +29,7 @@ import sqlalchemy as sa
 
 from champion.audit import current_actor
 from champion.errors import ChampionError
+from serving.spool import Spool
 
 if TYPE_CHECKING:
     import pandas
@@ -127,47 +132,72 @@ class UnknownRequestError(ChampionError, ValueError):
     """Feedback named a request_id the inference log does not hold."""
 
 
+class SpoolFullError(ChampionError):
+    """The spool holds `max_spool_bytes` of predictions the database has not taken: refuse, do not drop."""
+
+
+class LogClosedError(ChampionError, RuntimeError):
+    """append() after close(): the server is shutting down."""
+
+
+class LogUnavailableError(ChampionError):
+    """The inference log database cannot be reached now (feedback and reads need it; predictions do not)."""
+
+
 class InferenceLog:
-    """The store of predictions and feedback; inject a URL to switch sqlite for PostgreSQL."""
+    """The store of predictions and feedback; inject a URL to switch sqlite for PostgreSQL.
+
+    `append` writes a batch to a local spool (serving/spool.py) and returns: one write, no database, no
+    fsync, and the records survive a kill of the process. One writer thread ships the spool to the database
+    in batches, retrying with backoff while it is down, and trims what committed. On start, and every
+    `adopt_seconds`, it also ships what dead processes left in the same spool folder; the (request_id, arm)
+    key makes that idempotent.
+    """
 
     def __init__(
         self,
         url: str,
         *,
-        queue_size: int = 10_000,
+        spool_dir: str | os.PathLike[str] | None = None,
+        max_spool_bytes: int = 1 << 30,
         batch_size: int = 256,
         flush_seconds: float = 0.5,
         retention_days: float | None = 30.0,
+        adopt_seconds: float = 10.0,
     ):
         backend = sa.engine.make_url(url).get_backend_name()
         if backend not in ("sqlite", "postgresql"):
             raise ValueError(f"The inference log needs a sqlite or PostgreSQL URL; got a {backend!r} one.")
-        if queue_size < 1 or batch_size < 1:
-            raise ValueError(f"queue_size ({queue_size}) and batch_size ({batch_size}) must be at least 1.")
+        if max_spool_bytes < 1 or batch_size < 1:
+            raise ValueError(
+                f"max_spool_bytes ({max_spool_bytes}) and batch_size ({batch_size}) must be at least 1."
+            )
         self.url = url
-        self.queue_size, self.batch_size, self.flush_seconds = queue_size, batch_size, flush_seconds
-        self.retention_days = retention_days
-        # A batch larger than the queue never fills: appenders are waiting on the writer by then.
-        self._full_batch = min(batch_size, queue_size)
+        self.max_spool_bytes, self.batch_size, self.flush_seconds = max_spool_bytes, batch_size, flush_seconds
+        self.retention_days, self.adopt_seconds = retention_days, adopt_seconds
         self.engine = sa.create_engine(url, pool_pre_ping=True)
         if backend == "sqlite":
             self._prepare_sqlite()
-        self._create_tables()
+        self.spool = Spool(spool_dir or default_spool_dir(url))
+        self._tables_ready = False
+        try:  # a database that is down at start must not stop a server from answering
+            self._ensure_tables()
+        except sa.exc.OperationalError as err:
+            logger.warning("The inference log database is not reachable yet (%s).", _first_line(err))
 
         # One re-entrant lock: a signal handler that calls close() may interrupt append on the same thread.
         self._lock = threading.RLock()
-        self._not_empty = threading.Condition(self._lock)
-        self._not_full = threading.Condition(self._lock)
+        self._wake = threading.Condition(self._lock)
         self._progress = threading.Condition(self._lock)
-        self._queue: deque[PredictionRecord] = deque()
+        # Held by whoever ships (the writer, or close() at the end), never while waiting on the lock above.
+        self._ship_lock = threading.Lock()
         self._appended = 0
-        # One counter per updating thread, so neither needs the lock to count what it committed.
-        self._written_by_writer = 0
-        self._written_by_close = 0
+        self._first_unwritten_at: float | None = None  # monotonic time of the oldest unwritten append
+        self._written = 0
+        self._adopted = 0
         self._flushing = 0
-        self._busy = False  # the writer holds a batch or is applying retention
+        self._down_since: float | None = None
         self._closed = False
-        self._closer: int | None = None
         self._finished = threading.Event()
         self._abandoned = threading.Event()
         self._thread: threading.Thread | None = None
@@ -190,7 +220,9 @@ class InferenceLog:
             cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")  # workers wait for each other
             cursor.close()
 
-    def _create_tables(self) -> None:
+    def _ensure_tables(self) -> None:
+        if self._tables_ready:
+            return
         # Several server workers start at once; checking and creating the tables must not interleave.
         if self.engine.dialect.name == "sqlite":
             with open(self._sqlite_path.with_suffix(".lock"), "a") as fh:
@@ -201,12 +233,13 @@ class InferenceLog:
                         _add_missing_columns(conn)
                 finally:
                     fcntl.flock(fh, fcntl.LOCK_UN)
-            return
-        key = int.from_bytes(hashlib.sha256(b"champion:inference-log").digest()[:8], "big", signed=True)
-        with self.engine.begin() as conn:
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
-            _metadata.create_all(conn, checkfirst=True)
-            _add_missing_columns(conn)
+        else:
+            key = int.from_bytes(hashlib.sha256(b"champion:inference-log").digest()[:8], "big", signed=True)
+            with self.engine.begin() as conn:
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+                _metadata.create_all(conn, checkfirst=True)
+                _add_missing_columns(conn)
+        self._tables_ready = True
 
     def start(self) -> InferenceLog:
         """Start the writer thread (once); `close` is also registered to run at interpreter exit."""
@@ -221,161 +254,216 @@ class InferenceLog:
 
     # --- the request path -----------------------------------------------------------------------------
 
-    def append(self, records: Sequence[PredictionRecord], timeout: float | None = None) -> None:
-        """Queue records for the writer, waiting while the queue is full; TimeoutError after `timeout` s."""
+    def append(self, records: Sequence[PredictionRecord]) -> None:
+        """Put records in the spool (one write); once this returns they survive a kill of the process.
+
+        Raises SpoolFullError, writing nothing, when the spool already holds `max_spool_bytes` that the
+        database has not taken (it has been down for long): the caller should refuse the request.
+        """
         records = list(records)
         for record in records:  # anything else would stall the writer, which retries a batch until it commits
             if not isinstance(record, PredictionRecord):
                 raise TypeError(f"append() takes PredictionRecord objects; got a {type(record).__name__}.")
-        deadline = None if timeout is None else time.monotonic() + timeout
-        done = 0
+        if not records:
+            return
+        data = b"".join(_encode(r) for r in records)
         with self._lock:
-            while done < len(records):
-                if self._closed:
-                    raise RuntimeError("This inference log is closed; predictions can no longer be appended.")
-                free = self.queue_size - len(self._queue)
-                if free <= 0:
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
-                        raise TimeoutError(
-                            f"The inference log queue stayed full ({self.queue_size} records) for "
-                            f"{timeout} s, so {len(records) - done} of {len(records)} records were not "
-                            "appended; check that the writer is started and the database is reachable."
-                        )
-                    self._not_full.wait(remaining)
-                    continue
-                chunk = records[done : done + free]
-                self._queue.extend(chunk)
-                self._appended += len(chunk)
-                done += len(chunk)
-                if len(self._queue) == len(chunk) or len(self._queue) >= self._full_batch:
-                    self._not_empty.notify()
+            if self._closed:
+                raise LogClosedError("the inference log is closed (the server is stopping); send it again.")
+            if self.spool.unshipped_bytes + len(data) > self.max_spool_bytes:
+                raise SpoolFullError(
+                    f"the inference log spool at {self.spool.folder} holds {self.spool.unshipped_bytes:,} "
+                    f"bytes the database has not taken (limit {self.max_spool_bytes:,}); predictions are "
+                    "refused until the inference log database is back."
+                )
+            self.spool.append(data)
+            if self._appended == self._written:
+                self._first_unwritten_at = time.monotonic()
+            self._appended += len(records)
+            if self._appended - self._written in (len(records), self.batch_size):
+                self._wake.notify()
 
     def flush(self, timeout: float | None = 30.0) -> None:
         """Return once every record appended before this call is committed."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             target = self._appended
-            if self.written >= target:
+            if self._written >= target:
                 return
             if self._thread is None and not self._closed:
                 raise RuntimeError("InferenceLog.flush() needs the writer thread; call start() first.")
             self._flushing += 1
-            self._not_empty.notify()  # the writer stops waiting for a full batch
+            self._wake.notify()  # the writer stops waiting for a full batch
             try:
-                while self.written < target:
+                while self._written < target:
                     if self._finished.is_set():
-                        raise RuntimeError(
-                            f"The inference log was closed with {self.pending} predictions left unwritten."
+                        raise LogUnavailableError(
+                            f"the inference log was closed with {self.pending} predictions not yet written "
+                            f"to the database; they are kept in {self.spool.folder} for the next start."
                         )
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
-                        raise TimeoutError(
-                            f"{target - self.written} predictions were still unwritten after {timeout} s; "
-                            "check that the inference log database is reachable."
+                        raise LogUnavailableError(
+                            f"{target - self._written} predictions were still not in the inference log "
+                            f"database after {timeout} s; check that it is reachable (they are kept in "
+                            f"{self.spool.folder} meanwhile)."
                         )
                     self._progress.wait(remaining)
             finally:
                 self._flushing -= 1
 
     def close(self, timeout: float = 30.0) -> int:
-        """Write what is queued and stop the writer; returns how many records could not be written."""
+        """Write what is spooled and stop the writer; returns how many records stay in the spool unwritten.
+
+        Those are not lost: the next InferenceLog started on the same spool folder writes them.
+        """
         deadline = time.monotonic() + timeout
         with self._lock:
             first = not self._closed
-            if first:
-                self._closed, self._closer = True, threading.get_ident()
-                queued = list(self._queue)
-                self._queue.clear()
-                for condition in (self._not_empty, self._not_full, self._progress):
-                    condition.notify_all()
+            self._closed = True
+            for condition in (self._wake, self._progress):
+                condition.notify_all()
         if not first:
-            if self._closer != threading.get_ident():  # on the closing thread itself, waiting would deadlock
-                self._finished.wait(timeout)
+            self._finished.wait(timeout)
             return self.pending
-        # Written here, not by the writer: when a signal handler interrupted append on this thread, the
-        # lock stays held until the handler returns and the writer could never take the queue.
-        for start in range(0, len(queued), self.batch_size):
-            batch = queued[start : start + self.batch_size]
-            if not self._insert_until(batch, deadline):
-                break
-            self._written_by_close += len(batch)
-        # Polled rather than joined, for the same reason: the writer may be waiting for the lock.
-        while self._busy and time.monotonic() < deadline:
-            time.sleep(0.01)
+        # Shipped here, not left to the writer: when a signal handler interrupted append on this thread,
+        # the lock stays held until the handler returns, and the writer could never take the last batch.
+        if self._ship_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            try:
+                while self._ship_batch(deadline):
+                    pass
+            finally:
+                self._abandoned.set()
+                self._ship_lock.release()
         self._abandoned.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=max(0.0, min(0.5, deadline - time.monotonic())))
         atexit.unregister(self.close)
+        left = self.pending
+        self.spool.close()
         self.engine.dispose()
         self._finished.set()
         with self._lock:
             self._progress.notify_all()
-        lost = self.pending
-        if lost:
-            logger.error("The inference log closed with %d predictions that could not be written.", lost)
-        return lost
+        if left:
+            logger.error(
+                "The inference log closed with %d predictions not yet in the database; they stay in %s "
+                "and are written by the next server started on it.",
+                left,
+                self.spool.folder,
+            )
+        return left
 
     @property
     def written(self) -> int:
-        """Records committed so far."""
-        return self._written_by_writer + self._written_by_close
+        """Records this log appended that are committed to the database."""
+        return self._written
 
     @property
     def pending(self) -> int:
         """Records appended but not yet committed."""
-        return max(0, self._appended - self.written)
+        return max(0, self._appended - self._written)
+
+    @property
+    def adopted(self) -> int:
+        """Records left by dead processes in the spool folder that this log wrote for them."""
+        return self._adopted
+
+    def behind_seconds(self) -> float:
+        """How long the oldest record not yet in the database has waited; 0 when none waits."""
+        started = self._first_unwritten_at
+        return 0.0 if started is None or not self.pending else time.monotonic() - started
 
     # --- the writer thread ----------------------------------------------------------------------------
 
     def _run(self) -> None:
-        next_retention = time.monotonic()
+        next_retention = next_adoption = time.monotonic()
         while True:
-            if time.monotonic() >= next_retention:
+            now = time.monotonic()
+            if now >= next_retention:
                 self._retain()
                 next_retention = time.monotonic() + _RETENTION_EVERY_S
-            batch = self._take(until=next_retention)
-            if batch is None:
+            if now >= next_adoption:
+                self._adopt()
+                next_adoption = time.monotonic() + self.adopt_seconds
+            if not self._wait_for_batch(until=min(next_retention, next_adoption)):
                 return
-            if not batch:
-                continue
-            if self._insert_until(batch, deadline=None):
-                self._written_by_writer += len(batch)
-            self._busy = False
+            with self._ship_lock:
+                if self._abandoned.is_set():
+                    return
+                self._ship_batch(deadline=None)
             with self._lock:
                 self._progress.notify_all()
 
-    def _take(self, until: float) -> list[PredictionRecord] | None:
-        """The next batch; [] when it is time for retention instead; None once closed."""
+    def _wait_for_batch(self, until: float) -> bool:
+        """Wait until a batch is worth shipping (full, old enough, flushed) or `until`; False once closed."""
         with self._lock:
-            while not self._queue:
+            while not self.pending:
                 if self._closed:
-                    return None
+                    return False
                 remaining = until - time.monotonic()
                 if remaining <= 0:
-                    return []
-                self._not_empty.wait(remaining)
+                    return True
+                self._wake.wait(remaining)
             fill_by = time.monotonic() + self.flush_seconds
-            while len(self._queue) < self._full_batch and not self._flushing and not self._closed:
-                remaining = fill_by - time.monotonic()
+            while self.pending < self.batch_size and not self._flushing and not self._closed:
+                remaining = min(fill_by, until) - time.monotonic()
                 if remaining <= 0:
                     break
-                self._not_empty.wait(remaining)
-            if not self._queue:  # close() took it
-                return None
-            batch = [self._queue.popleft() for _ in range(min(self.batch_size, len(self._queue)))]
-            self._busy = True
-            self._not_full.notify_all()
-            return batch
+                self._wake.wait(remaining)
+            return not self._closed or self.pending > 0
+
+    def _ship_batch(self, deadline: float | None) -> bool:
+        """Write the next spooled batch to the database (the caller holds the ship lock); False when none."""
+        lines, position = self.spool.read(self.batch_size)
+        if not lines:
+            return False
+        records = _decode_lines(lines, self.spool.folder)
+        if not self._insert_until(records, deadline):
+            return False
+        self.spool.shipped(position, sum(map(len, lines)))
+        self._written += len(records)
+        if not self.pending:
+            self._first_unwritten_at = None
+        return True
+
+    def _adopt(self) -> None:
+        """Write what killed processes left in the spool folder (their flock is free)."""
+        try:
+            with self._ship_lock:
+                adopted = self.spool.adopt_orphans(self._ship_lines, self.batch_size)
+        except _Abandoned:
+            return
+        except Exception as err:  # the database is down: what they left waits for the next round
+            logger.warning("Could not yet write predictions left in the spool (%s).", _first_line(err))
+            return
+        if adopted:
+            self._adopted += adopted
+            logger.warning(
+                "Wrote %d predictions that a stopped server had left in %s.", adopted, self.spool.folder
+            )
+
+    def _ship_lines(self, lines: list[bytes]) -> None:
+        records = _decode_lines(lines, self.spool.folder)
+        if not self._insert_until(records, deadline=None):
+            raise _Abandoned()
 
     def _insert_until(self, batch: list[PredictionRecord], deadline: float | None) -> bool:
         """Insert one batch, retrying with backoff until it commits, `deadline` passes or close gives up."""
         backoff = _BACKOFF_FIRST_S
         while True:
             try:
+                self._ensure_tables()
                 self._insert(batch)
-                return True
-            except Exception as err:  # whatever failed, the records stay in hand and are retried
+            except Exception as err:  # whatever failed, the records stay in the spool and are retried
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                    logger.error(
+                        "The inference log database is not taking writes (%s); predictions are kept in %s "
+                        "and written when it is back.",
+                        _first_line(err),
+                        self.spool.folder,
+                    )
                 wait = backoff if deadline is None else min(backoff, deadline - time.monotonic())
                 if wait <= 0 or self._abandoned.is_set():
                     logger.error("Giving up on writing %d predictions: %s", len(batch), _first_line(err))
@@ -389,8 +477,23 @@ class InferenceLog:
                 if self._abandoned.wait(wait):
                     return False
                 backoff = min(backoff * 2, _BACKOFF_MAX_S)
+                continue
+            if self._down_since is not None:
+                logger.warning(
+                    "The inference log database is back after %.0f s; writing what was spooled.",
+                    time.monotonic() - self._down_since,
+                )
+                self._down_since = None
+            return True
+
+    @property
+    def database_up(self) -> bool:
+        """False from a failed write until the next one that commits."""
+        return self._down_since is None
 
     def _insert(self, batch: list[PredictionRecord]) -> None:
+        if not batch:
+            return
         if self.engine.dialect.name == "postgresql":
             from sqlalchemy.dialects.postgresql import insert
         else:
@@ -402,19 +505,16 @@ class InferenceLog:
             )
 
     def _retain(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._busy = True
+        if self._closed:
+            return
         try:
+            self._ensure_tables()
             if deleted := self.apply_retention():
                 logger.info(
                     "Retention deleted %d predictions older than %s days.", deleted, self.retention_days
                 )
         except Exception as err:  # retention can wait for the next hour; writing predictions cannot
             logger.warning("Inference log retention failed (%s); trying again in an hour.", _first_line(err))
-        finally:
-            self._busy = False
 
     # --- feedback, retention, reading -----------------------------------------------------------------
 
@@ -431,7 +531,7 @@ class InferenceLog:
         _check_text("actor", row["actor"], 256)
         if self._insert_feedback(row):
             return
-        self.flush()  # the prediction may still be queued
+        self.flush(timeout=10.0)  # the prediction may still be in the spool
         if not self._insert_feedback(row):
             raise UnknownRequestError(
                 f"No prediction with request_id {request_id!r} is in the inference log; send feedback with a "
@@ -439,12 +539,19 @@ class InferenceLog:
             )
 
     def _insert_feedback(self, row: dict) -> bool:
-        with self.engine.begin() as conn:
-            known = conn.execute(
-                sa.select(predictions.c.id).where(predictions.c.request_id == row["request_id"]).limit(1)
-            ).first()
-            if known is not None:
-                conn.execute(feedback.insert(), row)
+        try:
+            self._ensure_tables()
+            with self.engine.begin() as conn:
+                known = conn.execute(
+                    sa.select(predictions.c.id).where(predictions.c.request_id == row["request_id"]).limit(1)
+                ).first()
+                if known is not None:
+                    conn.execute(feedback.insert(), row)
+        except sa.exc.OperationalError as err:
+            raise LogUnavailableError(
+                f"the inference log database is not reachable ({_first_line(err)}); send the feedback again "
+                "once it is back."
+            ) from None
         return known is not None
 
     def apply_retention(self, now: datetime | None = None) -> int:
@@ -475,6 +582,7 @@ class InferenceLog:
 
         p = predictions.c
         columns = [p[name] for name in _COLUMNS]
+        self._ensure_tables()
         if with_feedback:
             latest = (
                 sa.select(feedback.c.label)
@@ -500,6 +608,50 @@ class InferenceLog:
             frame = pd.DataFrame(result.all(), columns=list(result.keys()))
         frame["at"] = pd.to_datetime(frame["at"], utc=True)  # sqlite hands back naive UTC
         return frame
+
+
+class _Abandoned(Exception):
+    """close() gave up while the writer was shipping what a dead process left."""
+
+
+def default_spool_dir(url: str) -> Path:
+    """Where a log on `url` spools: beside a sqlite file, else in the home, one folder per database."""
+    parsed = sa.engine.make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return Path(parsed.database).with_suffix(".spool")
+    from champion.config import champion_home
+
+    key = hashlib.sha256(parsed.render_as_string(hide_password=True).encode()).hexdigest()[:12]
+    return champion_home() / "spool" / f"{parsed.host or 'local'}-{parsed.database or 'db'}-{key}"
+
+
+def _encode(r: PredictionRecord) -> bytes:
+    """One spool line: a JSON array in the table's column order; probabilities as base64."""
+    probs = None if r.probs is None else base64.b64encode(r.probs).decode("ascii")
+    row = [r.request_id, r.at.isoformat(), r.model_name, r.model_version, r.arm, r.text, r.label,
+           r.score, r.latency_ms, r.agrees, probs]  # fmt: skip
+    return json.dumps(row, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
+def _decode(line: bytes) -> PredictionRecord:
+    rid, at, model, version, arm, text, label, score, latency, agrees, probs = json.loads(line)
+    return PredictionRecord(
+        rid, datetime.fromisoformat(at), model, version, arm, text, label, score, latency, agrees,
+        None if probs is None else base64.b64decode(probs),
+    )  # fmt: skip
+
+
+def _decode_lines(lines: list[bytes], folder: Path) -> list[PredictionRecord]:
+    """The records in `lines`; a line that is not one (edited by hand, disk damage) is set aside, not lost."""
+    records = []
+    for line in lines:
+        try:
+            records.append(_decode(line))
+        except (ValueError, TypeError) as err:
+            with open(folder / "rejected.jsonl", "ab") as fh:
+                fh.write(line if line.endswith(b"\n") else line + b"\n")
+            logger.error("A spooled line is not a prediction record (%s); set aside in rejected.jsonl.", err)
+    return records
 
 
 def _add_missing_columns(conn: sa.Connection) -> None:

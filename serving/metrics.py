@@ -27,6 +27,8 @@ class Metrics:
     swaps: object
     served: object
     log_pending: object
+    log_behind: object
+    log_database_up: object
     shadow_skipped: object
 
 
@@ -66,6 +68,18 @@ def metrics() -> Metrics:
             "Predictions waiting to be written to the inference log",
             ["model"],
             multiprocess_mode="livesum",
+        ),
+        log_behind=Gauge(
+            "champion_inference_log_behind_seconds",
+            "Age of the oldest prediction not yet written to the inference log database (0: none waits)",
+            ["model"],
+            multiprocess_mode="livemax",
+        ),
+        log_database_up=Gauge(
+            "champion_inference_log_database_up",
+            "0 while the inference log database refuses writes (predictions wait in the spool)",
+            ["model"],
+            multiprocess_mode="livemin",
         ),
         shadow_skipped=Counter(
             "champion_shadow_skipped", "Shadow copies skipped because the shadow queue was full", ["model"]

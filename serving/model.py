@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import shutil
 import tempfile
@@ -216,6 +217,7 @@ def load_version(client, name: str, version: str, device: str = "auto", max_toke
     import torch
 
     from champion.formats import format_of
+    from champion.safety import check_version_folder
 
     started = time.perf_counter()
     mv = client.get_model_version(name, str(version))
@@ -225,8 +227,11 @@ def load_version(client, name: str, version: str, device: str = "auto", max_toke
         fmt = format_of(dict(mv.tags))
     except ChampionError as err:
         raise ChampionError(f"version {version} of '{name}' could not be loaded: {err}") from None
+    folder = _download(name, str(version), mv.source)
+    # Refused before a byte is read as a model: pickles, code-running flavours, files changed since.
+    check_version_folder(folder, fmt, dict(mv.tags), f"version {version} of '{name}'")
     if fmt != "safetensors":
-        loaded = load_variant(name, str(version), fmt, _download(name, str(version), mv.source), max_tokens)
+        loaded = load_variant(name, str(version), fmt, folder, max_tokens)
         loaded.warm()
         object.__setattr__(loaded, "load_seconds", time.perf_counter() - started)
         log.info("loaded %s v%s (%s) in %.2f s", name, version, fmt, loaded.load_seconds)
@@ -238,7 +243,7 @@ def load_version(client, name: str, version: str, device: str = "auto", max_toke
     level = flavor_log.level
     flavor_log.setLevel(logging.ERROR)  # offline it warns about the hub's model card; irrelevant here
     try:
-        parts = mlflow.transformers.load_model(f"models:/{name}/{version}", return_type="components")
+        parts = mlflow.transformers.load_model(str(folder), return_type="components")
     except Exception as err:
         raise ChampionError(f"version {version} of '{name}' could not be loaded: {err}") from err
     finally:
@@ -269,8 +274,6 @@ def _download(name: str, version: str, source: str):
     version and used again never finds the old files."""
     import hashlib
 
-    import mlflow
-
     from champion.config import champion_home
 
     key = hashlib.sha256(source.encode()).hexdigest()[:12]
@@ -278,6 +281,17 @@ def _download(name: str, version: str, source: str):
     if (target / ".complete").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    # The workers of one server load the same version at the same moment: one downloads, the others wait.
+    with open(target.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / ".complete").exists():
+            _download_into(name, version, target)
+    return target
+
+
+def _download_into(name: str, version: str, target: Path) -> None:
+    import mlflow
+
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         try:
             local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=tmp))
@@ -286,7 +300,6 @@ def _download(name: str, version: str, source: str):
         (local / ".complete").touch()
         shutil.rmtree(target, ignore_errors=True)
         local.rename(target)
-    return target
 
 
 def load_variant(name: str, version: str, fmt: str, folder, max_tokens: int) -> LoadedModel:

@@ -7,6 +7,7 @@ in tests and notebooks, and so the request path is plain Python that is easy to 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import random
 import threading
@@ -19,7 +20,7 @@ from pydantic import BaseModel, ConfigDict
 
 from serving.config import ServeConfig, inference_log_url
 from serving.follower import Follower, Served, Swap
-from serving.inference_log import InferenceLog, PredictionRecord, encode_probs
+from serving.inference_log import InferenceLog, PredictionRecord, SpoolFullError, encode_probs
 from serving.metrics import metrics
 from serving.model import LoadedModel, load_version, serve_forwards_from_one_thread
 from serving.traffic import CANARY_ARM, CHALLENGER_ARM, CHAMPION_ARM, SHADOW_ARM, CanaryMonitor, choose_arms
@@ -59,7 +60,8 @@ class ModelServer:
         self.registry = registry or connect(cfg.tracking_uri)
         self.log = inference_log or InferenceLog(
             inference_log_url(cfg),
-            queue_size=cfg.log.queue_size,
+            spool_dir=cfg.log.spool_dir,
+            max_spool_bytes=int(cfg.log.spool_max_mb * (1 << 20)),
             batch_size=cfg.log.batch_size,
             flush_seconds=cfg.log.flush_seconds,
             retention_days=cfg.log.retention_days,
@@ -71,6 +73,7 @@ class ModelServer:
         self._shadow: queue.Queue = queue.Queue(maxsize=cfg.traffic.shadow_queue)
         self._threads: list[threading.Thread] = []
         self._closed = threading.Event()
+        self._refused: set[str] = set()  # versions refused as unsafe, audited once per worker
         self._serving: dict[str, tuple[str, str]] = {}  # alias -> (version, format) now served
         self._aliases_seen: tuple[int | None, float, dict[str, str]] | None = None  # token, when, aliases
         self.follower = Follower(
@@ -86,8 +89,12 @@ class ModelServer:
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
-    def start(self) -> ModelServer:
+    def start(self, exit_with_parent: bool = False) -> ModelServer:
+        """Load the champion and start following; `exit_with_parent` in a server worker (see below)."""
         import torch
+
+        if exit_with_parent:  # flush only: closing the log would fail the requests still in flight
+            exit_when_orphaned(lambda: self.log.flush(timeout=2.0))
 
         torch.set_num_threads(self.cfg.threads)
         serve_forwards_from_one_thread(self.cfg.threads)  # one OpenMP team: see serving/model.py
@@ -210,7 +217,7 @@ class ModelServer:
                     encode_probs(row),
                 )
             )
-        self.log.append(records)  # waits when the log's queue is full: slower, never lost
+        self.log.append(records)  # in the spool before anyone sees an answer: a kill loses none
         self._count(answers)
         if self.cfg.traffic.policy == "shadow" and challenger is not None:
             self._offer_shadow(challenger, texts, answers)
@@ -262,6 +269,8 @@ class ModelServer:
             m.predicted.labels(self.name, a.version, a.arm, a.label).inc()
             m.confidence.labels(self.name, a.version, a.arm).observe(a.score)
         m.log_pending.labels(self.name).set(self.log.pending)
+        m.log_behind.labels(self.name).set(self.log.behind_seconds())
+        m.log_database_up.labels(self.name).set(1 if self.log.database_up else 0)
 
     def _read_aliases(self) -> dict[str, str]:
         """The aliases as the registry says now. Reading them from MLflow costs ~30 ms of CPU on sqlite (the
@@ -291,7 +300,24 @@ class ModelServer:
         return aliases
 
     def _load(self, version: str) -> LoadedModel:
-        return load_version(self.registry.client, self.name, version, self.cfg.device, self.cfg.max_tokens)
+        from champion.audit import LoopEvent
+        from champion.safety import UnsafeModelError
+
+        try:
+            return load_version(
+                self.registry.client, self.name, version, self.cfg.device, self.cfg.max_tokens
+            )
+        except UnsafeModelError as err:  # the follower keeps what it serves; the refusal goes in the history
+            if version not in self._refused:
+                self._refused.add(version)
+                try:
+                    event = LoopEvent(
+                        self.name, "refused", str(err), version, {"action": "load", "pid": os.getpid()}
+                    )
+                    self.registry.audit.record(event)
+                except Exception:
+                    log.exception("could not audit the refusal of v%s", version)
+            raise
 
     def _on_swap(self, swap: Swap, served: Served) -> None:
         m = self.metrics
@@ -303,6 +329,16 @@ class ModelServer:
             m.served.labels(self.name, swap.alias, *before).set(0)
         m.served.labels(self.name, swap.alias, *serving).set(1)
         self._serving[swap.alias] = serving
+
+    def log_full_reason(self) -> str | None:
+        """Why predictions are refused now: the inference log spool is at its bound (database down long)."""
+        log = self.log
+        if log.spool.unshipped_bytes < log.max_spool_bytes:
+            return None
+        return (
+            f"the inference log database has been unreachable long enough to fill the spool "
+            f"({log.max_spool_bytes:,} bytes); predictions are refused until it is back: none goes unlogged."
+        )
 
     def not_ready_reason(self) -> str:
         error = self.follower.last_error
@@ -360,7 +396,10 @@ class ModelServer:
                     )
                 )
                 self.metrics.agreement.labels(self.name, challenger.version, SHADOW_ARM, str(agrees)).inc()
-            self.log.append(records)
+            try:
+                self.log.append(records)
+            except SpoolFullError:  # the answers went out already; a shadow copy is best effort
+                self.metrics.shadow_skipped.labels(self.name).inc(len(records))
 
     # --- canary ---------------------------------------------------------------------------------------
 
@@ -403,3 +442,28 @@ class ModelServer:
 def _distinct(served: Served) -> bool:
     """A challenger that is also the champion adds nothing to route to."""
     return served.challenger is not None and served.challenger.version != served.champion.version
+
+
+def exit_when_orphaned(cleanup, poll_seconds: float = 0.5, cleanup_seconds: float = 3.0) -> threading.Thread:
+    """Exit this process soon after its parent dies: a BentoML worker whose `bentoml serve` was killed
+    would otherwise keep the listening socket it inherited, and a restarted server could not bind.
+
+    A daemon thread polls getppid() (a dead parent's children are re-parented); it then runs `cleanup`
+    (a flush of the inference log, though its spool already holds every answered record: the next server
+    writes what is left) for at most `cleanup_seconds`, and ends the process with os._exit, which skips
+    anything that could hang.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        log.error("pid %d: the server process (pid %d) is gone; this worker exits too.", os.getpid(), parent)
+        done = threading.Thread(target=cleanup, name="orphan-cleanup", daemon=True)
+        done.start()
+        done.join(cleanup_seconds)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="parent-watch", daemon=True)
+    thread.start()
+    return thread

@@ -5,7 +5,9 @@ when the class is defined, so `ChampionService` is built on first access from th
 wrote (`CHAMPION_SERVE_CONFIG`), not at import.
 
 Endpoints: POST /predict and /predict_proba (adaptive batching), POST /feedback and /reload (API key),
-and BentoML's own /healthz, /livez, /readyz and /metrics.
+and BentoML's own /healthz, /livez, /readyz and /metrics. The POST endpoints take a JSON body only (or one
+without a Content-Type, which BentoML reads as JSON), no larger than `limits` allow; a bad request gets a
+4xx with {"error": one sentence, "field": what to fix}, never a 5xx.
 """
 
 import hmac
@@ -13,15 +15,29 @@ import json
 import os
 import re
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 from pydantic import AfterValidator, Field
 
-from serving.config import API_KEY_ENV, ServeConfig, config_from_env
+from serving.config import API_KEY_ENV, LimitsConfig, ServeConfig, config_from_env
 from serving.server import Answer, AnswerWithProbabilities
 
 PREDICT_PATHS = ("/predict", "/predict_proba")
 MUTATING_PATHS = ("/feedback", "/reload")
+MAX_HEADER_BYTES = 16 * 1024  # h11's and most proxies' limit; httptools, which uvicorn prefers, has none
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token: media types and parameter names
+
+
+class _Refusal(NamedTuple):
+    """A request answered before the app sees it: the status, the field at fault and the sentence."""
+
+    status: int
+    field: str
+    error: str
+
+
+_TWO_CONTENT_TYPES = _Refusal(400, "Content-Type", "the request has two Content-Type headers; send one.")
+_INCOMPLETE_BODY = _Refusal(400, "body", "the connection closed in the middle of the body; send all of it.")
 
 
 def _checked_text(text: str) -> str:
@@ -56,6 +72,8 @@ def build_service(cfg: ServeConfig):
         threads=cfg.batching.in_flight,  # BentoML's limit on sync API calls running at once in a worker
         traffic={"timeout": cfg.timeout_seconds},
         metrics={"enabled": True, "namespace": "bentoml_service"},
+        # The request's Content-Type is not logged: BentoML's access log raises on one that is not UTF-8.
+        logging={"access": {"enabled": cfg.access_log, "request_content_type": False}},
     )
     class ChampionService:
         def __init__(self) -> None:
@@ -63,7 +81,8 @@ def build_service(cfg: ServeConfig):
             from serving.server import ModelServer
 
             prepare_environment()
-            self.server = ModelServer(cfg).start()
+            # exit_with_parent: a worker whose `bentoml serve` was killed exits instead of holding the port.
+            self.server = ModelServer(cfg).start(exit_with_parent=True)
             holder["server"] = self.server
 
         def __is_ready__(self) -> bool:
@@ -75,24 +94,26 @@ def build_service(cfg: ServeConfig):
 
         @bentoml.api(**batching)
         def predict(self, texts: Texts) -> list[Answer]:
-            return self.server.predict(texts)
+            return _answer(self.server, texts, probabilities=False)
 
         @bentoml.api(**batching)
         def predict_proba(self, texts: Texts) -> list[AnswerWithProbabilities]:
-            return self.server.predict(texts, probabilities=True)
+            return _answer(self.server, texts, probabilities=True)
 
         @bentoml.api
         async def feedback(
             self,
-            request_id: Annotated[str, Field(min_length=1, max_length=64)],
+            request_id: Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_checked_text)],
             label: Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_checked_text)],
         ) -> dict:
-            from serving.inference_log import UnknownRequestError
+            from serving.inference_log import LogUnavailableError, UnknownRequestError
 
             try:
                 await to_thread.run_sync(self.server.feedback, request_id, label)
             except UnknownRequestError as err:
                 return JSONResponse({"error": str(err), "field": "request_id"}, status_code=404)
+            except LogUnavailableError as err:
+                return JSONResponse({"error": str(err), "field": None}, status_code=503)
             return {"request_id": request_id, "label": label, "recorded": True}
 
         @bentoml.api
@@ -103,32 +124,67 @@ def build_service(cfg: ServeConfig):
         # BentoML picks a response's media type from the output model's JSON schema, which pydantic builds
         # again for every response: a tenth of the event loop's work under load (py-spy). Ours is JSON.
         ChampionService.apis[name].output_spec.media_type = "application/json"
-    ChampionService.add_asgi_middleware(ChampionMiddleware, holder=holder, model=cfg.model)
+    ChampionService.add_asgi_middleware(
+        ChampionMiddleware, holder=holder, model=cfg.model, max_body=_max_body_bytes(limits)
+    )
     return ChampionService
 
 
-class ChampionMiddleware:
-    """API key on mutating endpoints; version header, latency metrics and one-sentence errors on the rest."""
+def _answer(server, texts: list[str], probabilities: bool):
+    """The batch's answers; a full inference log spool refuses the batch with 503 rather than answer
+    predictions that could not be logged (serving/inference_log.py)."""
+    from bentoml.exceptions import ServiceUnavailable
 
-    def __init__(self, app, holder: dict[str, Any], model: str):
-        self.app, self.holder, self.model = app, holder, model
+    from serving.inference_log import LogClosedError, SpoolFullError
+
+    try:
+        return server.predict(texts, probabilities=probabilities)
+    except (SpoolFullError, LogClosedError) as err:
+        raise ServiceUnavailable(str(err)) from None
+
+
+def _max_body_bytes(limits: LimitsConfig) -> int:
+    """The largest body a valid request can need: every text at its limit, every character escaped as a
+    surrogate pair (12 bytes, `\\ud83d\\ude00`), with room for keys and whitespace."""
+    return limits.max_items * (limits.max_text_chars * 12 + 16) + 4096
+
+
+class ChampionMiddleware:
+    """API key on mutating endpoints, then the request's headers (JSON only, sizes); version header, latency
+    metrics and one-sentence errors on every answer of the service's own endpoints."""
+
+    def __init__(self, app, holder: dict[str, Any], model: str, max_body: int):
+        self.app, self.holder, self.model, self.max_body = app, holder, model, max_body
 
     async def __call__(self, scope, receive, send) -> None:
         path = scope.get("path", "") if scope["type"] == "http" else ""
+        if path not in PREDICT_PATHS and path not in MUTATING_PATHS:
+            await self.app(scope, receive, send)
+            return
+        headers = scope.get("headers") or []
         if path in MUTATING_PATHS:
-            problem = _auth_problem(dict(scope.get("headers") or []))
+            problem = _auth_problem(dict(headers))
             if problem is not None:
                 self._error_metric("unauthorized")
                 await _send_json(send, problem[0], {"error": problem[1], "field": "X-API-Key"})
                 return
-        if path not in PREDICT_PATHS and path not in MUTATING_PATHS:
-            await self.app(scope, receive, send)
-            return
+        if scope["method"] == "POST":  # other methods get BentoML's 405 (and CORS its preflight)
+            refusal = _check_head(headers, self.max_body)
+            if refusal is None:
+                receive, refusal = await _read_body(receive, self.max_body)
+            if refusal is not None:
+                self._error_metric("bad_request")
+                await _send_json(send, refusal.status, {"error": refusal.error, "field": refusal.field})
+                return
         if path in PREDICT_PATHS:
             server = self.holder.get("server")
             if server is not None and not server.ready():
                 self._error_metric("not_ready")
                 await _send_json(send, 503, {"error": server.not_ready_reason(), "field": None})
+                return
+            if server is not None and (full := server.log_full_reason()):
+                self._error_metric("log_full")
+                await _send_json(send, 503, {"error": full, "field": None})
                 return
         started = time.perf_counter()
         start_message: dict[str, Any] = {}
@@ -143,7 +199,11 @@ class ChampionMiddleware:
                 return
             status, payload = start_message["status"], bytes(body)
             headers = [(k, v) for k, v in start_message.get("headers", []) if k.lower() != b"content-length"]
-            if status >= 400:
+            if status == 405:
+                error = f"{scope['method']} is not allowed on {path}; send a POST with a JSON body."
+                payload = json.dumps({"error": error, "field": None}).encode()
+                self._error_metric("bad_request")
+            elif status >= 400:
                 payload = json.dumps(_one_sentence(status, payload)).encode()
                 self._error_metric("bad_request" if status < 500 else "server_error")
             elif path in PREDICT_PATHS:
@@ -200,6 +260,91 @@ def _auth_problem(headers: dict[bytes, bytes]) -> tuple[int, str] | None:
     return None
 
 
+def _check_head(headers, max_body: int) -> _Refusal | None:
+    """Why a POST to one of the JSON endpoints is refused on its headers alone, or None.
+
+    One pass over the raw header pairs; the usual `application/json` costs one bytes comparison.
+    """
+    content_type = length = None
+    size = 0
+    for name, value in headers:
+        size += len(name) + len(value)
+        if name == b"content-type":
+            if content_type is not None:
+                return _TWO_CONTENT_TYPES
+            content_type = value
+        elif name == b"content-length":
+            length = value
+        elif name == b"content-encoding" and value.lower() != b"identity":
+            error = f"Content-Encoding {_shown(value)} is not accepted; send the JSON body uncompressed."
+            return _Refusal(415, "Content-Encoding", error)
+    if size > MAX_HEADER_BYTES:
+        field = max(headers, key=lambda pair: len(pair[1]))[0].decode("latin-1")
+        error = f"the request headers are {size} bytes, over {MAX_HEADER_BYTES}; shorten {field}."
+        return _Refusal(431, field, error)
+    if content_type is not None and content_type != b"application/json":
+        refusal = _media_type_refusal(content_type)
+        if refusal is not None:
+            return refusal
+    if length is None:  # chunked: _read_body counts
+        return None
+    if not length.isdigit():  # uvicorn refuses these itself; other ASGI servers may not
+        return _Refusal(400, "Content-Length", f"Content-Length {_shown(length)} is not a number.")
+    if int(length) > max_body:
+        error = f"the body is {int(length)} bytes, over the limit of {max_body}; send fewer or shorter texts."
+        return _Refusal(413, "Content-Length", error)
+    return None
+
+
+def _media_type_refusal(value: bytes) -> _Refusal | None:
+    """None for application/json (in UTF-8 if it names a charset): the endpoints take nothing else."""
+    media_type, _, parameters = value.partition(b";")
+    media_type = media_type.strip().lower()
+    kind, slash, subtype = media_type.partition(b"/")
+    if not (slash and _TOKEN.fullmatch(kind) and _TOKEN.fullmatch(subtype)):
+        return _Refusal(400, "Content-Type", f"{_shown(value)} is not a media type; send application/json.")
+    if media_type != b"application/json":
+        error = f"{_shown(media_type)} is not accepted; send a JSON body as application/json."
+        return _Refusal(415, "Content-Type", error)
+    for parameter in parameters.split(b";"):
+        name, equals, given = parameter.strip().partition(b"=")
+        if not name and not equals:
+            continue  # RFC 9110 allows empty parameters ("application/json;")
+        if not (equals and _TOKEN.fullmatch(name)):
+            return _Refusal(400, "Content-Type", f"{_shown(value)} has a malformed parameter; drop it.")
+        if name.lower() == b"charset" and given.strip(b'"').lower() not in (b"utf-8", b"utf8"):
+            return _Refusal(415, "Content-Type", f"charset {_shown(given)} is not accepted; send UTF-8.")
+    return None
+
+
+def _shown(value: bytes) -> str:
+    """A header value for an error sentence: printable, and short whatever the client sent."""
+    text = value.decode("latin-1")
+    return repr(text if len(text) <= 60 else text[:57] + "...")
+
+
+async def _read_body(receive, max_body: int):
+    """(a receive that replays the whole body, None), or (receive, a refusal) when it is too long or the
+    client left before sending it all: BentoML would answer that with a 500 and a traceback."""
+    messages, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return receive, _INCOMPLETE_BODY  # nobody will read the answer; the access log and metrics will
+        messages.append(message)
+        size += len(message.get("body", b""))
+        if size > max_body:
+            error = f"the body is over the limit of {max_body} bytes; send fewer or shorter texts."
+            return receive, _Refusal(413, "body", error)
+        if not message.get("more_body"):
+            break
+
+    async def replay():
+        return messages.pop(0) if messages else await receive()
+
+    return replay, None
+
+
 def _one_sentence(status: int, payload: bytes) -> dict[str, Any]:
     """Turn BentoML's error bodies (pydantic details, lists, bare strings) into {error, field}."""
     try:
@@ -218,9 +363,12 @@ def _one_sentence(status: int, payload: bytes) -> dict[str, Any]:
             return {"error": "the request body is not valid JSON; send a JSON object.", "field": None}
         if kind == "missing":
             return {"error": f"'{field}' is required; add it to the JSON body.", "field": field}
+        if kind == "model_type" and not first.get("loc"):  # an array, a number, null: not an object
+            return {"error": "the request body must be a JSON object of named fields.", "field": "body"}
         msg = re.sub(r"^Value error, ", "", msg)
         more = f" ({len(data['detail']) - 1} more problems)" if len(data["detail"]) > 1 else ""
-        return {"error": f"'{field}' {_lower_first(msg)}{more}; fix that value.", "field": field}
+        fix = "" if ";" in msg else "; fix that value"  # our own validators already name the fix
+        return {"error": f"'{field}' {_lower_first(msg)}{more}{fix}.", "field": field}
     if isinstance(data, dict) and "error" in data:
         return {"error": str(data["error"]), "field": data.get("field")}
     if status >= 500:

@@ -12,11 +12,27 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+FAKE_MODEL = Path("/tmp/champion-test-model")
+
+
+def fake_model_folder(folder: Path = FAKE_MODEL) -> Path:
+    """A folder shaped like a transformers-flavour MLflow model (safe files only), without real weights."""
+    if not (folder / "MLmodel").exists():
+        (folder / "model").mkdir(parents=True, exist_ok=True)
+        (folder / "model" / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+        (folder / "model" / "config.json").write_text("{}")
+        (folder / "MLmodel").write_text(
+            "flavors:\n  python_function: {loader_module: mlflow.transformers}\n"
+            "  transformers: {model_binary: model}\n"
+        )
+    return folder
+
 
 def make_versions(
-    reg, name: str, scores: list[float | None], source: str = "file:///tmp/champion-test-model"
+    reg, name: str, scores: list[float | None], source: str = f"file://{FAKE_MODEL}"
 ) -> list[str]:
     """Register `name` with one version per score (tagged metric.val_macro_f1), without training anything."""
+    fake_model_folder()
     reg.client.create_registered_model(name)
     versions = []
     for score in scores:
@@ -40,9 +56,26 @@ def http_process(
     Output goes to `log` (a pipe nobody reads would fill up and stall the server); the whole process
     group is stopped afterwards.
     """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    proc, url = launch_http(command, log, timeout, ready, env)
+    try:
+        yield url
+    finally:
+        stop_process_group(proc)
+
+
+def launch_http(
+    command: Callable[[int], list[str]],
+    log: Path,
+    timeout: float = 120,
+    ready: str = "/health",
+    env: dict[str, str] | None = None,
+    port: int | None = None,
+) -> tuple[subprocess.Popen, str]:
+    """Start `command(port)` (a free port unless given) in its own session; return it once `ready` is 200."""
+    if port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     with open(log, "w") as out:
         proc = subprocess.Popen(
@@ -54,7 +87,7 @@ def http_process(
             try:
                 with urllib.request.urlopen(f"{url}{ready}", timeout=2) as response:
                     if response.status == 200:
-                        break
+                        return proc, url
             except OSError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -62,9 +95,9 @@ def http_process(
                     f"{command(port)[:4]} did not answer {ready}:\n{log.read_text()[-3000:]}"
                 )
             time.sleep(0.5)
-        yield url
-    finally:
+    except BaseException:
         stop_process_group(proc)
+        raise
 
 
 def stop_process_group(proc: subprocess.Popen, timeout: float = 60) -> int:
@@ -111,3 +144,28 @@ def register_tiny_versions(
         tags = {"metric.val_macro_f1": str(0.5 + i / 100), "data_sha256": "d" * 64}
         versions.append(register_version(reg, name, info.model_uri, tags, CHALLENGER, "test version"))
     return versions
+
+
+def crash_child(env: dict[str, str], point: str, op: str, args: dict) -> None:
+    """Run one registry operation with CHAMPION_CRASH_AT=point, in a forked child (test_crash_safety)."""
+    os.environ.update(env)
+    os.environ["CHAMPION_CRASH_AT"] = point
+    from champion.registry import assign_alias, connect, promote, register_version, rollback
+
+    reg = connect()
+    if op == "promote":
+        promote(reg, args["name"], args["version"], reason="crash test", force=True)
+    elif op == "rollback":
+        rollback(reg, args["name"], reason="crash test")
+    elif op == "assign":
+        assign_alias(reg, args["name"], "challenger", args["version"], reason="crash test")
+    elif op == "register":
+        register_version(reg, args["name"], args["uri"], {}, "challenger", reason="crash test")
+    elif op == "finetune":
+        from conftest import tiny_finetune_config
+
+        from pipelines.finetune import finetune
+
+        one_epoch = {"epochs": 1, "batch_size": 16, "learning_rate": 5e-3, "device": "cpu", "progress": False}
+        finetune(tiny_finetune_config(Path(args["data"]), Path(args["model"]), train=one_epoch), registry=reg)
+    os._exit(0)  # the crash point was not reached

@@ -30,6 +30,7 @@ class PgServer:
     port: int
     user: str = "postgres"
     stop: object = None  # a callable for a throwaway cluster, None for the machine's own server
+    ctl: object = None  # a throwaway cluster's `pg_ctl ACTION` (stop, start), for outage tests
 
     def admin_dsn(self, dbname: str = "postgres") -> str:
         return f"dbname={dbname} user={self.user} host={self.host} port={self.port}"
@@ -92,6 +93,10 @@ def start_throwaway(binaries: Path) -> PgServer:
     while not answers("127.0.0.1", port) and time.monotonic() < deadline:
         time.sleep(0.2)
 
+    def ctl(action: str) -> None:
+        extra = ["-o", options, "-l", str(data / "log")] if action == "start" else ["-m", "fast"]
+        run(str(binaries / "pg_ctl"), "-D", str(cluster), *extra, "-w", action)
+
     def stop() -> None:
         subprocess.run(
             [*as_user, str(binaries / "pg_ctl"), "-D", str(cluster), "-m", "fast", "-w", "stop"],
@@ -100,7 +105,7 @@ def start_throwaway(binaries: Path) -> PgServer:
         )
         shutil.rmtree(data, ignore_errors=True)
 
-    return PgServer("127.0.0.1", port, stop=stop)
+    return PgServer("127.0.0.1", port, stop=stop, ctl=ctl)
 
 
 def acquire() -> PgServer | str:

@@ -1,0 +1,116 @@
+"""Only formats that cannot run code are promoted and served; files changed after registration are refused."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from helpers import fake_model_folder
+from test_serving import NAME, TEXTS, versions  # noqa: F401 - the fixture
+
+from champion.errors import ChampionError
+from champion.registry import promote
+from champion.safety import DIGEST_TAG, UnsafeModelError, check_files, files_digest
+
+CANARY = "champion-pickle-canary"
+
+
+class _Payload:
+    """Unpickling this creates the canary file: proof that the loader ran code from the model."""
+
+    def __init__(self, canary: str):
+        self.canary = canary
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.canary}",))
+
+
+def _pickle_model(tmp_path: Path, kind: str) -> Path:
+    """A model folder whose loading would unpickle `_Payload`."""
+    import pickle
+
+    canary = tmp_path / CANARY
+    folder = tmp_path / f"evil-{kind}"
+    if kind == "pickle-weights":  # looks like a transformers model, weights in a torch pickle
+        fake_model_folder(folder)
+        (folder / "model" / "model.safetensors").unlink()
+        (folder / "model" / "pytorch_model.bin").write_bytes(pickle.dumps(_Payload(str(canary))))
+    else:  # an MLflow python_function model: cloudpickled python_model, loaded by mlflow.pyfunc
+        folder.mkdir()
+        (folder / "python_model.pkl").write_bytes(pickle.dumps(_Payload(str(canary))))
+        (folder / "MLmodel").write_text(
+            "flavors:\n  python_function:\n    loader_module: mlflow.pyfunc.model\n"
+            "    python_model: python_model.pkl\n"
+        )
+    return folder
+
+
+def _register_by_hand(registry, folder: Path) -> str:
+    return str(registry.client.create_model_version(NAME, source=f"file://{folder}").version)
+
+
+@pytest.mark.parametrize("kind", ["pickle-weights", "pyfunc"])
+def test_a_pickle_model_pointed_at_by_hand_is_never_loaded_and_the_service_keeps_answering(
+    registry,
+    home,
+    versions,  # noqa: F811
+    tmp_path,
+    kind,
+):
+    from test_serving import serve_config
+
+    from serving.server import ModelServer
+
+    server = ModelServer(serve_config()).start()
+    try:
+        server.wait_ready(60)
+        evil = _register_by_hand(registry, _pickle_model(tmp_path, kind))
+        decision = promote(registry, NAME, evil, reason="by hand", force=True)
+        assert not decision.allowed and "refused" in decision.reason
+        assert "pickle" in decision.reason or "python_function" in decision.reason
+
+        registry.client.set_registered_model_alias(NAME, "champion", evil)  # around Champion, in MLflow
+        status = server.reload()
+        assert status["champion"] == versions[0]  # kept
+        assert "refused" in status["last_error"]
+        assert {a.version for a in server.predict(TEXTS)} == {versions[0]}
+    finally:
+        server.close()
+    assert not (tmp_path / CANARY).exists()  # nothing ran
+    refusals = [e for e in registry.audit.loop_events(NAME) if e.kind == "refused"]
+    assert {e.version for e in refusals} == {evil}  # by promote and by the server, both audited
+    assert {e.evidence.get("action") for e in refusals} >= {"promote", "load"}
+
+
+def test_files_changed_after_registration_are_refused(registry, versions):  # noqa: F811
+    import mlflow
+
+    tags = registry.client.get_model_version(NAME, versions[1]).tags
+    assert len(tags[DIGEST_TAG]) == 64  # recorded at registration
+    source = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/{versions[1]}"))
+    store = Path(registry.client.get_model_version_download_uri(NAME, versions[1]).removeprefix("file://"))
+    assert files_digest(source) == tags[DIGEST_TAG]
+    config = store / "model" / "config.json"
+    config.write_text(config.read_text().replace('"hidden_act"', '"hidden_act" ', 1))
+    decision = promote(registry, NAME, versions[1], reason="tampered", force=True)
+    assert not decision.allowed and "sha256 no longer matches" in decision.reason
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda f: (f / "model" / "x.pkl").write_bytes(b"x"), "'model/x.pkl' is not a safe model file"),
+        (lambda f: (f / "code.py").write_text("print(1)"), "'code.py' is not a safe model file"),
+        (lambda f: (f / "MLmodel").write_text("flavors:\n  sklearn: {}\n"), r"flavour\(s\) sklearn"),
+        (lambda f: (f / "link.json").symlink_to("/etc/passwd"), "symbolic link"),
+        (lambda f: (f / "MLmodel").unlink(), "no MLmodel file"),
+    ],
+)
+def test_unsafe_folders_are_refused_with_one_sentence(tmp_path, change, message):
+    folder = fake_model_folder(tmp_path / "model")
+    check_files(folder, "safetensors", "v9")  # the unchanged folder passes
+    change(folder)
+    with pytest.raises(UnsafeModelError, match=message) as err:
+        check_files(folder, "safetensors", "v9")
+    assert isinstance(err.value, ChampionError) and str(err.value).startswith("v9: ")
