@@ -45,6 +45,7 @@ def _bench_serving():
     """benchmarks/serving.py, loaded by path: its module name would shadow the `serving` package."""
     spec = importlib.util.spec_from_file_location("bench_serving", ROOT / "benchmarks" / "serving.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_serving"] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -116,7 +117,9 @@ def main() -> None:
     parser.add_argument("--outage", type=float, default=30.0, help="seconds PostgreSQL is down")
     args = parser.parse_args()
 
-    sys.path.insert(0, str(ROOT / "tests"))
+    # This script's folder holds benchmarks/serving.py, which would shadow the `serving` package.
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
     from pgserver import find_binaries, start_throwaway
 
     binaries = find_binaries()

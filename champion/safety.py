@@ -113,8 +113,8 @@ def files_digest(folder: str | Path) -> str:
 
 
 def check_digest(folder: str | Path, tags: dict[str, str], where: str) -> None:
-    """Refuse files that changed since registration; a version registered before digests is let through
-    with a warning (`champion doctor` lists it)."""
+    """Refuse files that changed since registration; a version registered before digests were recorded is
+    let through with a warning in the log (its files are still checked against the allowlist)."""
     recorded = tags.get(DIGEST_TAG)
     if recorded is None:
         log.warning("%s has no recorded %s (registered before Champion recorded one).", where, DIGEST_TAG)

@@ -45,6 +45,31 @@ class Answer(BaseModel):
     arm: str
 
 
+class KeyedText(BaseModel):
+    """A text with the key that keeps its sender on one arm of an A/B test or canary (e.g. a user id)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str
+    key: str
+
+
+def split_keys(items: list) -> tuple[list[str], list[str | None] | None]:
+    """The texts of a batch, and their keys (None for a plain text; None overall when no item has one)."""
+    if all(isinstance(item, str) for item in items):
+        return items, None
+    texts, keys = [], []
+    for item in items:
+        if isinstance(item, str):
+            texts.append(item)
+            keys.append(None)
+        else:  # a KeyedText, the service's own validated model of one, or a plain dict
+            item = KeyedText.model_validate(item) if isinstance(item, dict) else item
+            texts.append(item.text)
+            keys.append(item.key)
+    return texts, keys
+
+
 class AnswerWithProbabilities(Answer):
     probabilities: dict[str, float]
 
@@ -133,15 +158,19 @@ class ModelServer:
 
     # --- the request path -----------------------------------------------------------------------------
 
-    def predict(self, texts: list[str], probabilities: bool = False) -> list[Answer]:
-        """Answer a batch: each text goes to the arm the traffic policy picks, and is logged once."""
+    def predict(self, texts: list, probabilities: bool = False) -> list[Answer]:
+        """Answer a batch: each text goes to the arm the traffic policy picks, and is logged once.
+
+        An item is a text, or a KeyedText whose key (e.g. a user id) keeps it on one arm (traffic.py)."""
         started = time.perf_counter()
+        texts, keys = split_keys(texts)
         served = self.follower.served  # one snapshot per batch: a swap never splits a batch
         champion = served.champion
         if champion is None:
             raise NotReadyError(self.not_ready_reason())
         challenger = served.challenger if _distinct(served) else None
-        arms = choose_arms(self.cfg.traffic, len(texts), challenger is not None, self._rng)
+        salt = challenger.version if challenger is not None else ""
+        arms = choose_arms(self.cfg.traffic, len(texts), challenger is not None, self._rng, keys, salt)
 
         # The champion scores its own texts and the canary's (to compare, and to fall back on).
         on_champion = [i for i, arm in enumerate(arms) if arm in (CHAMPION_ARM, CANARY_ARM)]

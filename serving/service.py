@@ -11,19 +11,23 @@ without a Content-Type, which BentoML reads as JSON), no larger than `limits` al
 """
 
 import hmac
+import itertools
 import json
 import os
 import re
 import time
 from typing import Annotated, Any, NamedTuple
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from serving.config import API_KEY_ENV, LimitsConfig, ServeConfig, config_from_env
 from serving.server import Answer, AnswerWithProbabilities
 
 PREDICT_PATHS = ("/predict", "/predict_proba")
 MUTATING_PATHS = ("/feedback", "/reload")
+# An item of "texts" is a string or a {"text", "key"} object: pydantic checks it as both, and names the
+# union's branch in the error's location. Errors saying an item is not the other kind are dropped.
+_WRONG_KIND = ("model_type", "string_type")
 MAX_HEADER_BYTES = 16 * 1024  # h11's and most proxies' limit; httptools, which uvicorn prefers, has none
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token: media types and parameter names
 
@@ -58,7 +62,16 @@ def build_service(cfg: ServeConfig):
     Text = Annotated[
         str, Field(min_length=1, max_length=limits.max_text_chars), AfterValidator(_checked_text)
     ]
-    Texts = Annotated[list[Text], Field(min_length=1, max_length=limits.max_items)]
+    Key = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_checked_text)]
+
+    class Keyed(BaseModel):
+        """{"text": ..., "key": "user-42"}: the key keeps one sender on one arm of an A/B test or canary."""
+
+        model_config = ConfigDict(extra="forbid")
+        text: Text
+        key: Key
+
+    Texts = Annotated[list[Text | Keyed], Field(min_length=1, max_length=limits.max_items)]
     batching = {
         "batchable": True,
         "max_batch_size": cfg.batching.max_batch_size,
@@ -356,6 +369,7 @@ def _one_sentence(status: int, payload: bytes) -> dict[str, Any]:
     if isinstance(data, dict) and "field" in data and "error" in data:
         return data
     if isinstance(data, dict) and isinstance(data.get("detail"), list) and data["detail"]:
+        data["detail"] = _relevant(data["detail"])
         first = data["detail"][0]
         field = _field_path(first.get("loc", ()))
         kind, msg = first.get("type", ""), str(first.get("msg", "invalid"))
@@ -377,13 +391,30 @@ def _one_sentence(status: int, payload: bytes) -> dict[str, Any]:
 
 
 def _field_path(loc) -> str:
-    out = ""
+    out, after_index = "", False
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        else:
+        elif not (after_index and _is_branch(str(part))):  # a union branch is no field of the request
             out += ("." if out else "") + str(part)
+        after_index = isinstance(part, int)
     return out or "body"
+
+
+def _is_branch(part: str) -> bool:
+    """pydantic's name for a union branch: a schema description such as 'function-after[...]', 'str', or
+    the class name 'Keyed'."""
+    return part in ("str", "Keyed") or "[" in part
+
+
+def _relevant(details: list) -> list:
+    """The errors that say what is wrong with an item, without 'it is not the other kind of item'."""
+    kept = [d for d in details if not (d.get("type") in _WRONG_KIND and _in_union(d.get("loc", ())))]
+    return kept or details
+
+
+def _in_union(loc) -> bool:
+    return any(isinstance(a, int) and _is_branch(str(b)) for a, b in itertools.pairwise(loc))
 
 
 def _lower_first(text: str) -> str:

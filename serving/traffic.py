@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 import threading
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,15 +15,37 @@ from serving.config import CanaryConfig, TrafficConfig
 CHAMPION_ARM, CHALLENGER_ARM, CANARY_ARM, SHADOW_ARM = "champion", "challenger", "canary", "shadow"
 
 
-def choose_arms(traffic: TrafficConfig, n: int, has_challenger: bool, rng: random.Random) -> list[str]:
-    """The arm that answers each of `n` requests; without a loaded challenger the champion answers all."""
+def choose_arms(
+    traffic: TrafficConfig,
+    n: int,
+    has_challenger: bool,
+    rng: random.Random,
+    keys: Sequence[str | None] | None = None,
+    salt: str = "",
+) -> list[str]:
+    """The arm that answers each of `n` requests; without a loaded challenger the champion answers all.
+
+    A request with a key (e.g. a user id) is placed by a hash of the key and `salt` (the challenger's
+    version) instead of a random draw: one user sees one model in every request and every worker, and a
+    new challenger draws its share of users afresh.
+    """
     if not has_challenger or traffic.policy in ("champion", "shadow"):
         return [CHAMPION_ARM] * n
-    if traffic.policy == "ab":
-        return [
-            CHALLENGER_ARM if rng.random() < traffic.challenger_weight else CHAMPION_ARM for _ in range(n)
-        ]
-    return [CANARY_ARM if rng.random() < traffic.canary.share else CHAMPION_ARM for _ in range(n)]
+    arm, share = (
+        (CHALLENGER_ARM, traffic.challenger_weight)
+        if traffic.policy == "ab"
+        else (CANARY_ARM, traffic.canary.share)
+    )
+    draws = (
+        rng.random() if keys is None or keys[i] is None else sticky_draw(keys[i], salt) for i in range(n)
+    )
+    return [arm if u < share else CHAMPION_ARM for u in draws]
+
+
+def sticky_draw(key: str, salt: str) -> float:
+    """A number in [0, 1) fixed by the key and the salt, uniform over keys."""
+    digest = hashlib.sha256(f"{salt}\x00{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 @dataclass(frozen=True)

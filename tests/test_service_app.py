@@ -66,6 +66,9 @@ def test_predict_answers_with_version_header_and_request_ids(client):
         ({"texts": "where is my order"}, "texts", "valid array"),
         ({"texts": ["bad \x00 byte"]}, "texts[0]", "null byte"),
         ({"text": ["hello"]}, "texts", "required"),
+        ({"texts": [{"text": "hi", "key": ""}]}, "texts[0].key", "at least 1 character"),
+        ({"texts": ["ok", {"text": "   ", "key": "u1"}]}, "texts[1].text", "is blank"),
+        ({"texts": [{"text": "hi", "user": "u1"}]}, "texts[0].key", "required"),
     ],
 )
 def test_bad_input_is_a_4xx_naming_the_field(client, body, field, words):

@@ -128,6 +128,19 @@ def test_ab_split_sends_both_arms_and_logs_the_arm(make_server, versions):
     assert dict(zip(logged.request_id, logged.arm, strict=True)) == {a.request_id: a.arm for a in answers}
 
 
+def test_a_keyed_user_sees_one_version_in_every_batch(make_server, versions):
+    server = make_server(traffic={"policy": "ab", "challenger_weight": 0.5})
+    users = [f"user-{i}" for i in range(12)]
+    seen: dict[str, set[str]] = {u: set() for u in users}
+    for round_ in range(5):
+        batch = [{"text": TEXTS[(i + round_) % 4], "key": u} for i, u in enumerate(users)] + TEXTS[:2]
+        answers = server.predict(batch)
+        for user, answer in zip(users, answers, strict=False):
+            seen[user].add(answer.version)
+    assert all(len(v) == 1 for v in seen.values()), seen  # sticky
+    assert {v for vs in seen.values() for v in vs} == {versions[0], versions[2]}  # and both arms are used
+
+
 def test_shadow_scores_a_copy_and_logs_agreement_off_the_answer(make_server, versions):
     server = make_server(traffic={"policy": "shadow"})
     answers = server.predict(TEXTS)

@@ -270,3 +270,13 @@ def test_no_request_was_a_server_error(served):
     assert counted, "BentoML's request counter is missing from /metrics"
     failed = [line for line in counted if 'http_response_code="5' in line and not line.endswith(" 0.0")]
     assert not failed, failed
+
+
+def test_keyed_texts_are_served_and_a_bad_key_is_a_4xx(served):
+    keyed = b'{"texts": [{"text": "where is my order", "key": "user-42"}, "reset my password"]}'
+    status, body = send(served, message(body=keyed))
+    assert status == 200 and [a["label"] in TINY_INTENTS for a in json.loads(body)] == [True, True], body
+    for bad in (b'{"texts": [{"text": "hi", "key": ""}]}', b'{"texts": [{"text": "hi", "user": "u"}]}'):
+        status, body = send(served, message(body=bad))
+        assert status == 400, body
+        assert_error_shape(body)

@@ -73,3 +73,18 @@ def test_monitor_decides_once_per_pair_and_restarts_for_a_new_challenger():
     assert len(made) == 1 and made[0].action == "promote"
     assert monitor.record("1", "2", 10, 0, 10, 5.0) is None  # already decided
     assert monitor.record("2", "3", 30, 0, 0, 5.0).action == "rollback"  # a new pair starts from zero
+
+
+def test_a_key_keeps_its_sender_on_one_arm_and_a_new_challenger_draws_afresh():
+    ab = TrafficConfig(policy="ab", challenger_weight=0.3)
+    users = [f"user-{i}" for i in range(4000)]
+    first = choose_arms(ab, len(users), True, random.Random(1), users, salt="7")
+    again = choose_arms(ab, len(users), True, random.Random(2), users, salt="7")  # another worker, rng
+    assert first == again
+    assert abs(first.count("challenger") / len(users) - 0.3) < 0.03  # the configured share of users
+    other = choose_arms(ab, len(users), True, random.Random(1), users, salt="8")  # the next challenger
+    assert 0.3 < sum(a != b for a, b in zip(first, other, strict=True)) / len(users) < 0.5
+    canary = TrafficConfig(policy="canary", canary={"share": 0.1})
+    mixed = [None, "user-1", None, "user-1"]  # unkeyed requests still draw at random
+    arms = choose_arms(canary, 4, True, random.Random(0), mixed, salt="7")
+    assert arms[1] == arms[3] and set(arms) <= {"champion", "canary"}
