@@ -8,7 +8,8 @@ Champion, asks a small decision function, then moves the alias and appends the e
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -576,35 +577,36 @@ def register_version(
     return version
 
 
-def _checked_digest(model_uri: str, tags: dict[str, str], where: str) -> str:
-    """Check the files at `model_uri` are safe to load and return their digest, recorded with the version."""
+@contextmanager
+def _model_files(uri: str, prefix: str) -> Iterator[str]:
+    """The files at `uri` in a temporary folder, removed afterwards."""
     import tempfile
 
     import mlflow
 
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield mlflow.artifacts.download_artifacts(uri, dst_path=tmp)
+
+
+def _checked_digest(model_uri: str, tags: dict[str, str], where: str) -> str:
+    """Check the files at `model_uri` are safe to load and return their digest, recorded with the version."""
     from champion.formats import format_of
     from champion.safety import check_files, files_digest
 
-    with tempfile.TemporaryDirectory(prefix="champion-register-") as tmp:
-        folder = mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp)
+    with _model_files(model_uri, "champion-register-") as folder:
         check_files(folder, format_of(tags), where)
         return files_digest(folder)
 
 
 def version_refusal(reg: Registry, name: str, version: str) -> str | None:
     """Why `version` may not become champion (unsafe files or flavour, files changed), or None."""
-    import tempfile
-
-    import mlflow
-
     from champion.formats import format_of
     from champion.safety import UnsafeModelError, check_version_folder
 
     mv = _version(reg, name, version)
     tags = dict(mv.tags)
     try:
-        with tempfile.TemporaryDirectory(prefix="champion-check-") as tmp:
-            folder = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=tmp)
+        with _model_files(f"models:/{name}/{version}", "champion-check-") as folder:
             check_version_folder(folder, format_of(tags), tags, f"v{version} of '{name}'")
     except (UnsafeModelError, ChampionError) as err:
         return str(err)

@@ -355,6 +355,11 @@ class InferenceLog:
         return left
 
     @property
+    def spool_full(self) -> bool:
+        """The spool holds `max_spool_bytes` the database has not taken: appends are refused."""
+        return self.spool.unshipped_bytes >= self.max_spool_bytes
+
+    @property
     def written(self) -> int:
         """Records this log appended that are committed to the database."""
         return self._written

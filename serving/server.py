@@ -362,7 +362,7 @@ class ModelServer:
     def log_full_reason(self) -> str | None:
         """Why predictions are refused now: the inference log spool is at its bound (database down long)."""
         log = self.log
-        if log.spool.unshipped_bytes < log.max_spool_bytes:
+        if not log.spool_full:
             return None
         return (
             f"the inference log database has been unreachable long enough to fill the spool "

@@ -133,16 +133,17 @@ class Spool:
         """Everything before `pos` is safely elsewhere: move the cursor, delete finished segments."""
         self._read = pos
         self._shipped_bytes += nbytes
-        cursor = self._cursor_fd
-        if cursor is not None:
-            with contextlib.suppress(OSError):  # closed under us: the next owner starts from the last one
-                os.pwrite(cursor, _CURSOR_FORMAT.format(pos.seq, pos.offset).encode(), 0)
+        self._write_cursor(pos)
         for seq in [s for s in list(self._sizes) if s < pos.seq]:
             self._sizes.pop(seq, None)
             _unlink(self._segment(seq))
 
     def _write_cursor(self, pos: Position) -> None:
-        os.pwrite(self._cursor_fd, _CURSOR_FORMAT.format(pos.seq, pos.offset).encode(), 0)
+        cursor = self._cursor_fd
+        if cursor is None:
+            return
+        with contextlib.suppress(OSError):  # closed under us: the next owner starts from the last one
+            os.pwrite(cursor, _CURSOR_FORMAT.format(pos.seq, pos.offset).encode(), 0)
 
     # --- dead owners ----------------------------------------------------------------------------------
 
