@@ -234,6 +234,15 @@ class AuditLog:
         with self.engine.connect() as conn:
             return conn.execute(query).scalar()
 
+    def assigned_at(self, model_name: str, alias: str, version: str) -> int | None:
+        """The id of the newest done event that pointed `alias` at `version` (None if none is audited)."""
+        e = alias_events.c
+        query = sa.select(sa.func.max(e.id)).where(
+            e.model_name == model_name, e.alias == alias, e.to_version == version, e.status == "done"
+        )
+        with self.engine.connect() as conn:
+            return conn.execute(query).scalar()
+
     def record(self, event: LoopEvent) -> LoopEvent:
         """Append one step of the loop (drift, retrain, gate) to the history."""
         values = {

@@ -47,6 +47,9 @@ class CanaryConfig(StrictModel):
     max_p99_ms: float = Field(1_000.0, gt=0)  # challenger model latency, per batch
     min_agreement: float = Field(0.8, ge=0, le=1)  # share of canary answers equal to the champion's
     min_requests_to_fail: int = Field(20, ge=1)  # evidence needed before a breach rolls the canary back
+    # Each worker publishes its counts to the inference log database this often and judges the guardrails
+    # on the sum of every worker's: the verdict comes at most this late.
+    sync_seconds: float = Field(1.0, gt=0, le=300)
 
 
 class TrafficConfig(StrictModel):

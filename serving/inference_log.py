@@ -30,6 +30,7 @@ import sqlalchemy as sa
 from champion.audit import current_actor
 from champion.errors import ChampionError
 from serving.spool import Spool
+from serving.traffic import CanaryStats
 
 if TYPE_CHECKING:
     import pandas
@@ -69,6 +70,24 @@ feedback = sa.Table(
     sa.Column("label", sa.String(256), nullable=False),
     sa.Column("at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("actor", sa.String(256), nullable=False),
+)
+# Each server worker's running canary counts for one (champion, challenger) pair, written by the worker
+# (its cumulative totals, so a retried write never counts twice) and summed by every worker to judge the
+# canary's guardrails on all the traffic, not on one worker's share. `epoch` is the audit event that made
+# the version challenger: the same pair canaried again later starts from zero.
+canary_tallies = sa.Table(
+    "champion_canary_tallies",
+    _metadata,
+    sa.Column("model_name", sa.String(256), primary_key=True),
+    sa.Column("champion", sa.String(32), primary_key=True),
+    sa.Column("challenger", sa.String(32), primary_key=True),
+    sa.Column("epoch", sa.Integer, primary_key=True),
+    sa.Column("worker", sa.String(128), primary_key=True),
+    sa.Column("requests", sa.Integer, nullable=False),
+    sa.Column("errors", sa.Integer, nullable=False),
+    sa.Column("agreements", sa.Integer, nullable=False),
+    sa.Column("latency_buckets", sa.Text, nullable=False),  # JSON {bucket: count}, serving/traffic.py
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
 )
 _LENGTHS = {"request_id": 64, "model_name": 256, "model_version": 32, "arm": 16, "label": 256, "text": None}
 _COLUMNS = [c.name for c in predictions.columns if c.name != "id"]
@@ -559,6 +578,46 @@ class InferenceLog:
             ) from None
         return known is not None
 
+    # --- the canary's tallies, shared by all workers ---------------------------------------------------
+
+    def publish_canary(self, model_name: str, epoch: int, worker: str, stats: CanaryStats) -> None:
+        """Write one worker's cumulative canary stats for a pair (an upsert: repeating it is harmless)."""
+        if self.engine.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        counts = {
+            "requests": stats.requests,
+            "errors": stats.errors,
+            "agreements": stats.agreements,
+            "latency_buckets": json.dumps({str(k): v for k, v in sorted(stats.latency_buckets.items())}),
+            "updated_at": datetime.now(UTC),
+        }
+        key = {"model_name": model_name, "champion": stats.champion, "challenger": stats.challenger,
+               "epoch": epoch, "worker": worker}  # fmt: skip
+        self._ensure_tables()
+        with self.engine.begin() as conn:
+            conn.execute(
+                insert(canary_tallies)
+                .values(**key, **counts)
+                .on_conflict_do_update(index_elements=list(key), set_=counts)
+            )
+
+    def read_canary(self, model_name: str, champion: str, challenger: str, epoch: int) -> list[CanaryStats]:
+        """Every worker's stats for one canary: the pair, since the audit event `epoch`."""
+        c = canary_tallies.c
+        query = sa.select(c.requests, c.errors, c.agreements, c.latency_buckets).where(
+            c.model_name == model_name, c.champion == champion, c.challenger == challenger, c.epoch == epoch
+        )
+        self._ensure_tables()
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        found = []
+        for r in rows:
+            buckets = {int(k): v for k, v in json.loads(r.latency_buckets).items()}
+            found.append(CanaryStats(champion, challenger, r.requests, r.errors, r.agreements, buckets))
+        return found
+
     def apply_retention(self, now: datetime | None = None) -> int:
         """Delete predictions older than `retention_days` and their feedback; returns predictions deleted."""
         if self.retention_days is None:
@@ -570,6 +629,7 @@ class InferenceLog:
             if deleted:
                 orphaned = ~sa.exists().where(predictions.c.request_id == feedback.c.request_id)
                 conn.execute(feedback.delete().where(orphaned))
+            conn.execute(canary_tallies.delete().where(canary_tallies.c.updated_at < cutoff))
         return deleted
 
     def read(

@@ -10,6 +10,7 @@ import logging
 import os
 import queue
 import random
+import socket
 import threading
 import time
 import uuid
@@ -23,7 +24,15 @@ from serving.follower import Follower, Served, Swap
 from serving.inference_log import InferenceLog, PredictionRecord, SpoolFullError, encode_probs
 from serving.metrics import metrics
 from serving.model import LoadedModel, load_version, serve_forwards_from_one_thread
-from serving.traffic import CANARY_ARM, CHALLENGER_ARM, CHAMPION_ARM, SHADOW_ARM, CanaryMonitor, choose_arms
+from serving.traffic import (
+    CANARY_ARM,
+    CHALLENGER_ARM,
+    CHAMPION_ARM,
+    SHADOW_ARM,
+    CanaryMonitor,
+    choose_arms,
+    combined,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +103,8 @@ class ModelServer:
         self.metrics = metrics()
         self.canary = CanaryMonitor(cfg.traffic.canary)
         self.canary_decisions: list[Any] = []
+        self._worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._canary_epochs: dict[tuple[str, str], int] = {}  # (champion, challenger) -> its audit event
         self._rng = random.Random()
         self._shadow: queue.Queue = queue.Queue(maxsize=cfg.traffic.shadow_queue)
         self._threads: list[threading.Thread] = []
@@ -132,6 +143,8 @@ class ModelServer:
                         self.cfg.timeout_seconds)  # fmt: skip
         if self.cfg.traffic.policy == "shadow":
             self._spawn(self._shadow_loop, "shadow")
+        if self.cfg.traffic.policy == "canary":
+            self._spawn(self._canary_loop, "canary")
         return self
 
     def ready(self) -> bool:
@@ -441,11 +454,40 @@ class ModelServer:
         else:
             m.agreement.labels(self.name, challenger.version, CANARY_ARM, "True").inc(agree)
             m.agreement.labels(self.name, challenger.version, CANARY_ARM, "False").inc(n - agree)
-        decision = self.canary.record(champion.version, challenger.version, n, n if failed else 0, agree, ms)
-        if decision is not None:  # act off the request path; the follower then picks up the alias move
-            self._spawn(
-                lambda: self._conclude_canary(champion.version, challenger.version, decision), "canary"
-            )
+        self.canary.record(champion.version, challenger.version, n, n if failed else 0, agree, ms)
+
+    def _canary_loop(self) -> None:
+        """Every `canary.sync_seconds`: publish this worker's canary stats to the inference log database,
+        sum every worker's, and act on a verdict. While the database is down the canary waits (no verdict
+        on part of the evidence); requests are answered as usual."""
+        down = False
+        while not self._closed.wait(self.cfg.traffic.canary.sync_seconds):
+            try:
+                self._judge_canary()
+            except Exception as err:
+                if not down:
+                    log.warning("canary: the shared tallies are unreachable (%s); the verdict waits.", err)
+                down = True
+            else:
+                down = False
+
+    def _judge_canary(self) -> None:
+        mine = self.canary.local()
+        if mine is None:
+            return
+        pair = (mine.champion, mine.challenger)
+        # The audit event that made this version challenger: an earlier canary of the same pair (rolled
+        # back, then assigned again) is not this one. 0 when no audited event did (set in the MLflow UI).
+        epoch = self.registry.audit.assigned_at(self.name, "challenger", mine.challenger) or 0
+        if self._canary_epochs.setdefault(pair, epoch) != epoch:
+            self._canary_epochs[pair] = epoch
+            self.canary.restart()  # what this worker counted belongs to the earlier canary
+            return
+        self.log.publish_canary(self.name, epoch, self._worker_id, mine)
+        tallies = self.log.read_canary(self.name, mine.champion, mine.challenger, epoch)
+        decision = self.canary.judge(combined(mine.champion, mine.challenger, tallies))
+        if decision is not None:  # the follower then picks up the alias move
+            self._conclude_canary(mine.champion, mine.challenger, decision)
 
     def _conclude_canary(self, champion: str, challenger: str, decision) -> None:
         from champion.registry import conclude_canary

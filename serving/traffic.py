@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import threading
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,34 +55,74 @@ class CanaryDecision:
     evidence: dict[str, Any] = field(default_factory=dict)
 
 
+_BUCKET_BASE_MS, _BUCKET_RATIO = 0.01, 1.02  # latency buckets 2 % wide from 10 µs: p99 within 2 %
+
+
+def latency_bucket(ms: float) -> int:
+    """The histogram bucket of a latency; bucket k holds (base·r^(k-1), base·r^k]."""
+    return max(0, math.ceil(math.log(max(ms, _BUCKET_BASE_MS) / _BUCKET_BASE_MS) / math.log(_BUCKET_RATIO)))
+
+
+def bucket_upper_ms(bucket: int) -> float:
+    return _BUCKET_BASE_MS * _BUCKET_RATIO**bucket
+
+
 @dataclass
 class CanaryStats:
-    """What the canary has shown so far for one (champion, challenger) pair, in this worker."""
+    """What the canary has shown so far for one (champion, challenger) pair: one worker's, or the sum of all
+    workers' (`combined`). Latencies are kept as a sparse histogram, so workers' counts add up exactly."""
 
     champion: str
     challenger: str
     requests: int = 0
     errors: int = 0
     agreements: int = 0
-    latencies_ms: deque = field(default_factory=lambda: deque(maxlen=5_000))
+    latency_buckets: dict[int, int] = field(default_factory=dict)
+    workers: int = 1
+
+    def add(self, n: int, errors: int, agreements: int, latency_ms: float) -> None:
+        self.requests += n
+        self.errors += errors
+        self.agreements += agreements
+        bucket = latency_bucket(latency_ms)
+        self.latency_buckets[bucket] = self.latency_buckets.get(bucket, 0) + n
 
     def p99_ms(self) -> float | None:
-        if not self.latencies_ms:
+        """The 99th percentile, as the upper edge of its bucket (at most 2 % above the true value)."""
+        total = sum(self.latency_buckets.values())
+        if not total:
             return None
-        ordered = sorted(self.latencies_ms)
-        return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+        rank, seen = min(total - 1, int(0.99 * total)), 0
+        for bucket in sorted(self.latency_buckets):
+            seen += self.latency_buckets[bucket]
+            if seen > rank:
+                return bucket_upper_ms(bucket)
+        raise AssertionError("unreachable: the ranks add up to the total")
 
     def evidence(self) -> dict[str, Any]:
         answered = self.requests - self.errors
         return {
             "champion": self.champion,
             "challenger": self.challenger,
+            "workers": self.workers,
             "requests": self.requests,
             "errors": self.errors,
             "error_rate": round(self.errors / self.requests, 6) if self.requests else None,
             "agreement": round(self.agreements / answered, 6) if answered else None,
             "p99_ms": None if (p99 := self.p99_ms()) is None else round(p99, 3),
         }
+
+
+def combined(champion: str, challenger: str, tallies: Sequence[CanaryStats]) -> CanaryStats:
+    """The sum of several workers' stats for one pair."""
+    total = CanaryStats(champion, challenger, workers=len(tallies))
+    for t in tallies:
+        total.requests += t.requests
+        total.errors += t.errors
+        total.agreements += t.agreements
+        for bucket, n in t.latency_buckets.items():
+            total.latency_buckets[bucket] = total.latency_buckets.get(bucket, 0) + n
+    return total
 
 
 def decide_canary(stats: CanaryStats, guard: CanaryConfig) -> CanaryDecision:
@@ -118,35 +158,61 @@ def decide_canary(stats: CanaryStats, guard: CanaryConfig) -> CanaryDecision:
 
 
 class CanaryMonitor:
-    """Collects canary outcomes across batches and hands out a decision once, per challenger."""
+    """One worker's canary outcomes for the pair it serves now, and its verdict, reached once per pair.
+
+    The request path calls `record` (counters only). The server's canary thread publishes `local()` to the
+    inference log database, reads back the tallies of every worker, and passes their sum to `judge`: the
+    guardrails are judged on all workers' traffic together (serving/server.py `_canary_loop`).
+    """
 
     def __init__(self, guard: CanaryConfig):
         self.guard = guard
         self._lock = threading.Lock()
         self._stats: CanaryStats | None = None
+        self._combined: CanaryStats | None = None
         self._decided: set[tuple[str, str]] = set()
 
     def record(
         self, champion: str, challenger: str, n: int, errors: int, agreements: int, latency_ms: float
-    ) -> CanaryDecision | None:
-        """Add one batch's canary outcomes; returns a decision the first time one is reached."""
+    ) -> None:
+        """Add one batch's canary outcomes; a new pair starts from zero."""
         with self._lock:
-            key = (champion, challenger)
+            s = self._stats
+            if s is None or (s.champion, s.challenger) != (champion, challenger):
+                self._stats, self._combined = CanaryStats(champion, challenger), None
+            self._stats.add(n, errors, agreements, latency_ms)
+
+    def restart(self) -> None:
+        """Forget the current pair's stats and verdict: the same pair is being canaried anew."""
+        with self._lock:
+            if self._stats is not None:
+                self._decided.discard((self._stats.champion, self._stats.challenger))
+            self._stats = self._combined = None
+
+    def local(self) -> CanaryStats | None:
+        """A copy of this worker's stats for the current pair (None before its first canary request)."""
+        with self._lock:
+            if self._stats is None:
+                return None
+            s = self._stats
+            return CanaryStats(s.champion, s.challenger, s.requests, s.errors, s.agreements,
+                               dict(s.latency_buckets))  # fmt: skip
+
+    def judge(self, total: CanaryStats) -> CanaryDecision | None:
+        """The verdict on all workers' stats for a pair, the first time one is reached in this worker."""
+        with self._lock:
+            key = (total.champion, total.challenger)
+            self._combined = total
             if key in self._decided:
                 return None
-            if self._stats is None or (self._stats.champion, self._stats.challenger) != key:
-                self._stats = CanaryStats(champion, challenger)
-            s = self._stats
-            s.requests += n
-            s.errors += errors
-            s.agreements += agreements
-            s.latencies_ms.extend([latency_ms] * n)
-            decision = decide_canary(s, self.guard)
+            decision = decide_canary(total, self.guard)
             if decision.action == "continue":
                 return None
             self._decided.add(key)
             return decision
 
     def snapshot(self) -> dict[str, Any] | None:
+        """All workers' stats as last read, else this worker's own."""
         with self._lock:
-            return None if self._stats is None else self._stats.evidence()
+            shown = self._combined or self._stats
+            return None if shown is None else shown.evidence()

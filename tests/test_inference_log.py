@@ -206,6 +206,24 @@ def test_a_batch_written_twice_adds_no_duplicate_rows(open_log):
     assert len(frame) == 20 and set(frame["request_id"]) == _ids(records)
 
 
+def test_canary_tallies_are_upserted_per_worker_and_kept_apart_per_canary(open_log):
+    from serving.traffic import CanaryStats, combined
+
+    log = open_log()
+    stats = {w: CanaryStats("1", "2") for w in ("a", "b")}
+    stats["a"].add(10, 1, 8, 5.0)
+    stats["b"].add(7, 0, 7, 50.0)
+    for worker, s in stats.items():
+        log.publish_canary("m", 11, worker, s)
+    stats["a"].add(3, 0, 3, 5.0)
+    log.publish_canary("m", 11, "a", stats["a"])  # cumulative: replaces a's row, adds nothing twice
+    log.publish_canary("m", 12, "a", CanaryStats("1", "2", 99, 0, 99, {0: 99}))  # a later canary
+    total = combined("1", "2", log.read_canary("m", "1", "2", 11))
+    assert (total.workers, total.requests, total.errors, total.agreements) == (2, 20, 1, 18)
+    assert total.latency_buckets == combined("1", "2", list(stats.values())).latency_buckets
+    assert log.read_canary("m", "1", "3", 11) == [] and len(log.read_canary("m", "1", "2", 12)) == 1
+
+
 def test_two_workers_create_the_tables_and_write_at_once(url):
     start_together = threading.Barrier(2)
     batches = [_records(1000), _records(1000)]

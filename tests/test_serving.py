@@ -196,6 +196,35 @@ def test_canary_rolls_back_when_agreement_breaks(make_server, registry, versions
     assert {a.arm for a in server.predict(TEXTS * 5)} == {"champion"}
 
 
+def test_the_canary_is_judged_on_every_workers_traffic_together(make_server, registry, versions):
+    """Two workers share the log database: neither one's canary traffic reaches min_requests, both
+    together do, and the challenger is promoted once, with the sum of both as evidence."""
+    canary = {"share": 0.5, "min_requests": 50, "min_requests_to_fail": 20, "min_agreement": 0.0,
+              "sync_seconds": 0.1}  # fmt: skip
+    first, second = (make_server(traffic={"policy": "canary", "canary": canary}) for _ in range(2))
+
+    def send_canary_requests(server, n):
+        while (server.canary.local().requests if server.canary.local() else 0) < n:
+            server.predict(TEXTS[:1])
+        return server.canary.local().requests
+
+    sent = [send_canary_requests(first, 30)]
+    time.sleep(1.0)  # ten sync rounds: 30 of the 50 needed is not enough on its own
+    assert not first.canary_decisions and not second.canary_decisions
+    assert registry.client.get_registered_model(NAME).aliases["champion"] == int(versions[0])
+    sent.append(send_canary_requests(second, 30))
+    deadline = time.monotonic() + 30
+    while not (first.canary_decisions or second.canary_decisions):
+        assert time.monotonic() < deadline, f"no canary decision: {first.status()} {second.status()}"
+        time.sleep(0.05)
+    time.sleep(0.5)  # the other worker's verdict, if it reaches one, finds the aliases moved
+    assert registry.client.get_registered_model(NAME).aliases["champion"] == int(versions[2])
+    promotions = [e for e in registry.audit.events(NAME, "champion") if e.action == "canary_promote"]
+    assert len(promotions) == 1
+    evidence = promotions[0].evidence
+    assert evidence["workers"] == 2 and 50 <= evidence["requests"] <= sum(sent), evidence
+
+
 def test_not_ready_until_a_champion_exists(home, registry, tiny_model_dir):
     from serving.server import ModelServer, NotReadyError
 

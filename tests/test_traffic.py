@@ -7,7 +7,7 @@ import random
 import pytest
 
 from serving.config import CanaryConfig, TrafficConfig
-from serving.traffic import CanaryMonitor, CanaryStats, choose_arms, decide_canary
+from serving.traffic import CanaryMonitor, CanaryStats, choose_arms, combined, decide_canary
 
 
 @pytest.mark.parametrize(
@@ -33,8 +33,8 @@ def test_without_a_challenger_the_champion_answers_everything():
 
 
 def _stats(requests, errors=0, agreements=None, latency=10.0):
-    s = CanaryStats("1", "2", requests, errors, requests - errors if agreements is None else agreements)
-    s.latencies_ms.extend([latency] * requests)
+    s = CanaryStats("1", "2")
+    s.add(requests, errors, requests - errors if agreements is None else agreements, latency)
     return s
 
 
@@ -68,11 +68,39 @@ def test_each_broken_guardrail_rolls_back_and_says_which(stats, words):
 
 def test_monitor_decides_once_per_pair_and_restarts_for_a_new_challenger():
     monitor = CanaryMonitor(GUARD)
-    decisions = [monitor.record("1", "2", 10, 0, 10, 5.0) for _ in range(12)]
-    made = [d for d in decisions if d is not None]
-    assert len(made) == 1 and made[0].action == "promote"
-    assert monitor.record("1", "2", 10, 0, 10, 5.0) is None  # already decided
-    assert monitor.record("2", "3", 30, 0, 0, 5.0).action == "rollback"  # a new pair starts from zero
+    for _ in range(12):
+        monitor.record("1", "2", 10, 0, 10, 5.0)
+    mine = monitor.local()
+    assert (mine.requests, mine.agreements, mine.p99_ms()) == (120, 120, pytest.approx(5.0, rel=0.02))
+    assert monitor.judge(mine).action == "promote"
+    assert monitor.judge(mine) is None  # already decided
+    monitor.record("2", "3", 30, 0, 0, 5.0)  # a new pair starts from zero
+    assert monitor.local().requests == 30 and monitor.judge(monitor.local()).action == "rollback"
+    monitor.restart()  # the same pair canaried anew: no stats, and a verdict can be reached again
+    assert monitor.local() is None
+    monitor.record("2", "3", 30, 0, 0, 5.0)
+    assert monitor.judge(monitor.local()).action == "rollback"
+
+
+def test_guardrails_are_judged_on_every_workers_traffic_together():
+    """Two workers with 60 canary requests each: neither alone reaches min_requests (100), together they
+    do; one worker's slow batches set the combined p99, and the counts add up exactly."""
+    fast, slow = _stats(60, latency=10.0), _stats(60, agreements=50, latency=10.0)
+    assert decide_canary(fast, GUARD).action == decide_canary(slow, GUARD).action == "continue"
+    total = combined("1", "2", [fast, slow])
+    assert (total.requests, total.agreements, total.workers) == (120, 110, 2)
+    decision = decide_canary(total, GUARD)
+    assert decision.action == "promote" and decision.evidence["workers"] == 2, decision.reason
+    slow.add(3, 0, 3, 400.0)  # 3 of 123 answers slow: above the 99th percentile's rank
+    assert decide_canary(combined("1", "2", [fast, slow]), GUARD).action == "rollback"
+
+
+def test_p99_comes_from_the_histogram_within_two_percent():
+    stats = CanaryStats("1", "2")
+    for ms in range(1, 1001):  # 1..1000 ms, one batch each
+        stats.add(1, 0, 1, float(ms))
+    assert 990 <= stats.p99_ms() <= 990 * 1.02
+    assert CanaryStats("1", "2").p99_ms() is None
 
 
 def test_a_key_keeps_its_sender_on_one_arm_and_a_new_challenger_draws_afresh():
