@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 LABELLED_ARMS = ("champion", "canary", "challenger")  # shadow rows repeat a champion row's request id
+TARGETED_REVIEW = "review:targeted"  # labels of rows the review queue's rules picked: train only
 
 
 class FreshConfig(StrictModel):
@@ -86,9 +87,29 @@ def labelled_log_rows(model_name: str, log_url: str | None = None) -> pd.DataFra
             f"fresh.log_url: the inference log at {url} cannot be read ({first}); is it up?"
         ) from None
     frame = frame[frame["true_label"].notna()].drop_duplicates("request_id", keep="last")
+    samples = _review_samples(model_name, url)
+    source = frame["request_id"].map(lambda rid: f"review:{samples[rid]}" if rid in samples else "feedback")
     return pd.DataFrame(
-        {"text": frame["text"].astype(str), "label": frame["true_label"].astype(str), "source": "feedback"}
+        {"text": frame["text"].astype(str), "label": frame["true_label"].astype(str), "source": source}
     ).reset_index(drop=True)
+
+
+def _review_samples(model_name: str, url: str) -> dict[str, str]:
+    """request_id -> the review sample (random | targeted) of the rows a reviewer labelled."""
+    import sqlalchemy as sa
+
+    from champion.review import review_items
+
+    engine = sa.create_engine(url)
+    try:
+        if not sa.inspect(engine).has_table(review_items.name):
+            return {}
+        c = review_items.c
+        query = sa.select(c.request_id, c.sample).where(c.model_name == model_name, c.status == "labelled")
+        with engine.connect() as conn:
+            return dict(conn.execute(query).all())
+    finally:
+        engine.dispose()
 
 
 def fresh_data(model_name: str, cfg: FreshConfig, exclude_texts=None) -> FreshData:
@@ -108,11 +129,19 @@ def fresh_data(model_name: str, cfg: FreshConfig, exclude_texts=None) -> FreshDa
     rows = rows.assign(text=rows["text"].astype(str).str.strip(), label=rows["label"].astype(str).str.strip())
     rows = rows[(rows["text"] != "") & (rows["label"] != "")].reset_index(drop=True)
     side = holdout_side(rows["text"].tolist(), model_name, cfg.holdout_share, cfg.seed)
-    train, holdout = rows[~side].reset_index(drop=True), rows[side].reset_index(drop=True)
+    # Rows a reviewer labelled because a rule picked them (low confidence, disagreement, drift) are not a
+    # sample of production: they teach the retrain, never judge it. The holdout keeps only unbiased rows.
+    targeted = (rows["source"] == TARGETED_REVIEW).to_numpy()
+    train, holdout = (
+        rows[~side | targeted].reset_index(drop=True),
+        rows[side & ~targeted].reset_index(drop=True),
+    )
     overlap = 0
-    if exclude_texts is not None and len(holdout):
-        excluded = {normalise(t) for t in exclude_texts}
-        seen = holdout["text"].map(normalise).isin(excluded)
+    taught = set(train.loc[train["source"] == TARGETED_REVIEW, "text"].map(normalise))
+    if exclude_texts is not None:
+        taught |= {normalise(t) for t in exclude_texts}
+    if taught and len(holdout):
+        seen = holdout["text"].map(normalise).isin(taught)
         overlap = int(seen.sum())
         holdout = holdout[~seen].reset_index(drop=True)
     counts = {
@@ -120,6 +149,8 @@ def fresh_data(model_name: str, cfg: FreshConfig, exclude_texts=None) -> FreshDa
         "by_source": rows["source"].value_counts().to_dict() if len(rows) else {},
         "fresh_train_rows": len(train),
         "holdout_rows": len(holdout),
+        "holdout_by_source": holdout["source"].value_counts().to_dict() if len(holdout) else {},
+        "targeted_review_rows": int(targeted.sum()),
         "holdout_dropped_seen_in_training": overlap,
         "holdout_share": cfg.holdout_share,
         "seed": cfg.seed,
