@@ -144,6 +144,84 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return _decision_exit(rollback(connect(), args.name, args.reason), "rollback")
 
 
+def cmd_pending(args: argparse.Namespace) -> int:
+    from champion.approval import pending_promotions
+    from champion.registry import connect
+
+    items = pending_promotions(connect(), args.name)
+    if args.json:
+        print(json.dumps([i.to_dict() for i in items], indent=2, default=str))
+    elif not items:
+        print("no promotion waits for approval.")
+    else:
+        rows = [
+            [
+                i.model_name,
+                i.version,
+                i.target,
+                i.requested_by,
+                f"{i.expires_at:%Y-%m-%d %H:%M}",
+                i.gate_reason,
+            ]
+            for i in items
+        ]
+        _table(rows, ["MODEL", "VERSION", "TARGET", "ASKED BY", "EXPIRES (UTC)", "GATE"])
+    return 0
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    from champion.approval import approve
+    from champion.registry import connect
+
+    return _decision_exit(approve(connect(), args.name, args.version, args.reason), "approve")
+
+
+def cmd_reject(args: argparse.Namespace) -> int:
+    from champion.approval import reject
+    from champion.registry import connect
+
+    item = reject(connect(), args.name, args.version, args.reason)
+    print(f"rejected: v{item.version} of {item.model_name} stays registered and moves nowhere")
+    return 0
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    from champion.config import load_config
+    from champion.review import ReviewConfig, ReviewQueue
+
+    queue = ReviewQueue(args.log_url)
+    try:
+        if args.review_verb == "select":
+            cfg = load_config(ReviewConfig, args.config) if args.config else ReviewConfig()
+            result = queue.select(args.name, cfg)
+            print(json.dumps(result.__dict__, default=str) if args.json else result.reason)
+        elif args.review_verb == "next":
+            item = queue.next(args.name)
+            if item is None:
+                print(f"nothing waits for review for {args.name}.")
+                return 0
+            if args.json:
+                print(json.dumps(item.__dict__, default=str))
+            else:
+                print(f"{item.request_id} [{item.sample}: {', '.join(item.reasons)}] {item.text!r}")
+                for label, p in item.choices:
+                    print(f"  {p:.3f}  {label}")
+        else:
+            item = queue.answer(
+                args.name, args.request_id, args.reviewer or _actor(), args.label, skip=args.skip
+            )
+            print(f"{item.status}: {item.request_id}" + (f" as {item.answer!r}" if item.answer else ""))
+    finally:
+        queue.close()
+    return 0
+
+
+def _actor() -> str:
+    from champion.audit import current_actor
+
+    return current_actor()
+
+
 def cmd_history(args: argparse.Namespace) -> int:
     from champion.registry import connect, story
 
@@ -394,7 +472,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0 if result.decision.promote else 1
 
 
-RETRAIN_EXIT = {"promoted": 0, "canary": 0, "refused": 1, "not_promoted": 1, "skipped": 1}
+RETRAIN_EXIT = {"promoted": 0, "canary": 0, "pending": 0, "refused": 1, "not_promoted": 1, "skipped": 1}
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
@@ -527,6 +605,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("rollback", cmd_rollback, "Return the champion alias to the previous champion.")
     p.add_argument("name")
     p.add_argument("--reason", required=True, help="why; recorded in the audit history")
+
+    p = verb("pending", cmd_pending, "Promotions that passed the gate and wait for a person's approval.")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--json", action="store_true")
+    decisions = (
+        ("approve", cmd_approve, "Approve a pending promotion and make its move."),
+        ("reject", cmd_reject, "Reject a pending promotion; nothing moves."),
+    )
+    for name, func, what in decisions:
+        p = verb(name, func, what)
+        p.add_argument("name")
+        p.add_argument("version")
+        p.add_argument("--reason", required=True, help="why; recorded in the audit history")
+
+    p = verb("review", cmd_review, "The review queue: select predictions for people to label, take the next, "
+             "answer it.")  # fmt: skip
+    sub = p.add_subparsers(dest="review_verb", required=True, metavar="select|next|answer")
+    sel = sub.add_parser(
+        "select", help="queue what the newly logged predictions deserve, within today's budget"
+    )
+    nxt = sub.add_parser("next", help="the item to review now, with the model's best labels")
+    ans = sub.add_parser("answer", help="label an item (or --skip); the label becomes feedback")
+    for q in (sel, nxt, ans):
+        q.add_argument("name")
+        q.add_argument("--log-url", help="the inference log database (default: the serving default)")
+        q.add_argument("--json", action="store_true")
+    sel.add_argument("--config", help="YAML with the review section's fields (configs/review.yaml)")
+    ans.add_argument("request_id")
+    group = ans.add_mutually_exclusive_group(required=True)
+    group.add_argument("--label", help="the true label; one not among the model's is a new intent")
+    group.add_argument("--skip", action="store_true")
+    ans.add_argument("--reviewer", help="who answers (default: CHAMPION_ACTOR, else user@host)")
 
     p = verb("history", cmd_history, "The audit history of a model's alias changes.")
     p.add_argument("name")

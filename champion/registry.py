@@ -470,6 +470,32 @@ def promote_on_gate(
     return _move_alias(reg, name, CHAMPION, "gate_promote", reason, decide, actor)
 
 
+def assign_challenger_on_gate(
+    reg: Registry,
+    name: str,
+    version: str,
+    compared_with: str | None,
+    gate_reason: str,
+    evidence: dict[str, Any],
+    reason: str,
+    actor: str | None = None,
+) -> Decision:
+    """Make `version` the canary's challenger, if the champion is still the one the gate compared it with."""
+    _version(reg, name, version)
+    version = str(version)
+
+    def decide(current: str | None, _events: list[AliasEvent]) -> Decision:
+        champion_now = _alias_version(reg, name, CHAMPION)
+        verdict = decide_gate_promotion(version, compared_with, champion_now, gate_reason, evidence)
+        if not verdict.allowed:
+            return verdict
+        if current == version:
+            return Decision(False, f"'{CHALLENGER}' already points at v{version}.", evidence=verdict.evidence)
+        return Decision(True, f"'{CHALLENGER}' moves to v{version}.", version, verdict.evidence)
+
+    return _move_alias(reg, name, CHALLENGER, "assign", reason, decide, actor)
+
+
 def rollback(reg: Registry, name: str, reason: str, actor: str | None = None) -> Decision:
     """Return `champion` to the champion before the current one, as the history records it."""
     _registered_model(reg, name)

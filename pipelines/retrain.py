@@ -47,13 +47,17 @@ class RetrainConfig(StrictModel):
     fresh: FreshConfig = FreshConfig()
     gate: GateConfig = GateConfig()
     promotion: Literal["direct", "canary", "none"] = "direct"  # none: register and gate, move nothing
+    # required: a gate pass waits for a person (champion approve / reject, or the console); it expires after
+    # approval_hours, and the person who approves must not be the one who asked (the scheduler, say).
+    approval: Literal["none", "required"] = "none"
+    approval_hours: float = Field(72.0, gt=0, le=24 * 90)
     experiment: str = "champion-retrain"
     triggers: Triggers = Triggers()
 
 
 @dataclass
 class RetrainResult:
-    outcome: str  # promoted | canary | refused | not_promoted | skipped
+    outcome: str  # promoted | canary | pending | refused | not_promoted | skipped
     reason: str  # one sentence
     champion_version: str
     challenger_version: str | None = None
@@ -217,6 +221,14 @@ def _retrain(cfg: RetrainConfig, reg, trigger: str, trigger_key: str, about: dic
             trained.run_id,
             counts,
         )
+    if cfg.approval == "required":
+        from champion.approval import request_approval
+
+        item = request_approval(reg, name, version, cfg.promotion, now_champion, decision.reason, evidence,
+                                cfg.approval_hours)  # fmt: skip
+        why = (f"v{version} passed the gate and waits for approval until {item.expires_at:%Y-%m-%d %H:%M} "
+               f'UTC: champion approve {name} {version} --reason "..." (or reject).')  # fmt: skip
+        return RetrainResult("pending", why, now_champion, version, decision, trained.run_id, counts)
     if cfg.promotion == "canary":
         moved = assign_alias(
             reg,

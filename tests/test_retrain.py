@@ -313,3 +313,25 @@ def test_retrain_cli_json_and_bad_input(registry, champion, tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and expected in err, (argv, err)
+
+
+def test_with_approval_required_a_gate_pass_waits_for_a_person(registry, champion, tmp_path, monkeypatch):
+    from champion.approval import approve, pending_promotions
+    from pipelines.retrain import retrain
+
+    fresh = _fresh_file(tmp_path, "fresh.csv", 700, 28, [*TINY_INTENTS, NEW_INTENT])
+    monkeypatch.setenv("CHAMPION_ACTOR", "scheduler")
+    result = retrain(_cfg(fresh, approval="required", gate={"max_class_drop": 1.0}), registry)
+    assert result.outcome == "pending", result.reason
+    assert f"champion approve tiny-intents {result.challenger_version}" in result.reason
+    before = _aliases(registry)
+    assert (
+        before["champion"] == champion and before["challenger"] != result.challenger_version
+    )  # nothing moved
+    (item,) = pending_promotions(registry, "tiny-intents")
+    assert item.version == result.challenger_version and item.compared_with == champion
+    assert item.evidence["gate"]["promote"] is True
+
+    monkeypatch.setenv("CHAMPION_ACTOR", "ana")
+    assert approve(registry, "tiny-intents", item.version, reason="new intent looks right").allowed
+    assert _aliases(registry) == {**before, "champion": result.challenger_version}

@@ -186,3 +186,23 @@ def test_the_fresh_holdout_takes_only_the_unbiased_share(url, monkeypatch):
     # The holdout is half of the random sample, as the hash deals it: an unbiased sample of production.
     random_rows = sum(s == RANDOM for s in samples.values())
     assert 0.3 * random_rows < len(data.holdout) < 0.7 * random_rows
+
+
+def test_the_cli_takes_the_next_item_and_answers_it(home, capsys, monkeypatch):
+    from champion.cli import main
+
+    url = f"sqlite:///{home / 'inference.db'}"
+    _log(url, [("q0", 0.3, "champion", None, NOW), ("q1", 0.35, "champion", None, NOW)])
+    ReviewQueue(url).select(MODEL, ReviewConfig(random_share=0.0), now=NOW, labels=_labels)
+    assert main(["review", "next", MODEL, "--log-url", url, "--json"]) == 0
+    item = json.loads(capsys.readouterr().out)
+    assert item["request_id"] == "q0" and item["choices"][0][0] == LABELS[0]  # least confident first
+    assert main(["review", "answer", MODEL, "q0", "--label", "card_declined", "--log-url", url]) == 0
+    assert "labelled: q0 as 'card_declined'" in capsys.readouterr().out
+    assert main(["review", "answer", MODEL, "q0", "--label", "track_order", "--log-url", url]) == 2
+    assert "already answered" in capsys.readouterr().err
+    assert main(["review", "answer", MODEL, "q1", "--skip", "--log-url", url]) == 0
+    assert main(["review", "next", MODEL, "--log-url", url]) == 0
+    assert "nothing waits for review" in capsys.readouterr().out
+    with sa.create_engine(url).connect() as conn:
+        assert conn.execute(sa.select(feedback.c.request_id, feedback.c.actor)).all() == [("q0", "pytest")]

@@ -1,0 +1,266 @@
+"""Approval before promotion: with `approval: required`, a version that passed the gate waits as a pending
+promotion with its evidence until a person approves or rejects it, or it expires.
+
+The pending promotions live in the audit database beside the alias history. Approving performs the move
+the retrain would have made (champion directly, or challenger for the canary), through the same guarded
+registry operation: if the champion changed since the gate compared against it, the approval is void and
+nothing moves. Every request, approval, rejection and expiry is a step of `champion history`.
+
+    pending = pending_promotions(reg, "support-intents")
+    approve(reg, "support-intents", "7", reason="checked the per-class report", actor="ana")
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import sqlalchemy as sa
+
+from champion.audit import LoopEvent, current_actor
+from champion.errors import ChampionError
+
+PENDING, APPROVED, REJECTED, EXPIRED, VOID = "pending", "approved", "rejected", "expired", "void"
+
+_metadata = sa.MetaData()
+pending_table = sa.Table(
+    "champion_pending_promotions",
+    _metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("model_name", sa.String(256), nullable=False, index=True),
+    sa.Column("version", sa.String(32), nullable=False),
+    sa.Column("target", sa.String(16), nullable=False),  # direct (champion) | canary (challenger)
+    sa.Column("compared_with", sa.String(32)),  # the champion the gate compared against
+    sa.Column("gate_reason", sa.Text, nullable=False),
+    sa.Column("evidence", sa.Text, nullable=False),  # JSON
+    sa.Column("requested_by", sa.String(256), nullable=False),
+    sa.Column("requested_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("decided_by", sa.String(256)),
+    sa.Column("decided_at", sa.DateTime(timezone=True)),
+    sa.Column("decision_reason", sa.Text),
+)
+
+
+@dataclass(frozen=True)
+class PendingPromotion:
+    id: int
+    model_name: str
+    version: str
+    target: str
+    compared_with: str | None
+    gate_reason: str
+    evidence: dict[str, Any]
+    requested_by: str
+    requested_at: datetime
+    expires_at: datetime
+    status: str
+    decided_by: str | None = None
+    decision_reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in self.__dict__.items()}
+
+
+def _tables(reg) -> sa.Engine:
+    engine = reg.audit.engine
+    _metadata.create_all(engine, checkfirst=True)
+    return engine
+
+
+def request_approval(
+    reg,
+    name: str,
+    version: str,
+    target: Literal["direct", "canary"],
+    compared_with: str | None,
+    gate_reason: str,
+    evidence: dict[str, Any],
+    hours: float,
+    actor: str | None = None,
+    now: datetime | None = None,
+) -> PendingPromotion:
+    """Record a gate pass as waiting for a person; an older pending promotion of the model is superseded."""
+    now, actor = now or datetime.now(UTC), actor or current_actor()
+    engine = _tables(reg)
+    c = pending_table.c
+    with engine.begin() as conn:
+        conn.execute(
+            pending_table.update()
+            .where(c.model_name == name, c.status == PENDING)
+            .values(status=VOID, decided_by=actor, decided_at=now,
+                    decision_reason=f"superseded by v{version}, which passed the gate later")
+        )  # fmt: skip
+        new_id = conn.execute(
+            pending_table.insert().values(
+                model_name=name, version=str(version), target=target, compared_with=compared_with,
+                gate_reason=gate_reason, evidence=json.dumps(evidence, sort_keys=True, default=str),
+                requested_by=actor, requested_at=now, expires_at=now + timedelta(hours=hours), status=PENDING,
+            )
+        ).inserted_primary_key[0]  # fmt: skip
+    item = _get(engine, int(new_id))
+    _story(reg, item, "approval_requested",
+           f"v{version} passed the gate and waits for approval until {item.expires_at:%Y-%m-%d %H:%M} UTC",
+           actor)  # fmt: skip
+    return item
+
+
+def pending_promotions(reg, name: str | None = None, now: datetime | None = None) -> list[PendingPromotion]:
+    """Promotions waiting for a person, oldest first (expired ones are marked so first)."""
+    expire(reg, name, now)
+    c = pending_table.c
+    query = sa.select(pending_table).where(c.status == PENDING).order_by(c.id)
+    if name is not None:
+        query = query.where(c.model_name == name)
+    with _tables(reg).connect() as conn:
+        return [_item(r) for r in conn.execute(query).mappings()]
+
+
+def recent(reg, name: str, limit: int = 20) -> list[PendingPromotion]:
+    c = pending_table.c
+    query = sa.select(pending_table).where(c.model_name == name).order_by(c.id.desc()).limit(limit)
+    with _tables(reg).connect() as conn:
+        return [_item(r) for r in conn.execute(query).mappings()]
+
+
+def expire(reg, name: str | None = None, now: datetime | None = None) -> list[PendingPromotion]:
+    """Mark pending promotions past their time as expired (audited); returns them."""
+    now = now or datetime.now(UTC)
+    engine = _tables(reg)
+    c = pending_table.c
+    query = sa.select(pending_table).where(c.status == PENDING, c.expires_at <= now)
+    if name is not None:
+        query = query.where(c.model_name == name)
+    gone = []
+    with engine.begin() as conn:
+        for row in conn.execute(query).mappings().all():
+            reason = f"nobody approved it by {_aware(row['expires_at']):%Y-%m-%d %H:%M} UTC"
+            done = conn.execute(
+                pending_table.update().where(c.id == row["id"], c.status == PENDING)
+                .values(status=EXPIRED, decided_by="champion", decided_at=now, decision_reason=reason)
+            ).rowcount  # fmt: skip
+            if done:
+                gone.append(_item({**row, "status": EXPIRED, "decision_reason": reason}))
+    for item in gone:
+        _story(
+            reg, item, "approval_expired", f"the promotion of v{item.version} expired: {item.decision_reason}"
+        )
+    return gone
+
+
+def approve(reg, name: str, version: str, reason: str, actor: str | None = None, now=None):
+    """Approve a pending promotion and make its move; returns the registry Decision of that move."""
+    from champion.registry import assign_challenger_on_gate, promote_on_gate
+
+    actor = actor or current_actor()
+    item = _claim(reg, name, version, reason, actor, now)
+    approval = {
+        "approved_by": actor,
+        "reason": reason,
+        "requested_by": item.requested_by,
+        "requested_at": item.requested_at.isoformat(),
+        "pending_id": item.id,
+    }
+    evidence = {**item.evidence, "approval": approval}
+    move = assign_challenger_on_gate if item.target == "canary" else promote_on_gate
+    moved = move(reg, name, item.version, item.compared_with, item.gate_reason, evidence,
+                 reason=f"approved by {actor}: {reason}", actor=actor)  # fmt: skip
+    _finish(
+        reg, item, APPROVED if moved.allowed else VOID, actor, reason if moved.allowed else moved.reason, now
+    )
+    if not moved.allowed:
+        summary = f"{actor}'s approval of v{item.version} moved nothing: {moved.reason}"
+    elif item.target == "canary":
+        summary = f"{actor} approved v{item.version} ({reason}); it is the challenger for the canary"
+    else:
+        summary = f"{actor} approved v{item.version} ({reason}); it is the champion"
+    _story(reg, item, "approval", summary, actor)
+    return moved
+
+
+def reject(reg, name: str, version: str, reason: str, actor: str | None = None, now=None) -> PendingPromotion:
+    """Reject a pending promotion: nothing moves, and the version stays registered."""
+    actor = actor or current_actor()
+    item = _claim(reg, name, version, reason, actor, now)
+    _finish(reg, item, REJECTED, actor, reason, now)
+    _story(reg, item, "approval_rejected", f"{actor} rejected v{item.version}: {reason}", actor)
+    return _get(_tables(reg), item.id)
+
+
+def _claim(reg, name: str, version: str, reason: str, actor: str, now) -> PendingPromotion:
+    """The pending promotion a decision is about, after the checks a person's decision must pass."""
+    if not reason or not reason.strip():
+        raise ChampionError("--reason: say why (it is kept in the audit history).")
+    expire(reg, name, now)
+    c = pending_table.c
+    with _tables(reg).connect() as conn:
+        row = conn.execute(
+            sa.select(pending_table).where(c.model_name == name, c.version == str(version))
+            .order_by(c.id.desc()).limit(1)
+        ).mappings().first()  # fmt: skip
+    if row is None:
+        raise ChampionError(
+            f"VERSION: v{version} of '{name}' has no promotion waiting for approval; "
+            f"see `champion pending {name}`."
+        )
+    item = _item(row)
+    if item.status != PENDING:
+        by = f" by {item.decided_by}" if item.decided_by else ""
+        raise ChampionError(
+            f"VERSION: the promotion of v{version} is already {item.status}{by} ({item.decision_reason}); "
+            "nothing changed."
+        )
+    if actor == item.requested_by:
+        raise ChampionError(
+            f"the promotion of v{version} was requested by {actor}; a second person must decide it "
+            "(set CHAMPION_ACTOR or log in as someone else)."
+        )
+    return item
+
+
+def _finish(reg, item: PendingPromotion, status: str, actor: str, reason: str, now) -> None:
+    c = pending_table.c
+    with _tables(reg).begin() as conn:
+        done = conn.execute(
+            pending_table.update().where(c.id == item.id, c.status == PENDING)
+            .values(status=status, decided_by=actor, decided_at=now or datetime.now(UTC),
+                    decision_reason=reason)
+        ).rowcount  # fmt: skip
+    if not done:
+        raise ChampionError(f"the promotion of v{item.version} was decided by someone else just now.")
+
+
+def _story(reg, item: PendingPromotion, kind: str, summary: str, actor: str | None = None) -> None:
+    evidence = {"pending_id": item.id, "target": item.target, "status": item.status}
+    reg.audit.record(LoopEvent(item.model_name, kind, summary, item.version, evidence, actor or ""))
+
+
+def _get(engine, pending_id: int) -> PendingPromotion:
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(pending_table).where(pending_table.c.id == pending_id)).mappings().one()
+    return _item(row)
+
+
+def _item(row) -> PendingPromotion:
+    return PendingPromotion(
+        id=row["id"],
+        model_name=row["model_name"],
+        version=row["version"],
+        target=row["target"],
+        compared_with=row["compared_with"],
+        gate_reason=row["gate_reason"],
+        evidence=json.loads(row["evidence"]),
+        requested_by=row["requested_by"],
+        requested_at=_aware(row["requested_at"]),
+        expires_at=_aware(row["expires_at"]),
+        status=row["status"],
+        decided_by=row["decided_by"],
+        decision_reason=row["decision_reason"],
+    )
+
+
+def _aware(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
