@@ -36,3 +36,38 @@ def drift_check(
         "alarm": None if run.alarm is None else run.alarm.alarm,
         "reason": run.decision.reason,
     }
+
+
+def review_select(model: str, config: str | None = None, log_url: str | None = None) -> dict[str, Any]:
+    """Queue the newly logged predictions that deserve a person's label (`champion review select`)."""
+    from champion.config import load_config
+    from champion.review import ReviewConfig, ReviewQueue
+
+    cfg = load_config(ReviewConfig, config, []) if config else ReviewConfig()
+    queue = ReviewQueue(log_url)
+    try:
+        return queue.select(model, cfg).__dict__
+    finally:
+        queue.close()
+
+
+def approvals(model: str | None = None) -> dict[str, Any]:
+    """Expire pending promotions past their time (audited) and publish what still waits, for the alert
+    on approvals older than a day."""
+    import time
+
+    from champion.approval import expire, pending_promotions
+    from champion.registry import connect
+    from monitoring.metrics import observe_pending
+
+    reg = connect()
+    try:
+        expired = expire(reg, model)
+        waiting = pending_promotions(reg, model)
+    finally:
+        reg.close()
+    observe_pending(waiting, time.time())
+    return {
+        "expired": [f"{p.model_name} v{p.version}" for p in expired],
+        "waiting": [f"{p.model_name} v{p.version}" for p in waiting],
+    }

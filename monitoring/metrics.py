@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import suppress
 from functools import cache
 from types import SimpleNamespace
 
@@ -43,6 +44,12 @@ def metrics() -> SimpleNamespace:
         ),
         job_last_duration=Gauge("champion_job_last_duration_seconds", "How long each job last ran", ["job"]),
         leader=Gauge("champion_scheduler_leader", "1 while this process is the active scheduler"),
+        pending=Gauge("champion_pending_approvals", "Promotions waiting for a person's approval", ["model"]),
+        pending_oldest=Gauge(
+            "champion_pending_approval_oldest_timestamp_seconds",
+            "When the oldest promotion still waiting for approval was asked for (absent: none waits)",
+            ["model"],
+        ),
     )
 
 
@@ -60,3 +67,26 @@ def observe_drift(run) -> None:
             m.estimated_accuracy.labels(d.model, d.version).set(c.details["estimated_accuracy"])
     if run.alarm is not None:
         m.alarm.labels(d.model, d.version).set(1 if run.alarm.alarm else 0)
+
+
+def observe_pending(waiting, now: float) -> None:
+    """Publish the pending promotions per model; a model whose queue emptied drops its oldest-time series."""
+    m = metrics()
+    oldest: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for item in waiting:
+        at = item.requested_at.timestamp()
+        oldest[item.model_name] = min(oldest.get(item.model_name, now), at)
+        counts[item.model_name] = counts.get(item.model_name, 0) + 1
+    known = {labels[0] for labels in _series(m.pending)}
+    for model in known | set(counts):
+        m.pending.labels(model).set(counts.get(model, 0))
+        if model in oldest:
+            m.pending_oldest.labels(model).set(oldest[model])
+        else:
+            with suppress(KeyError):  # never set
+                m.pending_oldest.remove(model)
+
+
+def _series(gauge) -> list[tuple[str, ...]]:
+    return [tuple(s.labels.values()) for metric in gauge.collect() for s in metric.samples]

@@ -219,7 +219,11 @@ def test_the_shipped_schedule_config_validates_and_names_its_command():
     path = TESTS.parent / "configs" / "schedule.yaml"
     cfg = load_config(ScheduleConfig, path)
     assert path.read_text().splitlines()[0] == "# champion schedule start --config configs/schedule.yaml"
-    drift, retrain = cfg.jobs
+    drift, retrain, review, approvals = cfg.jobs
     assert drift.func == "monitoring.jobs:drift_check" and drift.grace() == 3600
     assert retrain.func == "pipelines.jobs:retrain_on_drift" and retrain.grace() == 3600
     assert retrain.kwargs["config"] == "configs/retrain.yaml"
+    assert review.func == "monitoring.jobs:review_select" and approvals.func == "monitoring.jobs:approvals"
+    from champion.review import ReviewConfig
+
+    assert load_config(ReviewConfig, TESTS.parent / review.kwargs["config"]).daily_budget == 200
