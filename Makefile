@@ -10,7 +10,7 @@ export DO_NOT_TRACK := true
 export BENTOML_DO_NOT_TRACK := True
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint format benchmark ui clean
+.PHONY: demo test tools lint format benchmark ui clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,21 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/champion demo
 
-test: $(STAMP)
+test: $(STAMP) tools
 	$(BIN)/python -m pytest
+
+# Debian's chromium (the console's browser test) and prometheus (promtool checks the alerting rules), where
+# this machine lets us install them; without them those tests skip and say why.
+tools:
+	@if ! command -v chromium >/dev/null || ! command -v promtool >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's chromium and prometheus (browser test, promtool)"; \
+	    apt-get install -y -q --no-install-recommends chromium prometheus >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && \
+	      apt-get install -y -q --no-install-recommends chromium prometheus >/dev/null 2>&1; } || \
+	    echo "note: could not install chromium/prometheus; their tests will skip"; \
+	  else echo "note: chromium or promtool missing (apt-get install chromium prometheus); their tests skip"; fi; \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

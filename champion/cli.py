@@ -222,6 +222,31 @@ def _actor() -> str:
     return current_actor()
 
 
+def cmd_console(args: argparse.Namespace) -> int:
+    from champion.console import serve
+
+    serve(
+        args.host, args.port, log_url=args.log_url, review_config=args.review_config, mlflow_ui=args.mlflow_ui
+    )
+    return 0
+
+
+def cmd_console_user(args: argparse.Namespace) -> int:
+    import getpass
+
+    from champion.console import set_user, users_path
+
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass(f"password for {args.name}: ")
+        if getpass.getpass("again: ") != password:
+            raise ChampionError("password: the two entries differ; nothing changed.")
+    set_user(args.name, password)
+    print(f"console account {args.name!r} saved in {users_path()}")
+    return 0
+
+
 def cmd_history(args: argparse.Namespace) -> int:
     from champion.registry import connect, story
 
@@ -637,6 +662,20 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--label", help="the true label; one not among the model's is a new intent")
     group.add_argument("--skip", action="store_true")
     ans.add_argument("--reviewer", help="who answers (default: CHAMPION_ACTOR, else user@host)")
+
+    p = verb("console", cmd_console, "The web console: models, the loop's story, drift, approvals, review.")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument(
+        "--host", default="127.0.0.1", help="loopback by default; anything else belongs behind TLS"
+    )
+    p.add_argument("--log-url", help="the inference log database (default: the serving default)")
+    p.add_argument("--review-config", help="YAML of the review queue (configs/review.yaml): the day's budget")
+    p.add_argument(
+        "--mlflow-ui", help="the MLflow UI's address, for links to runs (e.g. http://127.0.0.1:5000)"
+    )
+    p = verb("console-user", cmd_console_user, "Create a console login, or change its password.")
+    p.add_argument("name")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from stdin's first line")
 
     p = verb("history", cmd_history, "The audit history of a model's alias changes.")
     p.add_argument("name")

@@ -1,0 +1,218 @@
+"""The web console in-process (Starlette's test client): logins, CSRF and Origin checks, the API key,
+the pages' content, approvals and reviews through it. tests/test_console_browser.py drives it in Chromium."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+from helpers import make_versions
+
+from champion.approval import pending_promotions, request_approval
+from champion.registry import promote, story
+
+LABELS = ("track_order", "reset_password", "card_declined", "invoice_request")
+
+
+def seed_console_data(registry, home, texts: int = 12) -> dict:
+    """clf: v1 champion, v2 waiting for approval (asked by the scheduler), `texts` predictions queued for
+    review, and two drift checks (one drifted) in the inference log's database."""
+    from champion.review import ReviewConfig, ReviewQueue
+    from monitoring.drift import CheckResult, DriftDecision
+    from monitoring.store import DriftStore
+    from serving.inference_log import InferenceLog, PredictionRecord, encode_probs
+
+    v1, v2 = make_versions(registry, "clf", [0.8, 0.9])
+    promote(registry, "clf", v1, reason="first release")
+    request_approval(registry, "clf", v2, "direct", v1, "beats the champion on 400 fresh rows", {"gate": {}},
+                     hours=24, actor="scheduler")  # fmt: skip
+    url = f"sqlite:///{home / 'inference.db'}"
+    now = datetime.now(UTC)
+    log = InferenceLog(url).start()
+    records = []
+    for i in range(texts):
+        score = 0.3 + i / 100
+        probs = np.array([score, 0.5 - i / 200, 0.1, 0.1 + i / 200])
+        text = f"customer text number {i} <b>not bold</b>"
+        at = now - timedelta(minutes=5)
+        records.append(PredictionRecord(f"q{i:02d}", at, "clf", v1, "champion", text, LABELS[0], score, 1.0,
+                                        None, encode_probs(probs)))  # fmt: skip
+    log.append(records)
+    log.flush()
+    log.close()
+    queue = ReviewQueue(url)
+    queue.select("clf", ReviewConfig(random_share=0.0, drift_windows=False), labels=lambda _v: LABELS)
+    queue.close()
+    store = DriftStore(url)
+    for hours, status in ((3, "ok"), (2, "drift"), (1, "ok")):
+        value = 0.3 if status == "drift" else 0.05
+        check = CheckResult("embedding_drift", "domain classifier ROC AUC", value, 0.1, status == "drift",
+                            200, status, f"{status} in that window")  # fmt: skip
+        at = (now - timedelta(hours=hours)).isoformat()
+        store.record(DriftDecision(status, "clf", v1, 200, [check], {}, at))
+    store.close()
+    return {"v1": v1, "v2": v2, "url": url}
+
+
+@pytest.fixture
+def console(registry, home, tmp_path, monkeypatch):
+    from starlette.testclient import TestClient
+
+    from champion.console import create_app, set_user
+
+    data = seed_console_data(registry, home)
+    users = tmp_path / "users.json"
+    set_user("ana", "correct horse battery", users)
+    set_user("scheduler", "the scheduler's pass", users)
+    monkeypatch.setenv("CHAMPION_API_KEY", "k" * 32)
+    app = create_app(log_url=data["url"], users_file=users)
+    with TestClient(app, base_url="http://127.0.0.1:8765") as client:
+        client.data = data
+        yield client
+
+
+def _login(client, name="ana", password="correct horse battery"):
+    response = client.post("/login", data={"name": name, "password": password, "next": "/models/clf"})
+    assert response.status_code == 200 and response.url.path == "/models/clf", response.text
+    return re.search(r'name="csrf" value="([^"]+)"', response.text).group(1)
+
+
+def test_pages_need_a_login_and_a_wrong_password_is_refused(console):
+    assert console.get("/models/clf", follow_redirects=False).headers["location"] == "/login?next=/models/clf"
+    assert console.get("/health").text == "ok"
+    wrong = console.post("/login", data={"name": "ana", "password": "nope nope"})
+    assert wrong.status_code == 401 and "name or password is wrong" in wrong.text
+    assert "champion_console" not in console.cookies
+    evil = console.post("/login", data={"name": "ana", "password": "x", "next": "//evil.example/"},
+                        follow_redirects=False)  # fmt: skip
+    assert evil.status_code == 401
+    form = {"name": "ana", "password": "correct horse battery", "next": "//evil.example"}
+    ok = console.post("/login", data=form, follow_redirects=False)
+    assert ok.headers["location"] == "/"  # never off-site after a login
+    cookie = ok.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie
+
+
+def test_repeated_failed_logins_lock_the_name(console):
+    for _ in range(5):
+        assert console.post("/login", data={"name": "ana", "password": "guess guess"}).status_code == 401
+    locked = console.post("/login", data={"name": "ana", "password": "correct horse battery"})
+    assert locked.status_code == 429 and "too many failed logins" in locked.text
+
+
+def test_the_model_page_shows_aliases_story_drift_and_pending(console):
+    _login(console)
+    page = console.get("/models/clf")
+    assert page.status_code == 200
+    html = page.text
+    assert 'id="champion"' in html and f"v{console.data['v1']}" in html
+    assert f'id="pending-{console.data["v2"]}"' in html and "asked by scheduler" in html
+    assert "<polyline" in html and html.count('class="drifted"') == 1  # one drifted window on the plot
+    assert "first release" in html  # the story, from the audit history
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert console.get("/models/nope").status_code == 404
+
+
+def test_cross_site_and_tokenless_posts_are_refused_and_change_nothing(console):
+    csrf = _login(console)
+    v2 = console.data["v2"]
+    form = {"csrf": csrf, "version": v2, "reason": "ok"}
+    evil = console.post("/models/clf/approve", data=form, headers={"Origin": "http://evil.example"})
+    assert evil.status_code == 403 and "cross-site" in evil.text
+    tokenless = console.post("/models/clf/approve", data={"version": v2, "reason": "ok"})
+    assert tokenless.status_code == 403 and "csrf" in tokenless.text
+    console.cookies.clear()
+    anonymous = console.post("/models/clf/approve", data=form)
+    assert anonymous.status_code == 401
+    wrong_key = console.post("/models/clf/approve", data=form, headers={"X-API-Key": "nope"})
+    assert wrong_key.status_code == 401
+    assert [p.version for p in pending_promotions(_registry())] == [v2]  # nothing moved
+
+
+def _registry():
+    from champion.registry import connect
+
+    return connect()
+
+
+def test_approval_through_the_console_is_four_eyes_and_audited(console):
+    v1, v2 = console.data["v1"], console.data["v2"]
+    csrf = _login(console, "scheduler", "the scheduler's pass")
+    own = console.post("/models/clf/approve", data={"csrf": csrf, "version": v2, "reason": "mine"})
+    assert own.status_code == 400 and "a second person must decide" in own.text
+    console.post("/logout", data={"csrf": csrf})
+    csrf = _login(console)
+    empty = console.post("/models/clf/approve", data={"csrf": csrf, "version": v2, "reason": ""})
+    assert empty.status_code == 400 and "--reason" in empty.text
+    done = console.post("/models/clf/approve", data={"csrf": csrf, "version": v2, "reason": "per-class ok"})
+    assert done.status_code == 200 and f"approved v{v2}" in done.text
+    reg = _registry()
+    assert str(reg.client.get_registered_model("clf").aliases["champion"]) == v2
+    assert story(reg, "clf")[-1]["reason"] == f"ana approved v{v2} (per-class ok); it is the champion"
+    assert f"v{v1} → v{v2}" in done.text  # the story on the page, updated
+
+
+def test_the_api_key_acts_without_a_session(console):
+    v2 = console.data["v2"]
+    headers = {"X-API-Key": "k" * 32, "X-Champion-Actor": "release-bot", "Accept": "application/json"}
+    response = console.post(
+        "/models/clf/reject", data={"version": v2, "reason": "not today"}, headers=headers
+    )
+    assert response.status_code == 200 and response.json()["notice"] == f"rejected v{v2}"
+    assert story(_registry(), "clf")[-1]["actor"] == "release-bot"
+
+
+def test_reviewing_through_the_console_labels_skips_and_names_new_intents(console):
+    from champion.review import ReviewConfig, ReviewQueue
+
+    csrf = _login(console)
+    page = console.get("/models/clf/review")
+    first = re.search(r'data-request-id="([^"]+)"', page.text).group(1)
+    assert first == "q00"  # the least confident first
+    assert "&lt;b&gt;not bold&lt;/b&gt;" in page.text  # customer text is escaped
+    assert 'data-key="1"' in page.text and "<kbd>s</kbd>" in page.text
+    labelled = console.post(
+        "/models/clf/review", data={"csrf": csrf, "request_id": first, "label": LABELS[2]}
+    )
+    assert "labelled: card_declined" in labelled.text
+    second = re.search(r'data-request-id="([^"]+)"', labelled.text).group(1)
+    assert second != first
+    skipped = console.post("/models/clf/review", data={"csrf": csrf, "request_id": second, "skip": "1"})
+    assert "skipped" in skipped.text
+    third = re.search(r'data-request-id="([^"]+)"', skipped.text).group(1)
+    new = console.post("/models/clf/review", data={"csrf": csrf, "request_id": third, "label": LABELS[0],
+                                                   "new_label": "crypto refund"})  # fmt: skip
+    assert "labelled: crypto refund" in new.text
+    again = console.post("/models/clf/review", data={"csrf": csrf, "request_id": first, "label": LABELS[1]})
+    assert again.status_code == 400 and "already answered" in again.text
+    queue = ReviewQueue(console.data["url"])
+    assert (queue.get("clf", first).reviewer, queue.get("clf", third).answer) == ("ana", "crypto refund")
+    assert queue.progress("clf", ReviewConfig())["reviewed_today"] == 3
+    queue.close()
+
+
+def test_an_evidently_report_is_served_sandboxed_from_its_mlflow_run(console):
+    import mlflow
+
+    from monitoring.drift import CheckResult, DriftDecision
+    from monitoring.store import DriftStore
+
+    reg = _registry()
+    mlflow.set_tracking_uri(reg.tracking_uri)
+    with mlflow.start_run() as run:
+        mlflow.log_text("<html><script>alert(1)</script>an Evidently report</html>", "drift/drift.html")
+    store = DriftStore(console.data["url"])
+    check = CheckResult(
+        "embedding_drift", "domain classifier ROC AUC", 0.3, 0.1, True, 200, "drift", "drifted"
+    )
+    check_id = store.record(DriftDecision("drift", "clf", console.data["v1"], 200, [check]), run.info.run_id)
+    store.close()
+    _login(console)
+    assert f"/models/clf/drift/{check_id}/report" in console.get("/models/clf").text
+    report = console.get(f"/models/clf/drift/{check_id}/report")
+    assert report.status_code == 200 and "an Evidently report" in report.text
+    assert report.headers["content-security-policy"] == "sandbox allow-scripts"
+    assert console.get("/models/clf/drift/1/report").status_code == 404  # a check without a report
+    assert console.get(f"/models/other/drift/{check_id}/report").status_code == 404  # not this model's
