@@ -216,51 +216,57 @@ class ReviewQueue:
             p = predictions.c
             columns = [p.id, p.request_id, p.at, p.model_version, p.arm, p.text, p.label, p.score, p.agrees,
                        p.probs]  # fmt: skip
-            seen_ids: set[int] = set()
-            candidates: dict[str, tuple[float, str, dict, list[str]]] = {}  # request_id -> best reason
-            rows = []
+            newest_seen = last_id
+            # request_id -> (priority, sample, prediction id, reasons): rows are read a chunk at a time and
+            # only this much of each match is kept, so a first pass over millions of rows stays small.
+            candidates: dict[str, tuple[float, str, int, list[str]]] = {}
+
+            def consider(batch) -> None:
+                nonlocal newest_seen
+                for row in batch:
+                    newest_seen = max(newest_seen, row["id"])
+                    result.considered += 1
+                    at = _aware(row["at"]) if drifted else None
+                    in_window = any(start <= at <= end for start, end in drifted)
+                    u = in_random_sample(row["request_id"], cfg.random_share, cfg.seed)
+                    reasons = targeted_reasons(row, cfg, in_window)
+                    if u is not None:
+                        reasons = ["random", *reasons]
+                    for r in reasons:
+                        result.matched[r] = result.matched.get(r, 0) + 1
+                    if not reasons:
+                        continue
+                    sample = RANDOM if u is not None else TARGETED
+                    # Random rows go first, ordered by their hash (still uniform); targeted by usefulness.
+                    priority = 2.0 - u / max(cfg.random_share, 1e-12) if u is not None else usefulness(
+                        reasons, row["score"]
+                    )  # fmt: skip
+                    best = candidates.get(row["request_id"])
+                    if best is None or priority > best[0]:
+                        candidates[row["request_id"]] = (priority, sample, row["id"], reasons)
+
+            scan = [p.id, p.request_id, p.at, p.arm, p.score, p.agrees]  # what the rules read
             if gaps:
-                query = sa.select(*columns).where(p.model_name == model_name, p.id.in_(sorted(gaps)))
-                rows += conn.execute(query).mappings().all()
+                query = sa.select(*scan).where(p.model_name == model_name, p.id.in_(sorted(gaps)))
+                consider(conn.execute(query).mappings().all())
             newest = last_id
             while True:
                 batch = conn.execute(
-                    sa.select(*columns)
+                    sa.select(*scan)
                     .where(p.model_name == model_name, p.id > newest)
                     .order_by(p.id)
                     .limit(chunk)
                 ).mappings().all()  # fmt: skip
-                rows += batch
+                consider(batch)
                 if len(batch) < chunk:
                     break
                 newest = batch[-1]["id"]
-            for row in rows:
-                seen_ids.add(row["id"])
-                result.considered += 1
-                at = _aware(row["at"])
-                in_window = any(start <= at <= end for start, end in drifted)
-                u = in_random_sample(row["request_id"], cfg.random_share, cfg.seed)
-                reasons = targeted_reasons(row, cfg, in_window)
-                if u is not None:
-                    reasons = ["random", *reasons]
-                for r in reasons:
-                    result.matched[r] = result.matched.get(r, 0) + 1
-                if not reasons:
-                    continue
-                sample = RANDOM if u is not None else TARGETED
-                # Random rows are ordered by their hash (still uniform) and go first; targeted by usefulness.
-                priority = 2.0 - u / max(cfg.random_share, 1e-12) if u is not None else usefulness(
-                    reasons, row["score"]
-                )  # fmt: skip
-                best = candidates.get(row["request_id"])
-                if best is None or priority > best[0]:
-                    candidates[row["request_id"]] = (priority, sample, row, reasons)
             known = self._queued_ids(conn, model_name, list(candidates))
             chosen = []
             for kind, cap in ((RANDOM, random_cap - used[RANDOM]), (TARGETED, None)):
                 group = sorted(
                     (c for rid, c in candidates.items() if c[1] == kind and rid not in known),
-                    key=lambda c: (-c[0], c[2]["id"]),
+                    key=lambda c: (-c[0], c[2]),
                 )
                 room = cfg.daily_budget - used[RANDOM] - used[TARGETED] - sum(1 for c in chosen)
                 take = max(0, min(room, len(group), len(group) if cap is None else cap))
@@ -268,11 +274,13 @@ class ReviewQueue:
                 result.queued[kind] = take
                 result.over_budget[kind] = len(group) - take
             if chosen:
+                rows = self._rows(conn, [c[2] for c in chosen], columns)
+                items = [(priority, sample, rows[pid], why) for priority, sample, pid, why in chosen]
                 conn.execute(
                     review_items.insert(),
-                    [_item_row(model_name, c, today, now, labels_of, cfg.top_labels) for c in chosen],
+                    [_item_row(model_name, c, today, now, labels_of, cfg.top_labels) for c in items],
                 )
-            newest_id = max([last_id, *seen_ids])
+            newest_id = newest_seen
             present = set(conn.execute(sa.select(p.id).where(p.id > last_id, p.id <= newest_id)).scalars())
             missing = set(range(last_id + 1, newest_id + 1)) - present  # ids of any model, not yet visible
             # A gap a pass ago that is still a gap was a skipped id (a retried batch), not a slow commit.
@@ -280,6 +288,16 @@ class ReviewQueue:
             result.budget_left = cfg.daily_budget - used[RANDOM] - used[TARGETED] - len(chosen)
         log.info("review %s: %s", model_name, result.reason)
         return result
+
+    def _rows(self, conn, ids: list[int], columns) -> dict[int, Any]:
+        """The chosen predictions in full (text, probabilities), a few hundred at a time."""
+        from serving.inference_log import predictions
+
+        out = {}
+        for i in range(0, len(ids), 500):
+            query = sa.select(*columns).where(predictions.c.id.in_(ids[i : i + 500]))
+            out.update({row["id"]: row for row in conn.execute(query).mappings()})
+        return out
 
     def _cursor(self, conn, model_name: str) -> tuple[int, set[int]]:
         row = conn.execute(

@@ -11,7 +11,7 @@ from champion.errors import ChampionError
 from pipelines.finetune import FinetuneConfig
 
 ALL_CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
-OTHER = ("serve_", "monitor", "schedule", "retrain", "minilm_distil", "minilm_int8")
+OTHER = ("serve_", "monitor", "schedule", "retrain", "review", "minilm_distil", "minilm_int8")
 CONFIGS = [p for p in ALL_CONFIGS if not p.name.startswith(OTHER)]
 SERVE_CONFIGS = [p for p in ALL_CONFIGS if p.name.startswith("serve_")]
 
@@ -73,6 +73,15 @@ def test_shipped_monitor_config_validates_names_its_command_and_sets_every_check
     written = yaml.safe_load(path.read_text())
     assert set(written["checks"]) == set(MonitorConfig.model_fields["checks"].annotation.model_fields)
     assert cfg.calibration.false_alarm_rate == 0.01
+
+
+def test_shipped_review_config_validates_and_names_its_command():
+    from champion.review import ReviewConfig
+
+    path = ALL_CONFIGS[0].parent / "review.yaml"
+    cfg = load_config(ReviewConfig, path)
+    assert path.read_text().splitlines()[0].startswith("# champion review select support-intents --config ")
+    assert cfg.daily_budget == 200 and 0 < cfg.random_share < 1
 
 
 def test_bad_monitor_config_is_one_sentence(tmp_path):
