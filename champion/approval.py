@@ -23,6 +23,8 @@ from champion.audit import LoopEvent, current_actor
 from champion.errors import ChampionError
 
 PENDING, APPROVED, REJECTED, EXPIRED, VOID = "pending", "approved", "rejected", "expired", "void"
+DECIDING = "deciding"  # claimed by one person's approval while its move runs; nobody else can decide it
+STALE_CLAIM = timedelta(minutes=5)  # a claim this old belongs to a process that died mid-approval
 
 _metadata = sa.MetaData()
 pending_table = sa.Table(
@@ -129,6 +131,7 @@ def recent(reg, name: str, limit: int = 20) -> list[PendingPromotion]:
 def expire(reg, name: str | None = None, now: datetime | None = None) -> list[PendingPromotion]:
     """Mark pending promotions past their time as expired (audited); returns them."""
     now = now or datetime.now(UTC)
+    _recover_stale_claims(reg, name, now)
     engine = _tables(reg)
     c = pending_table.c
     query = sa.select(pending_table).where(c.status == PENDING, c.expires_at <= now)
@@ -152,11 +155,14 @@ def expire(reg, name: str | None = None, now: datetime | None = None) -> list[Pe
 
 
 def approve(reg, name: str, version: str, reason: str, actor: str | None = None, now=None):
-    """Approve a pending promotion and make its move; returns the registry Decision of that move."""
+    """Approve a pending promotion and make its move; returns the registry Decision of that move.
+
+    The promotion is claimed first (one UPDATE, so of two people approving at once exactly one goes on),
+    then moved, then marked approved (or void when the champion changed since the gate compared)."""
     from champion.registry import assign_challenger_on_gate, promote_on_gate
 
     actor = actor or current_actor()
-    item = _claim(reg, name, version, reason, actor, now)
+    item = _claim(reg, name, version, reason, actor, now, DECIDING)
     approval = {
         "approved_by": actor,
         "reason": reason,
@@ -166,37 +172,41 @@ def approve(reg, name: str, version: str, reason: str, actor: str | None = None,
     }
     evidence = {**item.evidence, "approval": approval}
     move = assign_challenger_on_gate if item.target == "canary" else promote_on_gate
-    moved = move(reg, name, item.version, item.compared_with, item.gate_reason, evidence,
-                 reason=f"approved by {actor}: {reason}", actor=actor)  # fmt: skip
-    _finish(
-        reg, item, APPROVED if moved.allowed else VOID, actor, reason if moved.allowed else moved.reason, now
-    )
+    try:
+        moved = move(reg, name, item.version, item.compared_with, item.gate_reason, evidence,
+                     reason=f"approved by {actor}: {reason}", actor=actor)  # fmt: skip
+    except BaseException:
+        _settle(reg, item.id, DECIDING, PENDING, None, None, None)  # nothing moved: it waits again
+        raise
+    status, why = (APPROVED, reason) if moved.allowed else (VOID, moved.reason)
+    _settle(reg, item.id, DECIDING, status, actor, why, now)
     if not moved.allowed:
         summary = f"{actor}'s approval of v{item.version} moved nothing: {moved.reason}"
     elif item.target == "canary":
         summary = f"{actor} approved v{item.version} ({reason}); it is the challenger for the canary"
     else:
         summary = f"{actor} approved v{item.version} ({reason}); it is the champion"
-    _story(reg, item, "approval", summary, actor)
+    _story(reg, _get(_tables(reg), item.id), "approval", summary, actor)
     return moved
 
 
 def reject(reg, name: str, version: str, reason: str, actor: str | None = None, now=None) -> PendingPromotion:
     """Reject a pending promotion: nothing moves, and the version stays registered."""
     actor = actor or current_actor()
-    item = _claim(reg, name, version, reason, actor, now)
-    _finish(reg, item, REJECTED, actor, reason, now)
+    item = _claim(reg, name, version, reason, actor, now, REJECTED)
     _story(reg, item, "approval_rejected", f"{actor} rejected v{item.version}: {reason}", actor)
-    return _get(_tables(reg), item.id)
+    return item
 
 
-def _claim(reg, name: str, version: str, reason: str, actor: str, now) -> PendingPromotion:
-    """The pending promotion a decision is about, after the checks a person's decision must pass."""
+def _claim(reg, name: str, version: str, reason: str, actor: str, now, status: str) -> PendingPromotion:
+    """Check a person's decision and take the pending promotion into `status` in one conditional UPDATE."""
     if not reason or not reason.strip():
         raise ChampionError("--reason: say why (it is kept in the audit history).")
+    now = now or datetime.now(UTC)
     expire(reg, name, now)
     c = pending_table.c
-    with _tables(reg).connect() as conn:
+    engine = _tables(reg)
+    with engine.connect() as conn:
         row = conn.execute(
             sa.select(pending_table).where(c.model_name == name, c.version == str(version))
             .order_by(c.id.desc()).limit(1)
@@ -208,29 +218,59 @@ def _claim(reg, name: str, version: str, reason: str, actor: str, now) -> Pendin
         )
     item = _item(row)
     if item.status != PENDING:
-        by = f" by {item.decided_by}" if item.decided_by else ""
-        raise ChampionError(
-            f"VERSION: the promotion of v{version} is already {item.status}{by} ({item.decision_reason}); "
-            "nothing changed."
-        )
+        raise _decided(item)
     if actor == item.requested_by:
         raise ChampionError(
             f"the promotion of v{version} was requested by {actor}; a second person must decide it "
             "(set CHAMPION_ACTOR or log in as someone else)."
         )
-    return item
-
-
-def _finish(reg, item: PendingPromotion, status: str, actor: str, reason: str, now) -> None:
-    c = pending_table.c
-    with _tables(reg).begin() as conn:
-        done = conn.execute(
+    with engine.begin() as conn:
+        won = conn.execute(
             pending_table.update().where(c.id == item.id, c.status == PENDING)
-            .values(status=status, decided_by=actor, decided_at=now or datetime.now(UTC),
-                    decision_reason=reason)
+            .values(status=status, decided_by=actor, decided_at=now, decision_reason=reason.strip())
         ).rowcount  # fmt: skip
-    if not done:
-        raise ChampionError(f"the promotion of v{item.version} was decided by someone else just now.")
+    if not won:
+        raise _decided(_get(engine, item.id))
+    return _get(engine, item.id)
+
+
+def _decided(item: PendingPromotion) -> ChampionError:
+    by = f" by {item.decided_by}" if item.decided_by else ""
+    state = "being approved" if item.status == DECIDING else f"already {item.status}"
+    return ChampionError(
+        f"VERSION: the promotion of v{item.version} is {state}{by} ({item.decision_reason}); nothing changed."
+    )
+
+
+def _settle(reg, pending_id: int, was: str, status: str, actor, reason, now) -> None:
+    c = pending_table.c
+    values = {"status": status, "decided_by": actor, "decision_reason": reason,
+              "decided_at": None if status == PENDING else now or datetime.now(UTC)}  # fmt: skip
+    with _tables(reg).begin() as conn:
+        conn.execute(pending_table.update().where(c.id == pending_id, c.status == was).values(**values))
+
+
+def _recover_stale_claims(reg, name: str | None, now: datetime) -> None:
+    """An approval whose process died between its claim and its end: settled from the registry's aliases
+    (the alias points at the version: approved; else it waits again)."""
+    from champion.registry import CHALLENGER, CHAMPION, _alias_version
+
+    c = pending_table.c
+    query = sa.select(pending_table).where(c.status == DECIDING, c.decided_at <= now - STALE_CLAIM)
+    if name is not None:
+        query = query.where(c.model_name == name)
+    with _tables(reg).connect() as conn:
+        stale = [_item(r) for r in conn.execute(query).mappings().all()]
+    for item in stale:
+        alias = CHALLENGER if item.target == "canary" else CHAMPION
+        moved = _alias_version(reg, item.model_name, alias) == item.version
+        if moved:
+            _settle(reg, item.id, DECIDING, APPROVED, item.decided_by, item.decision_reason, now)
+        else:
+            _settle(reg, item.id, DECIDING, PENDING, None, None, None)
+        what = "its move had happened: approved" if moved else "nothing had moved: it waits again"
+        _story(reg, _get(_tables(reg), item.id), "approval_recovered",
+               f"the approval of v{item.version} by {item.decided_by} was cut off; {what}")  # fmt: skip
 
 
 def _story(reg, item: PendingPromotion, kind: str, summary: str, actor: str | None = None) -> None:

@@ -187,3 +187,12 @@ def tiny_champion(registry, tiny_model_dir, tickets_csv) -> str:
     version = finetune(tiny_finetune_config(tickets_csv, tiny_model_dir, **learn), registry=registry).version
     promote(registry, "tiny-intents", version, reason="first champion")
     return version
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_urls(request, home) -> tuple[str, str]:
+    """(tracking URI, audit URL): both in one PostgreSQL database, or the embedded sqlite files."""
+    if request.param == "postgres":
+        url = request.getfixturevalue("pg_url")
+        return url, url
+    return f"sqlite:///{home / 'mlflow.db'}", f"sqlite:///{home / 'audit.db'}"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from helpers import make_versions
@@ -136,3 +136,77 @@ def test_the_cli_rejects(registry, waiting, capsys):
     assert main(["reject", "clf", v2, "--reason", "not this week"]) == 0
     assert "rejected: v2" in capsys.readouterr().out
     assert _aliases(registry) == {"champion": v1}
+
+
+def test_of_people_approving_at_once_exactly_one_moves_the_champion(store_urls):
+    import threading
+
+    from champion.registry import connect, history
+
+    setup = connect(*store_urls)
+    v1, v2 = make_versions(setup, "clf", [0.8, 0.9])
+    promote(setup, "clf", v1, reason="first")
+    request_approval(setup, "clf", v2, "direct", v1, GATE, {}, hours=24, actor="scheduler")
+    people = 4
+    barrier, outcomes = threading.Barrier(people), {}
+
+    def decide(i: int) -> None:
+        reg = connect(*store_urls)
+        barrier.wait()
+        try:
+            outcomes[i] = approve(
+                reg, "clf", v2, reason=f"reviewer {i} says yes", actor=f"reviewer-{i}"
+            ).allowed
+        except ChampionError as err:
+            outcomes[i] = str(err)
+        finally:
+            reg.close()
+
+    threads = [threading.Thread(target=decide, args=(i,)) for i in range(people)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    winners = [i for i, o in outcomes.items() if o is True]
+    assert len(winners) == 1, outcomes
+    for i, o in outcomes.items():
+        if i not in winners:
+            assert "being approved by reviewer" in o or "already approved by reviewer" in o, o
+    moves = [e for e in history(setup, "clf") if e.alias == "champion"]
+    assert [(e.to_version, e.actor) for e in moves] == [(v1, "pytest"), (v2, f"reviewer-{winners[0]}")]
+    assert recent(setup, "clf")[0].status == "approved"
+    setup.close()
+
+
+def test_an_approval_cut_off_mid_move_is_settled_from_the_aliases(registry, waiting, monkeypatch):
+    import champion.registry as registry_module
+
+    v1, v2, _ = waiting
+    promote_on_gate = registry_module.promote_on_gate
+    monkeypatch.setattr(registry_module, "promote_on_gate", _dies)
+    with pytest.raises(KeyboardInterrupt):
+        approve(registry, "clf", v2, reason="ok", actor="ana")
+    assert [p.version for p in pending_promotions(registry, "clf")] == [v2]  # it waits again
+    assert _aliases(registry) == {"champion": v1}
+
+    # A process killed between its claim and its end leaves the claim; after STALE_CLAIM it is settled.
+    from champion.approval import DECIDING, _claim
+
+    _claim(registry, "clf", v2, "ok", "ana", None, DECIDING)
+    assert pending_promotions(registry, "clf") == []  # claimed: nobody else can decide it meanwhile
+    with pytest.raises(ChampionError, match="being approved by ana"):
+        approve(registry, "clf", v2, reason="me too", actor="bob")
+    later = datetime.now(UTC) + timedelta(minutes=6)
+    assert [p.version for p in pending_promotions(registry, "clf", now=later)] == [v2]  # nothing had moved
+    assert story(registry, "clf")[-1]["action"] == "approval_recovered"
+
+    # Killed after its move: the champion points at the version, so the claim settles as approved.
+    monkeypatch.setattr(registry_module, "promote_on_gate", promote_on_gate)
+    _claim(registry, "clf", v2, "ok", "ana", None, DECIDING)
+    promote_on_gate(registry, "clf", v2, v1, GATE, {}, reason="approved by ana: ok", actor="ana")
+    assert pending_promotions(registry, "clf", now=later) == []
+    assert (recent(registry, "clf")[0].status, recent(registry, "clf")[0].decided_by) == ("approved", "ana")
+
+
+def _dies(*_args, **_kwargs):
+    raise KeyboardInterrupt

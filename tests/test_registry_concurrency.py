@@ -7,7 +7,6 @@ import itertools
 import multiprocessing as mp
 import random
 
-import pytest
 from helpers import make_versions
 
 from champion.registry import champion_lineage, connect, history, promote, rollback, show_model
@@ -32,15 +31,6 @@ def _worker(urls: tuple[str, str], worker: int, versions: list[str], barrier, re
             done.append(decision.event_id)
     reg.close()
     results.put((worker, done))
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def store_urls(request, home) -> tuple[str, str]:
-    """(tracking URI, audit URL): both in one PostgreSQL database, or the embedded sqlite files."""
-    if request.param == "postgres":
-        url = request.getfixturevalue("pg_url")
-        return url, url
-    return f"sqlite:///{home / 'mlflow.db'}", f"sqlite:///{home / 'audit.db'}"
 
 
 def test_concurrent_promotions_keep_one_consistent_history(store_urls, monkeypatch):
