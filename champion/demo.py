@@ -151,6 +151,12 @@ def run_demo(
     print(
         f"     the inference log holds {len(logged)} predictions ({counts}), {labelled} with a feedback label"
     )
+    from champion.review import ReviewConfig, ReviewQueue
+
+    queue = ReviewQueue(inference_log_url(load_serve_config(SERVE_CONFIG, name)))
+    selection = queue.select(name, ReviewConfig())
+    queue.close()
+    print(f"     review queue: {selection.reason}")
     print(f"""
 Where to look:
   champion models show {name}      versions, aliases, metrics, data hashes, gate tags
@@ -158,6 +164,8 @@ Where to look:
   champion drift {name} --last 400 a drift check on the latest traffic (exit 0 ok, 3 drift)
   champion retrain {name}          retrain on fresh labels; the gate decides
   champion serve {name}            serve the champion on http://127.0.0.1:3000 (follows alias moves)
+  champion console                 the web console on http://127.0.0.1:8765: the loop's story, drift,
+                                   approvals, the review queue (first: champion console-user NAME)
   champion ui{" " * (len(name) + 16)}the MLflow UI on {tracking_uri()} (champion-gate, champion-monitoring)
   state lives in {home}""")
     reg.close()

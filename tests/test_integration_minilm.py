@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,7 @@ def test_demo_runs_end_to_end(home, capsys):
     assert "v2 passed" in retrained or "v2 refused" in retrained, retrained
     assert "fresh holdout rows (difference" in retrained and "95% paired interval" in retrained
     story = out.split("12/12 the story of this loop")[1]
+    assert re.search(r"review queue: [1-9]\d* of \d+ new predictions queued for review", story), story
     for step in ("loop       drift", "retrain_started", "candidate  assign", "gate", "retrain_finished"):
         assert step in story, story
     # 3 sample tickets + 1,200 of traffic (+ the canary's and the new version's answers), 80% labelled.
