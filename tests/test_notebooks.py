@@ -163,3 +163,37 @@ def test_distil_and_compress_notebook(home, tiny_model_dir, tmp_path, monkeypatc
     champion = next(v for v in info["versions"] if "champion" in v["aliases"])
     assert champion["tags"].get("variant") in {"int8", "onnx", "onnx-int8"}  # the cheapest within budget
     reg.close()
+
+
+def test_review_and_approve_notebook(home, tiny_model_dir, tmp_path, monkeypatch):
+    """Real `champion serve` on the tiny model: the queue, a reviewer's labels, a retrain that waits for an
+    approval, a second person's approval, the story."""
+    from champion.approval import recent
+    from champion.registry import connect, story
+
+    cfg = tiny_finetune_config(
+        Path("unused.csv"), tiny_model_dir, method="full", train={"epochs": 6, "learning_rate": 3e-3}
+    )
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    serve = tmp_path / "serve.yaml"
+    serve.write_text(yaml.safe_dump({"threads": 1, "follow": {"poll_seconds": 0.2}}))
+    monkeypatch.setenv("CHAMPION_NOTEBOOK_CONFIG", str(config))
+    monkeypatch.setenv("CHAMPION_NOTEBOOK_SERVE_CONFIG", str(serve))
+    monkeypatch.setenv("CHAMPION_NOTEBOOK_ROWS", "600")
+    monkeypatch.setenv("CHAMPION_NOTEBOOK_WINDOW", "300")
+    monkeypatch.setenv(
+        "CHAMPION_NOTEBOOK_RETRAIN_SET", "train.epochs=6;gate.max_class_drop=1.0;gate.min_rows=100"
+    )
+
+    _execute(NOTEBOOKS / "06-review-and-approve.ipynb")
+
+    reg = connect()
+    steps = [(e["type"], e["action"], e["actor"]) for e in story(reg, "tiny-intents")]
+    assert ("loop", "approval_requested", "scheduler") in steps, steps
+    assert ("loop", "approval", "ana") in steps and ("alias", "gate_promote", "ana") in steps, steps
+    assert str(reg.client.get_registered_model("tiny-intents").aliases["champion"]) == "2"
+    assert recent(reg, "tiny-intents")[0].status == "approved"
+    tags = reg.client.get_model_version("tiny-intents", "2").tags
+    assert tags["gate.promote"] == "true"
+    reg.close()
