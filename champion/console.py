@@ -39,6 +39,8 @@ SESSION_COOKIE = "champion_console"
 SESSION_HOURS = 12
 MAX_FAILED_LOGINS = 5  # per name, within LOCKOUT_SECONDS; then that name waits
 LOCKOUT_SECONDS = 300
+MAX_TRACKED_NAMES = 10_000
+MAX_BODY_BYTES = 64 * 1024  # a review answer or an approval is a few hundred bytes
 STORY_LIMIT = 40
 DRIFT_POINTS = 60
 TEMPLATES = Path(__file__).parent / "console_templates"
@@ -135,13 +137,22 @@ class Sessions:
     def locked(self, name: str) -> bool:
         now = time.time()
         with self.lock:
+            name = name[:64]
             recent = [t for t in self.failures.get(name, []) if now - t < LOCKOUT_SECONDS]
-            self.failures[name] = recent
+            if recent:
+                self.failures[name] = recent
+            else:
+                self.failures.pop(name, None)
         return len(recent) >= MAX_FAILED_LOGINS
 
     def failed(self, name: str) -> None:
+        now = time.time()
         with self.lock:
-            self.failures.setdefault(name, []).append(time.time())
+            if len(self.failures) >= MAX_TRACKED_NAMES:  # guessing at random names must not grow memory
+                self.failures = {k: v for k, v in self.failures.items() if now - v[-1] < LOCKOUT_SECONDS}
+                while len(self.failures) >= MAX_TRACKED_NAMES:
+                    self.failures.pop(next(iter(self.failures)))
+            self.failures.setdefault(name[:64], []).append(now)
 
 
 # --- what the pages show ----------------------------------------------------------------------------------
@@ -508,22 +519,8 @@ def create_app(
         await with_session(request)
         return refuse(request, exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
 
-    async def add_headers(request, call_next):
-        response = await call_next(request)
-        response.headers.setdefault(
-            "Content-Security-Policy",
-            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-            "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-        )
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["Referrer-Policy"] = "same-origin"
-        response.headers["X-Frame-Options"] = "DENY"
-        response.headers.setdefault("Cache-Control", "no-store")
-        return response
-
     from starlette.exceptions import HTTPException
     from starlette.middleware import Middleware
-    from starlette.middleware.base import BaseHTTPMiddleware
 
     routes = [
         Route("/health", health),
@@ -551,15 +548,93 @@ def create_app(
         yield
         _close()
 
+    async def database_down(request, exc):
+        await with_session(request)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        log.error("console: %s %s: a database did not answer: %s", request.method, request.url.path, first)
+        return refuse(request, 503, f"the registry or the inference log database did not answer ({first}); "
+                      "try again in a moment.")  # fmt: skip
+
+    import sqlalchemy as sa
+
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(BaseHTTPMiddleware, dispatch=add_headers)],
-        exception_handlers={HTTPException: not_allowed},
+        middleware=[Middleware(SecurityHeaders), Middleware(BodyLimit)],
+        exception_handlers={HTTPException: not_allowed, sa.exc.OperationalError: database_down},
         lifespan=lifespan,
     )
     app.state.close = _close
     app.state.sessions = sessions
     return app
+
+
+SECURITY_HEADERS = {
+    b"content-security-policy": b"default-src 'self'; script-src 'self'; style-src 'self'; "
+    b"img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    b"x-content-type-options": b"nosniff",
+    b"referrer-policy": b"same-origin",
+    b"x-frame-options": b"DENY",
+    b"cache-control": b"no-store",
+}
+
+
+class SecurityHeaders:
+    """Every response gets these headers unless it set its own (the Evidently report sets its CSP)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def with_headers(message):
+            if message["type"] == "http.response.start":
+                present = {k.lower() for k, _ in message.get("headers", [])}
+                extra = [(k, v) for k, v in SECURITY_HEADERS.items() if k not in present]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+class BodyLimit:
+    """Refuse request bodies over MAX_BODY_BYTES with 413, whether or not they say their length."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return await _too_large(send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > MAX_BODY_BYTES:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await _too_large(send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _too_large(send) -> None:
+    body = f"request body over {MAX_BODY_BYTES // 1024} KiB; the console's forms are far smaller.".encode()
+    headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 413, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _threaded(func):

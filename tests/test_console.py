@@ -216,3 +216,57 @@ def test_an_evidently_report_is_served_sandboxed_from_its_mlflow_run(console):
     assert report.headers["content-security-policy"] == "sandbox allow-scripts"
     assert console.get("/models/clf/drift/1/report").status_code == 404  # a check without a report
     assert console.get(f"/models/other/drift/{check_id}/report").status_code == 404  # not this model's
+
+
+def test_hostile_requests_get_a_clear_4xx(console):
+    csrf = _login(console)
+    huge = console.post(
+        "/models/clf/review", data={"csrf": csrf, "request_id": "q00", "label": "x" * 100_000}
+    )
+    assert huge.status_code == 413 and "request body over 64 KiB" in huge.text
+
+    def chunks():
+        for _ in range(100):
+            yield b"label=" + b"x" * 1024
+
+    unsized = console.post("/models/clf/review", content=chunks(),
+                           headers={"content-type": "application/x-www-form-urlencoded"})  # fmt: skip
+    assert unsized.status_code == 413
+    long_label = console.post(
+        "/models/clf/review", data={"csrf": csrf, "request_id": "q00", "label": "x" * 300}
+    )
+    assert long_label.status_code == 400 and "label: give 1 to 256" in long_label.text
+    unknown = console.post("/models/clf/review", data={"csrf": csrf, "request_id": "nope", "label": "a"})
+    assert unknown.status_code == 400 and "not in the review queue" in unknown.text
+    assert console.post("/models/clf/promote", data={"csrf": csrf}).status_code == 404
+    assert console.delete("/models/clf").status_code == 405
+    assert console.get("/static/../console.py").status_code == 404
+    assert console.get("/models/clf/drift/abc/report").status_code == 404
+
+
+def test_guessing_many_names_keeps_the_lockout_table_bounded(monkeypatch):
+    import champion.console as console_module
+
+    monkeypatch.setattr(console_module, "MAX_TRACKED_NAMES", 50)
+    sessions = console_module.Sessions()
+    for i in range(500):
+        sessions.failed(f"name-{i}" + "x" * 1000)
+    assert len(sessions.failures) <= 50 and all(len(k) <= 64 for k in sessions.failures)
+
+
+def test_a_database_that_does_not_answer_is_a_503_with_a_sentence(registry, tmp_path):
+    from starlette.testclient import TestClient
+
+    from champion.console import create_app, set_user
+
+    users = tmp_path / "users.json"
+    set_user("ana", "correct horse battery", users)
+    app = create_app(
+        log_url="postgresql+psycopg2://nobody@127.0.0.1:1/none?connect_timeout=2", users_file=users
+    )
+    with TestClient(app, base_url="http://127.0.0.1:8765") as client:
+        client.post("/login", data={"name": "ana", "password": "correct horse battery"})
+        page = client.get("/models/clf/review")
+    assert (
+        page.status_code == 503 and "the registry or the inference log database did not answer" in page.text
+    )
