@@ -97,6 +97,7 @@ def register_versions(count: int) -> list[str]:
 
 
 IN_FLIGHT: dict[str, int | None] = {"value": None}  # --in-flight, for _ours_config
+SERVE_SET: list[str] = []  # --set key=value on our service's config, for _ours_config
 
 
 def compress_v1(to: str) -> dict[str, Any]:
@@ -328,6 +329,10 @@ def _ours_config(home: Path, port: int, max_batch_size: int | None) -> tuple[Pat
         data["batching"]["max_batch_size"] = max_batch_size
     if IN_FLIGHT["value"] is not None:
         data["batching"]["in_flight"] = IN_FLIGHT["value"]
+    if SERVE_SET:
+        from champion.config import apply_overrides
+
+        data = apply_overrides(data, SERVE_SET)
     path = home / f"serve-{port}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path, data
@@ -792,6 +797,10 @@ def main() -> None:
     parser.add_argument(
         "--in-flight", type=int, help="batching.in_flight for our service (default: the config's)"
     )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="change our service's config (e.g. access_log=false), recorded with the run",
+    )  # fmt: skip
     parser.add_argument("--skip-mlflow", action="store_true")
     parser.add_argument("--skip-swap", action="store_true")
     parser.add_argument("--skip-ceiling", action="store_true")
@@ -873,9 +882,11 @@ def main() -> None:
 
     if args.in_flight:
         IN_FLIGHT["value"] = args.in_flight
+    SERVE_SET[:] = args.set
     port = _free_port()
     config, data = _ours_config(home, port, None)
-    report["config"] = {"file": str(SERVE_CONFIG.relative_to(ROOT)), "changed": ["port"], "values": data}
+    changed = ["port", *(s.partition("=")[0] for s in args.set)]
+    report["config"] = {"file": str(SERVE_CONFIG.relative_to(ROOT)), "changed": changed, "values": data}
     ours = _ours_target(port, bodies)
     print(f"ours: {' '.join(_ours_command(config, port)[1:])}", flush=True)
     with server(_ours_command(config, port), env, "/readyz", port, home / "ours.log") as pid:

@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 
 # One forward pass at a time per process (see LoadedModel.predict_proba); re-entrant for nested calls.
 FORWARD_LOCK = threading.RLock()
+# Tokenisation from several threads at once (batching.in_flight > 1): a fast tokenizer re-applies its
+# padding and truncation settings on every call, which can fail while another thread encodes
+# ("Already borrowed").
+TOKENIZE_LOCK = threading.Lock()
 _FORWARD_THREAD: dict[str, Any] = {"executor": None}
 FORWARD_THREAD_NAME = "champion-forward"
 
@@ -126,14 +130,15 @@ class LoadedModel:
         return on_forward_thread(forward)
 
     def _encode(self, texts: list[str], tensors: str):
-        return self.tokenizer(
-            texts,
-            padding=True,
-            truncation=True,
-            max_length=self.max_tokens,
-            return_tensors=tensors,
-            return_token_type_ids=True,
-        )
+        with TOKENIZE_LOCK:
+            return self.tokenizer(
+                texts,
+                padding=True,
+                truncation=True,
+                max_length=self.max_tokens,
+                return_tensors=tensors,
+                return_token_type_ids=True,
+            )
 
     def _run_onnx(self, enc, outputs: list[str]):
         import numpy as np
