@@ -87,33 +87,50 @@ def start_server(
     """
     from champion.config import champion_home
 
-    port = port or free_port()
-    log_path = Path(log) if log else champion_home() / "serving" / f"{name}-{port}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "champion.cli", "serve", name, "--port", str(port)]
-    if config:
-        command += ["--config", str(config)]
     env = dict(os.environ)
     env.setdefault(API_KEY_ENV, secrets.token_urlsafe(24))  # so this client may call /reload and /feedback
-    with open(log_path, "w") as out:
-        proc = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
-        )
-    client = ServeClient(f"http://127.0.0.1:{port}", api_key=env[API_KEY_ENV])
-    atexit.register(_stop, proc)  # a notebook kernel that dies mid-way still stops its server
+    # A port picked here is free only until someone binds it: BentoML's process manager picks its own
+    # control port the same way, and now and then gets the same number. Then try another (ours only).
+    attempts = 1 if port else 3
+    for attempt in range(attempts):
+        chosen = port or free_port()
+        log_path = Path(log) if log else champion_home() / "serving" / f"{name}-{chosen}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "champion.cli", "serve", name, "--port", str(chosen)]
+        if config:
+            command += ["--config", str(config)]
+        with open(log_path, "w") as out:
+            proc = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
+            )
+        client = ServeClient(f"http://127.0.0.1:{chosen}", api_key=env[API_KEY_ENV])
+        atexit.register(_stop, proc)  # a notebook kernel that dies mid-way still stops its server
+        try:
+            _wait_ready(client, proc, name, log_path, timeout)
+            break
+        except ChampionError:
+            atexit.unregister(_stop)
+            _stop(proc)
+            if attempt + 1 == attempts or "Address already in use" not in log_path.read_text():
+                raise
     try:
-        deadline = time.monotonic() + timeout
-        while not client.ready():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise ChampionError(
-                    f"`champion serve {name}` did not become ready; its log ({log_path}) ends with:\n"
-                    + log_path.read_text()[-2000:]
-                )
-            time.sleep(0.25)
         yield client
     finally:
         atexit.unregister(_stop)
         _stop(proc)
+
+
+def _wait_ready(
+    client: ServeClient, proc: subprocess.Popen, name: str, log_path: Path, timeout: float
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not client.ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise ChampionError(
+                f"`champion serve {name}` did not become ready; its log ({log_path}) ends with:\n"
+                + log_path.read_text()[-2000:]
+            )
+        time.sleep(0.25)
 
 
 def _stop(proc: subprocess.Popen, timeout: float = 60.0) -> None:

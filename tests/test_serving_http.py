@@ -275,3 +275,25 @@ def test_alias_moves_between_formats_under_load_fail_nothing(
     for fmt, text in formats.items():
         line = f'alias="champion",format="{fmt}",model="{NAME}"'
         assert any(line in row and row.endswith(" 1.0") for row in text.splitlines()), (fmt, text[-2000:])
+
+
+def test_start_server_tries_another_port_when_its_pick_was_taken_meanwhile(
+    tmp_path, home, served_versions, monkeypatch
+):
+    import socket
+
+    import serving.client as client_module
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()  # someone bound "our" free port between the pick and the server's bind
+    picks = iter([taken.getsockname()[1], client_module.free_port()])
+    monkeypatch.setattr(client_module, "free_port", lambda: next(picks))
+    try:
+        with client_module.start_server(
+            NAME, config=write_yaml(tmp_path / "serve.yaml"), timeout=120
+        ) as client:
+            assert client.url != f"http://127.0.0.1:{taken.getsockname()[1]}"
+            assert client.predict(["where is my parcel"])[0]["version"] == served_versions[0]
+    finally:
+        taken.close()
