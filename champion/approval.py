@@ -13,6 +13,7 @@ nothing moves. Every request, approval, rejection and expiry is a step of `champ
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -67,9 +68,14 @@ class PendingPromotion:
         return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in self.__dict__.items()}
 
 
+_PREPARED: weakref.WeakSet = weakref.WeakSet()  # engines whose pending-promotions table exists
+
+
 def _tables(reg) -> sa.Engine:
     engine = reg.audit.engine
-    _metadata.create_all(engine, checkfirst=True)
+    if engine not in _PREPARED:
+        _metadata.create_all(engine, checkfirst=True)
+        _PREPARED.add(engine)
     return engine
 
 

@@ -161,9 +161,9 @@ class Sessions:
 def model_page_data(reg, name: str, log_url: str, mlflow_ui: str | None) -> dict[str, Any]:
     """Everything the model page shows, as plain values (the template only lays it out)."""
     from champion.approval import pending_promotions
-    from champion.registry import CHALLENGER, CHAMPION, story
+    from champion.registry import CHALLENGER, CHAMPION, _registered_model, story
 
-    model = reg.client.get_registered_model(name)
+    model = _registered_model(reg, name)
     aliases = {k: str(v) for k, v in model.aliases.items()}
     versions = {}
     for alias in (CHAMPION, CHALLENGER):
@@ -411,15 +411,13 @@ def create_app(
         models = await _threaded(lambda: list_models(registry()))
         return page(request, "home.html", models=models)
 
-    def _known(name: str) -> bool:
-        return any(m["name"] == name for m in list_models(registry()))
-
     @endpoint(mutating=False)
     async def model(request, _actor):
         name = request.path_params["name"]
-        if not await _threaded(lambda: _known(name)):
-            return refuse(request, 404, f"model '{name}' is not registered.")
-        data = await _threaded(lambda: model_page_data(registry(), name, log_url, mlflow_ui))
+        try:
+            data = await _threaded(lambda: model_page_data(registry(), name, log_url, mlflow_ui))
+        except ChampionError as err:  # not registered
+            return refuse(request, 404, str(err))
         return page(request, "model.html", notice=request.query_params.get("notice"), **data)
 
     @endpoint(mutating=False)

@@ -99,28 +99,35 @@ def test_monitor_notebook(home, tiny_model_dir, tmp_path, monkeypatch):
     assert (home / "reports" / "notebook-03" / "drift.html").stat().st_size > 10_000
 
 
-def test_retrain_and_gate_notebook(home, tiny_model_dir, tmp_path, monkeypatch):
-    """Real `champion serve` with a canary on the tiny model: labels, retrain, gate, canary, story."""
-    from champion.registry import connect, story
-
+def _retrain_notebook_env(tiny_model_dir, tmp_path, monkeypatch, window: int, min_rows: int, **serve) -> None:
+    """What notebooks 04 and 06 read from the environment: a tiny model that learns (full fine-tuning) and
+    a served config with `serve`'s sections, 600 tickets, `window`-row traffic windows, a retrain gate
+    that needs `min_rows` holdout rows."""
     cfg = tiny_finetune_config(
         Path("unused.csv"), tiny_model_dir, method="full", train={"epochs": 6, "learning_rate": 3e-3}
     )
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    serve = tmp_path / "serve.yaml"
-    canary = {"share": 0.5, "min_requests": 60, "min_requests_to_fail": 60, "min_agreement": 0.0,
-              "max_p99_ms": 5000}  # fmt: skip
-    serve.write_text(yaml.safe_dump({"threads": 1, "follow": {"poll_seconds": 0.2},
-                                     "traffic": {"policy": "canary", "canary": canary}}))  # fmt: skip
+    serve_config = tmp_path / "serve.yaml"
+    serve_config.write_text(yaml.safe_dump({"threads": 1, "follow": {"poll_seconds": 0.2}, **serve}))
     monkeypatch.setenv("CHAMPION_NOTEBOOK_CONFIG", str(config))
-    monkeypatch.setenv("CHAMPION_NOTEBOOK_SERVE_CONFIG", str(serve))
+    monkeypatch.setenv("CHAMPION_NOTEBOOK_SERVE_CONFIG", str(serve_config))
     monkeypatch.setenv("CHAMPION_NOTEBOOK_ROWS", "600")
-    monkeypatch.setenv("CHAMPION_NOTEBOOK_WINDOW", "250")
+    monkeypatch.setenv("CHAMPION_NOTEBOOK_WINDOW", str(window))
     # The tiny encoder may trade an old class for the new ones; the floor is tested in test_gate.py.
     monkeypatch.setenv(
-        "CHAMPION_NOTEBOOK_RETRAIN_SET", "train.epochs=6;gate.max_class_drop=1.0;gate.min_rows=150"
+        "CHAMPION_NOTEBOOK_RETRAIN_SET", f"train.epochs=6;gate.max_class_drop=1.0;gate.min_rows={min_rows}"
     )
+
+
+def test_retrain_and_gate_notebook(home, tiny_model_dir, tmp_path, monkeypatch):
+    """Real `champion serve` with a canary on the tiny model: labels, retrain, gate, canary, story."""
+    from champion.registry import connect, story
+
+    canary = {"share": 0.5, "min_requests": 60, "min_requests_to_fail": 60, "min_agreement": 0.0,
+              "max_p99_ms": 5000}  # fmt: skip
+    _retrain_notebook_env(tiny_model_dir, tmp_path, monkeypatch, window=250, min_rows=150,
+                          traffic={"policy": "canary", "canary": canary})  # fmt: skip
 
     _execute(NOTEBOOKS / "04-retrain-and-gate.ipynb")
 
@@ -171,20 +178,7 @@ def test_review_and_approve_notebook(home, tiny_model_dir, tmp_path, monkeypatch
     from champion.approval import recent
     from champion.registry import connect, story
 
-    cfg = tiny_finetune_config(
-        Path("unused.csv"), tiny_model_dir, method="full", train={"epochs": 6, "learning_rate": 3e-3}
-    )
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    serve = tmp_path / "serve.yaml"
-    serve.write_text(yaml.safe_dump({"threads": 1, "follow": {"poll_seconds": 0.2}}))
-    monkeypatch.setenv("CHAMPION_NOTEBOOK_CONFIG", str(config))
-    monkeypatch.setenv("CHAMPION_NOTEBOOK_SERVE_CONFIG", str(serve))
-    monkeypatch.setenv("CHAMPION_NOTEBOOK_ROWS", "600")
-    monkeypatch.setenv("CHAMPION_NOTEBOOK_WINDOW", "300")
-    monkeypatch.setenv(
-        "CHAMPION_NOTEBOOK_RETRAIN_SET", "train.epochs=6;gate.max_class_drop=1.0;gate.min_rows=100"
-    )
+    _retrain_notebook_env(tiny_model_dir, tmp_path, monkeypatch, window=300, min_rows=100)
 
     _execute(NOTEBOOKS / "06-review-and-approve.ipynb")
 
