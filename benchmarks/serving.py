@@ -102,21 +102,53 @@ SERVE_SET: list[str] = []  # --set key=value on our service's config, for _ours_
 
 def compress_v1(to: str) -> dict[str, Any]:
     """`champion compress` of v1 (judged on generated tickets; the random head's agreement is reported, not
-    gated), promoted to champion with --force."""
+    gated), promoted to champion with --force. `student-onnx-int8` first cuts v1 to the 3-layer student that
+    `champion distil` starts from (layers 0, 2, 4, weights copied; not trained further here: its speed does
+    not depend on its weights, its quality is what benchmarks/compress.py measures on banking77), registers it
+    as v1's student and compresses that."""
     from champion.registry import connect, promote
     from pipelines.compress import CompressConfig, compress
     from pipelines.ticketgen import write_tickets
 
     reg = connect()
     data = write_tickets(Path(os.environ["CHAMPION_HOME"]) / "tickets.csv", 600, seed=11)
-    cfg = CompressConfig(to=to, data=str(data), budget={"min_rows": 1, "min_agreement": 0.01})
-    result = compress(NAME, "1", cfg, reg)
+    source = _cut_student_of_v1(reg) if to == "student-onnx-int8" else "1"
+    fmt = to.removeprefix("student-")
+    cfg = CompressConfig(to=fmt, data=str(data), budget={"min_rows": 1, "min_agreement": 0.01})
+    result = compress(NAME, source, cfg, reg)
     promote(reg, NAME, result.version, reason=f"benchmark: serve the {to} copy", force=True)
     reg.close()
     m = result.measured
-    return {"version": result.version, "format": to, "agreement_with_v1": m["agreement"],
-            "in_process_speedup_batch": m["speedup_batch"],
+    return {"version": result.version, "format": fmt, "variant": to, "source_version": source,
+            "agreement_with_source": m["agreement"], "in_process_speedup_batch": m["speedup_batch"],
             "in_process_speedup_single": m["speedup_single"]}  # fmt: skip
+
+
+def _cut_student_of_v1(reg) -> str:
+    import mlflow
+
+    from champion.formats import FORMAT_TAG, SOURCE_TAG, VARIANT_TAG
+    from champion.registry import CHALLENGER, register_version
+    from champion.tracking import ensure_experiment, log_classifier
+    from pipelines.distil import StudentConfig, build_student
+    from serving.model import load_version
+
+    teacher = load_version(reg.client, NAME, "1", device="cpu")
+    student = build_student(teacher, StudentConfig(keep_layers=[0, 2, 4]), list(teacher.labels)).eval()
+    mlflow.set_experiment(experiment_id=ensure_experiment("benchmark-serving"))
+    with mlflow.start_run(run_name="bench-student"):
+        mlflow.log_param("model.max_length", 128)
+        info = log_classifier(student, teacher.tokenizer, ["where is my order"])
+    tags = {
+        **{
+            VARIANT_TAG: "student",
+            SOURCE_TAG: "1",
+            FORMAT_TAG: "safetensors",
+            "student_init": "layers:0,2,4",
+        },
+        **{"metric.val_macro_f1": "0.5", "data_sha256": "d" * 64},
+    }
+    return register_version(reg, NAME, info.model_uri, tags, CHALLENGER, "benchmark: v1 cut to 3 layers")
 
 
 # --- the ceiling: the model forward alone, in one process ------------------------------------------------
@@ -738,9 +770,12 @@ def _print_report(report: dict[str, Any]) -> None:
             f"ours/mlflow at {v['clients']} clients: throughput x{v['throughput_ratio']:.2f}, p99 "
             f"x{v['p99_ratio']:.2f}; target >= 2x at equal or better p99: {_met(v['met'])}"
         )
+    variant_name = report.get("ours_variant", {}).get("variant") or report.get("ours_variant", {}).get(
+        "format"
+    )
     for v in t.get("variant_vs_mlflow_fp32", []):
         print(
-            f"{report['ours_variant']['format']} variant / mlflow fp32 at {v['clients']} clients: throughput "
+            f"{variant_name} / mlflow fp32 at {v['clients']} clients: throughput "
             f"x{v['throughput_ratio']:.2f}; target >= 4x: {_met(v['met'])}"
         )
     if "vs_ceiling" in t:
@@ -791,8 +826,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--variant",
-        choices=["int8", "onnx", "onnx-int8"],
-        help="also serve this compressed copy of v1 (champion compress) and compare it with mlflow's fp32",
+        choices=["int8", "onnx", "onnx-int8", "student-onnx-int8"],
+        help="also serve this compressed copy of v1 (champion compress), or of v1 cut to a 3-layer student, "
+        "and compare it with mlflow's fp32",
     )
     parser.add_argument(
         "--in-flight", type=int, help="batching.in_flight for our service (default: the config's)"
