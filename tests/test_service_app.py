@@ -134,3 +134,51 @@ def test_pickle_bodies_are_refused(client):
     pickle = {"Content-Type": "application/vnd.bentoml+pickle"}
     r = client.post("/predict", content=b"\x80\x04N.", headers=pickle)
     assert r.status_code == 415 and r.json()["error"], r.text
+
+
+def test_an_answered_request_leaves_nothing_alive_and_the_heap_is_frozen_after_a_load(client):
+    """BentoML's request timeout timer is cancelled once the request is answered (before, each one kept the
+    request's future, context and span alive for timeout_seconds), and the loaded worker froze its heap."""
+    import asyncio
+    import gc
+
+    def live_futures() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, asyncio.Future))
+
+    assert client.post("/predict", json={"texts": TEXTS[:1]}).status_code == 200
+    before = live_futures()
+    for _ in range(40):
+        assert client.post("/predict", json={"texts": TEXTS[:1]}).status_code == 200
+    assert live_futures() - before < 10  # 40 or more while the timers lived on
+    assert gc.get_freeze_count() > 10_000  # serving.server.settle_heap() ran after the version loaded
+
+
+def test_the_request_timeout_still_answers_504():
+    import asyncio
+
+    from bentoml._internal.server.http.traffic import TimeoutMiddleware
+
+    from serving.service import _cancel_request_timers
+
+    _cancel_request_timers()
+
+    async def slow(scope, receive, send):
+        await asyncio.sleep(5)
+
+    async def run() -> list[dict]:
+        sent: list[dict] = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        scope = {"type": "http", "method": "POST", "path": "/predict", "headers": []}
+        await TimeoutMiddleware(slow, timeout=0.05)(scope, receive, send)
+        return sent
+
+    sent = asyncio.run(run())
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 504
+    assert b"Not able to process the request in 0.05 seconds" in sent[1]["body"]
