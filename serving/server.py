@@ -43,9 +43,10 @@ def settle_heap() -> float:
     A worker holds about half a million objects once torch, transformers, MLflow and BentoML are imported
     and a model is loaded. Python's oldest-generation pass walks all of them: under load, measured in this
     service, that is a 300-500 ms stop every 2-3 s, the whole tail of its latency. `gc.freeze()` moves
-    them to the permanent generation, so later passes only walk what requests create. Called after each
-    load (off the request path, in the follower's thread): it unfreezes first, so a replaced version's
-    cycles are collected rather than kept. Returns the seconds it took (one full pass)."""
+    them to the permanent generation, so later passes only walk what requests create. Called once, after
+    the first load and before the worker is ready: a full pass at a later swap would hold the GIL while
+    requests wait (seconds in a large process), and the versions loaded later are a few thousand objects.
+    Returns the seconds it took (one full pass)."""
     import gc
 
     started = time.perf_counter()
@@ -109,6 +110,7 @@ class ModelServer:
 
         self.cfg = cfg
         self.name = cfg.model
+        self._heap_settled = False  # see settle_heap
         self.registry = registry or connect(cfg.tracking_uri)
         self.log = inference_log or InferenceLog(
             inference_log_url(cfg),
@@ -367,7 +369,9 @@ class ModelServer:
             loaded = load_version(
                 self.registry.client, self.name, version, self.cfg.device, self.cfg.max_tokens
             )
-            log.info("v%s loaded; the heap settled in %.0f ms", version, settle_heap() * 1000)
+            if not self._heap_settled:  # the first load, before the worker is ready: off every request
+                self._heap_settled = True
+                log.info("v%s loaded; the heap settled in %.0f ms", version, settle_heap() * 1000)
             return loaded
         except UnsafeModelError as err:  # the follower keeps what it serves; the refusal goes in the history
             if version not in self._refused:
