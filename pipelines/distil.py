@@ -51,9 +51,7 @@ class StudentConfig(StrictModel):
     # base: a fresh classifier on `base`, another encoder with the teacher's tokenizer.
     init: Literal["layers", "base"] = "layers"
     keep_layers: list[int] | None = None  # default: every other layer, from the first (0, 2, 4 of 6)
-    base: str | None = (
-        None  # for init=base: a local folder, a hub id, or the packaged paraphrase-MiniLM-L3-v2
-    )
+    base: str | None = None  # for init=base: a folder, a hub id, or paraphrase-MiniLM-L3-v2 (packaged)
 
 
 class LossConfig(StrictModel):
@@ -378,7 +376,7 @@ def build_student(teacher: LoadedModel, cfg: StudentConfig, labels: list[str]):
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = i
-    return _smaller(student.train(), source=source, what=f"student.keep_layers: {keep}")
+    return _smaller(student, source=source, what=f"student.keep_layers: {keep}")
 
 
 def kept_layers(teacher_layers: int, cfg: StudentConfig) -> list[int]:
@@ -394,7 +392,7 @@ def student_init(teacher: LoadedModel, cfg: StudentConfig) -> str:
 
 def _smaller(student, source, what: str):
     """`student`, if it has fewer parameters than its teacher: a student as large serves no cheaper."""
-    size, teacher_size = (sum(p.numel() for p in m.parameters()) for m in (student, source))
+    (_, size), (_, teacher_size) = count_parameters(student), count_parameters(source)
     if size >= teacher_size:
         raise ChampionError(
             f"{what} gives a student of {size:,} parameters, not fewer than the teacher's {teacher_size:,}; "
