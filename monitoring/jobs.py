@@ -1,6 +1,6 @@
 """The functions scheduled jobs call, by textual reference (`monitoring.jobs:drift_check`).
 
-Each takes only plain values (APScheduler pickles the arguments into its job store) and returns a small
+Each takes only plain values (the arguments come from the schedule config) and returns a small
 JSON-able summary that the run record keeps.
 """
 

@@ -1,14 +1,22 @@
-"""`champion schedule`: APScheduler 3 with a SQLAlchemy job store, exactly one active scheduler per store.
+"""`champion schedule`: APScheduler 3 with jobs held in memory, exactly one active scheduler per store.
 
-APScheduler does not coordinate schedulers that share a job store (two would run every job twice), so the
+Nothing the store holds is ever unpickled. The jobs are rebuilt from the schedule config at every start and
+live in APScheduler's MemoryJobStore; what must outlive a process is plain data in SQL columns: each job's
+state in `champion_job_state` (paused or not, next run, the interval's grid, a run asked for) and each run in
+`champion_job_runs`. Whoever can write the store can therefore pause, resume or hasten a configured job, but
+cannot make a scheduler or an operator's `champion schedule list` run code of their choosing: the function a
+job calls always comes from the config on the operator's disk. (`champion_jobs`, the pickled job table of
+earlier versions, is never read; it is left alone for the operator to drop.)
+
+APScheduler does not coordinate schedulers that share a store (two would run every job twice), so the
 active one holds a lock for its whole life: a PostgreSQL session advisory lock on a dedicated connection,
 or a file lock beside a sqlite store. A second `schedule start` refuses with a sentence naming the holder,
 or with `--standby` waits and takes over when the holder dies (its lock goes with its session or process).
 
-Jobs come from `configs/schedule.yaml` with stable ids. At start the scheduler comes up paused, adds the
-jobs the store lacks, changes only what changed (re-adding a job would reset its next run time and drop a
-missed run), removes jobs no longer configured, then resumes: a run missed while no scheduler was up runs
-once on start (`coalesce`), within `misfire_grace_seconds` (default: the job's interval).
+Jobs come from `configs/schedule.yaml` with stable ids. At start each job takes back its stored next run
+(unless its trigger changed): a run missed while no scheduler was up runs once on start (`coalesce`), within
+`misfire_grace_seconds` (default: the job's interval). `pause`, `resume` and `run-now` from other processes
+write the job's state row; the active scheduler reads it every couple of seconds.
 
 Every run is recorded in `champion_job_runs` (start, end, outcome, error, result); a failing job is
 recorded and logged, and the scheduler goes on.
@@ -31,6 +39,9 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.jobstores.memory import MemoryJobStore
+from apscheduler.schedulers.background import BackgroundScheduler
 from pydantic import Field, field_validator, model_validator
 
 from champion.config import StrictModel, champion_home
@@ -38,9 +49,8 @@ from champion.errors import ChampionError
 
 log = logging.getLogger(__name__)
 
-JOBS_TABLE = "champion_jobs"
+LEGACY_JOBS_TABLE = "champion_jobs"  # pickled APScheduler jobs of earlier versions: never read
 _LOCK_KEYS = (0x43484D50, 0x5343)  # pg_try_advisory_lock(int, int): "CHMP", "SC"
-_RUNNER = "monitoring.scheduler:run_job"
 
 
 # --- config -------------------------------------------------------------------------------------------------
@@ -63,12 +73,13 @@ class Trigger(StrictModel):
                 raise ValueError(f"interval takes positive {', '.join(sorted(allowed))}; got {self.interval}")
         return self
 
-    def build(self):
+    def build(self, anchor: datetime | None = None):
+        """The APScheduler trigger; `anchor` keeps an interval on the grid it had (its start date)."""
         from apscheduler.triggers.cron import CronTrigger
         from apscheduler.triggers.interval import IntervalTrigger
 
         if self.interval is not None:
-            return IntervalTrigger(**self.interval, timezone=UTC)
+            return IntervalTrigger(**self.interval, start_date=anchor, timezone=UTC)
         try:
             return CronTrigger.from_crontab(self.cron, timezone=UTC)
         except ValueError as err:
@@ -142,6 +153,19 @@ job_runs = sa.Table(
     sa.Column("pid", sa.Integer, nullable=False),
     sa.Column("how", sa.String(16), nullable=False),  # scheduled | run-now
 )
+job_state = sa.Table(
+    "champion_job_state",
+    _metadata,
+    sa.Column("job_id", sa.String(256), primary_key=True),
+    sa.Column("func", sa.String(256), nullable=False),  # shown by `list`; the config says what runs
+    sa.Column("trigger", sa.String(256), nullable=False),  # shown by `list`
+    sa.Column("spec", sa.Text, nullable=False),  # JSON: the job's config at the last start, to see changes
+    sa.Column("anchor", sa.DateTime(timezone=True)),  # an interval's start date: its grid across restarts
+    sa.Column("next_run", sa.DateTime(timezone=True)),  # written by the active scheduler
+    sa.Column("paused", sa.Boolean, nullable=False),  # written by `pause` and `resume`
+    sa.Column("run_requested", sa.DateTime(timezone=True)),  # `run-now` asks; the active scheduler clears
+    sa.Column("updated", sa.DateTime(timezone=True), nullable=False),
+)
 
 
 def _engine(url: str) -> sa.Engine:
@@ -149,6 +173,13 @@ def _engine(url: str) -> sa.Engine:
     if engine.dialect.name == "sqlite" and engine.url.database:
         Path(engine.url.database).parent.mkdir(parents=True, exist_ok=True)
     return engine
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """sqlite gives back naive datetimes; every time in these tables is UTC."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def run_job(job_id: str, func: str, kwargs: dict[str, Any], runs_url: str, how: str = "scheduled") -> None:
@@ -344,48 +375,119 @@ def leader_lock(url: str):
 # --- the scheduler ------------------------------------------------------------------------------------------
 
 
-def _scheduler(url: str, workers: int = 2):
-    from apscheduler.executors.pool import ThreadPoolExecutor
-    from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
-    from apscheduler.schedulers.background import BackgroundScheduler
+class _RecordingJobStore(MemoryJobStore):
+    """APScheduler's in-memory store that writes each job's next run time to its state row, as plain data."""
 
+    def __init__(self, engine: sa.Engine):
+        super().__init__()
+        self._engine = engine
+
+    def add_job(self, job) -> None:
+        super().add_job(job)
+        self._record(job)
+
+    def update_job(self, job) -> None:
+        super().update_job(job)
+        self._record(job)
+
+    def _record(self, job) -> None:
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(
+                    job_state.update().where(job_state.c.job_id == job.id)
+                    .values(next_run=job.next_run_time, updated=datetime.now(UTC))
+                )  # fmt: skip
+        except Exception as err:  # the jobs run from memory: only `list` and the next start read this
+            log.error("job %s: could not record its next run (%s)", job.id, _first_line(err))
+
+
+def _scheduler(engine: sa.Engine, workers: int = 2) -> BackgroundScheduler:
     return BackgroundScheduler(
-        jobstores={"default": SQLAlchemyJobStore(url=url, tablename=JOBS_TABLE)},
+        jobstores={"default": _RecordingJobStore(engine)},
         executors={"default": ThreadPoolExecutor(workers)},
         job_defaults={"coalesce": True, "max_instances": 1},
         timezone=UTC,
     )
 
 
-def sync_jobs(sched, cfg: ScheduleConfig, url: str) -> dict[str, list[str]]:
-    """Make the store hold exactly the configured jobs, touching only what changed (missed runs survive)."""
+def _spec(j: JobConfig) -> str:
+    about = {"func": j.func, "kwargs": j.kwargs, "trigger": j.trigger.model_dump(), "grace": j.grace()}
+    return json.dumps(about, sort_keys=True, default=str)
+
+
+def _stored_trigger(spec: str) -> Any:
+    """The trigger part of a stored spec; None when it cannot be read (the job then starts afresh)."""
+    try:
+        return json.loads(spec)["trigger"]
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def sync_jobs(sched, cfg: ScheduleConfig, url: str, engine: sa.Engine) -> dict[str, list[str]]:
+    """Add the configured jobs to the (paused) scheduler, each with its stored next run unless its trigger
+    changed (so a missed run survives a restart), and make the state table hold exactly these jobs."""
     changes: dict[str, list[str]] = {"added": [], "changed": [], "removed": [], "kept": []}
     wanted = {j.id: j for j in cfg.jobs if j.enabled}
-    for job in sched.get_jobs():
-        if job.id not in wanted:
-            sched.remove_job(job.id)
-            changes["removed"].append(job.id)
-    for job_id, j in wanted.items():
-        trigger = j.trigger.build()
-        args = [job_id, j.func, j.kwargs, url]
-        existing = sched.get_job(job_id)
-        if existing is None:
-            sched.add_job(
-                _RUNNER, trigger, args=args, id=job_id, name=job_id, misfire_grace_time=int(j.grace()),
-                coalesce=True, max_instances=1, replace_existing=False,
-            )  # fmt: skip
-            changes["added"].append(job_id)
-            continue
-        if list(existing.args) != args or existing.misfire_grace_time != int(j.grace()):
-            sched.modify_job(job_id, args=args, misfire_grace_time=int(j.grace()))
-            changes["changed"].append(job_id)
-        if str(existing.trigger) != str(trigger):
-            sched.reschedule_job(job_id, trigger=trigger)
-            if job_id not in changes["changed"]:
-                changes["changed"].append(job_id)
-        elif job_id not in changes["changed"]:
-            changes["kept"].append(job_id)
+    now = datetime.now(UTC)
+    planned = []
+    with engine.begin() as conn:
+        rows = {r.job_id: r for r in conn.execute(sa.select(job_state))}
+        for job_id in sorted(set(rows) - set(wanted)):
+            conn.execute(job_state.delete().where(job_state.c.job_id == job_id))
+            changes["removed"].append(job_id)
+        for job_id, j in wanted.items():
+            row, spec = rows.get(job_id), _spec(j)
+            same_trigger = row is not None and _stored_trigger(row.spec) == j.trigger.model_dump()
+            trigger = j.trigger.build(_aware(row.anchor) if same_trigger else None)
+            paused = bool(row is not None and row.paused)
+            if paused:
+                next_run = None
+            elif same_trigger and row.next_run is not None:
+                next_run = _aware(row.next_run)  # in the past if a run was missed: it runs once, now
+            else:
+                next_run = trigger.get_next_fire_time(None, now)
+            changes["added" if row is None else "kept" if row.spec == spec else "changed"].append(job_id)
+            values = {
+                "func": j.func, "trigger": str(trigger)[:256], "spec": spec, "next_run": next_run,
+                "anchor": trigger.start_date if j.trigger.interval is not None else None,
+                "paused": paused, "updated": now,
+            }  # fmt: skip
+            if row is None:
+                conn.execute(job_state.insert().values(job_id=job_id, **values))
+            else:
+                conn.execute(job_state.update().where(job_state.c.job_id == job_id).values(**values))
+            planned.append((j, trigger, next_run))
+    for j, trigger, next_run in planned:
+        sched.add_job(
+            run_job, trigger, args=[j.id, j.func, j.kwargs, url], id=j.id, name=j.id, next_run_time=next_run,
+            misfire_grace_time=int(j.grace()), coalesce=True, max_instances=1,
+        )  # fmt: skip
     return changes
+
+
+def take_commands(sched, engine: sa.Engine) -> None:
+    """Apply what `pause`, `resume` and `run-now` wrote into the jobs' state rows (plain values only)."""
+    c = job_state.c
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(c.job_id, c.paused, c.run_requested)).all()
+        for job_id, paused, run_requested in rows:
+            job = sched.get_job(job_id)
+            if job is None:
+                continue
+            if run_requested is not None:
+                sched.modify_job(job_id, next_run_time=datetime.now(UTC))  # a paused job runs once
+                with engine.begin() as conn:
+                    conn.execute(
+                        job_state.update().where(c.job_id == job_id, c.run_requested == run_requested)
+                        .values(run_requested=None)
+                    )  # fmt: skip
+            elif paused and job.next_run_time is not None:
+                sched.pause_job(job_id)
+            elif not paused and job.next_run_time is None:
+                sched.resume_job(job_id)  # the next time on its grid; runs missed while paused are not run
+    except Exception as err:  # the store is down for a moment: the jobs go on from memory
+        log.error("could not read the jobs' state (%s); trying again shortly", _first_line(err))
 
 
 def start(cfg: ScheduleConfig, standby: bool = False, poll_seconds: float = 2.0, out=print) -> None:
@@ -403,25 +505,31 @@ def start(cfg: ScheduleConfig, standby: bool = False, poll_seconds: float = 2.0,
         _sleep(poll_seconds)
     stop_event = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop_event.set())
-    sched = _scheduler(url, cfg.workers)
+    engine = _engine(url)
+    sched = _scheduler(engine, cfg.workers)
     try:
-        sched.start(paused=True)  # add and change jobs before anything runs, so missed runs are kept
-        changes = sync_jobs(sched, cfg, url)
+        with engine.begin() as conn:
+            _metadata.create_all(conn, checkfirst=True)
+        sched.start(paused=True)  # add the jobs with their stored next runs before anything runs
+        changes = sync_jobs(sched, cfg, url, engine)
         sched.resume()
         _serve_metrics(cfg)
         out(
             f"scheduler active on {safe} as {_me()}: "
             + ", ".join(f"{k} {v}" for k, v in changes.items() if v)
         )
+        if sa.inspect(engine).has_table(LEGACY_JOBS_TABLE):
+            out(f"  {LEGACY_JOBS_TABLE} (pickled jobs of earlier versions) is never read; drop it at will")
         for job in sched.get_jobs():
-            out(f"  {job.id}: {job.trigger}, next run {job.next_run_time:%Y-%m-%d %H:%M:%S %Z}")
+            when = f"next run {job.next_run_time:%Y-%m-%d %H:%M:%S %Z}" if job.next_run_time else "paused"
+            out(f"  {job.id}: {job.trigger}, {when}")
         while not stop_event.is_set():
             stop_event.wait(poll_seconds)
             if not lock.healthy():
                 out("lost the scheduler lock (its database connection died); stopping at once")
                 sched.shutdown(wait=False)
                 raise ChampionError(f"the scheduler lost its lock on {safe}; a standby may take over.")
-            sched.wakeup()  # picks up pause, resume and run-now from `champion schedule` in other processes
+            take_commands(sched, engine)
     except KeyboardInterrupt:
         pass
     finally:
@@ -429,6 +537,7 @@ def start(cfg: ScheduleConfig, standby: bool = False, poll_seconds: float = 2.0,
             out("stopping: waiting for running jobs to finish")
             sched.shutdown(wait=True)
         lock.release()
+        engine.dispose()
         _set_leader(0)
 
 
@@ -459,98 +568,101 @@ def _set_leader(value: int) -> None:
 # --- commands on the store from other processes -------------------------------------------------------------
 
 
-def _with_store(cfg: ScheduleConfig, action):
-    """Run `action(store)` on the job store itself. A second scheduler, even paused, must not be started on
-    it: one shutting down may still submit a due job, and then moves its next run time on."""
-    from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
-    from apscheduler.schedulers.background import BackgroundScheduler
-
-    store = SQLAlchemyJobStore(url=cfg.url(), tablename=JOBS_TABLE)
-    store.start(BackgroundScheduler(timezone=UTC), "default")  # never started: it only unpickles jobs
+def _states(url: str) -> list[dict[str, Any]]:
+    engine = _engine(url)
     try:
-        return action(store)
+        with engine.begin() as conn:
+            _metadata.create_all(conn, checkfirst=True)
+            return [dict(r._mapping) for r in conn.execute(sa.select(job_state).order_by(job_state.c.job_id))]
     finally:
-        store.shutdown()
-
-
-def _set_next_run(store, job_id: str, when) -> None:
-    job = _job_or_error(store, job_id)
-    job.next_run_time = when(job)
-    store.update_job(job)
+        engine.dispose()
 
 
 def list_jobs(cfg: ScheduleConfig) -> list[dict[str, Any]]:
+    """The jobs as the store records them (plain columns: nothing is unpickled or imported)."""
     url = cfg.url()
-    runs = job_history(url, limit=500)
-    last = {}
-    for r in runs:
+    last: dict[str, dict] = {}
+    for r in job_history(url, limit=500):
         last.setdefault(r["job_id"], r)
-
-    def read(store):
-        return [
-            {
-                "id": job.id,
-                "trigger": str(job.trigger),
-                "next_run": job.next_run_time.isoformat(timespec="seconds") if job.next_run_time else None,
-                "paused": job.next_run_time is None,
-                "func": job.args[1] if len(job.args) > 1 else job.func_ref,
-                "last_outcome": last.get(job.id, {}).get("outcome"),
-                "last_started": str(last[job.id]["started"]) if job.id in last else None,
-                "last_error": last.get(job.id, {}).get("error"),
-            }
-            for job in store.get_all_jobs()
-        ]
-
-    return _with_store(cfg, read)
+    out = []
+    for row in _states(url):
+        job_id, next_run, run = row["job_id"], _aware(row["next_run"]), last.get(row["job_id"], {})
+        out.append({
+            "id": job_id,
+            "trigger": row["trigger"],
+            "next_run": next_run.isoformat(timespec="seconds") if next_run and not row["paused"] else None,
+            "paused": bool(row["paused"]),
+            "func": row["func"],
+            "last_outcome": run.get("outcome"),
+            "last_started": str(run["started"]) if run else None,
+            "last_error": run.get("error"),
+        })  # fmt: skip
+    return out
 
 
-def _job_or_error(store, job_id: str):
-    job = store.lookup_job(job_id)
-    if job is None:
-        known = ", ".join(j.id for j in store.get_all_jobs()) or "none"
-        raise ChampionError(
-            f"JOB: no job '{job_id}' in the store (jobs: {known}); `champion schedule start` adds the "
-            f"configured ones."
-        )
-    return job
+def _set_state(cfg: ScheduleConfig, job_id: str, values: dict[str, Any], *where) -> None:
+    """Write a job's state row; the active scheduler applies it at its next look (every 2 s)."""
+    engine = _engine(cfg.url())
+    c = job_state.c
+    try:
+        with engine.begin() as conn:
+            _metadata.create_all(conn, checkfirst=True)
+            known = [r[0] for r in conn.execute(sa.select(c.job_id).order_by(c.job_id))]
+            if job_id not in known:
+                raise ChampionError(
+                    f"JOB: no job '{job_id}' in the store (jobs: {', '.join(known) or 'none'}); "
+                    f"`champion schedule start` adds the configured ones."
+                )
+            values = {**values, "updated": datetime.now(UTC)}
+            conn.execute(job_state.update().where(c.job_id == job_id, *where).values(**values))
+    finally:
+        engine.dispose()
 
 
 def pause(cfg: ScheduleConfig, job_id: str) -> None:
-    """No more runs until resumed; the active scheduler sees it at its next look at the store (2 s)."""
-    _with_store(cfg, lambda store: _set_next_run(store, job_id, lambda job: None))
+    """No more runs until resumed, across restarts too."""
+    _set_state(cfg, job_id, {"paused": True})
 
 
 def resume(cfg: ScheduleConfig, job_id: str) -> None:
-    now = datetime.now(UTC)
-    _with_store(
-        cfg, lambda store: _set_next_run(store, job_id, lambda job: job.trigger.get_next_fire_time(None, now))
+    """Runs again from the next time on its grid (runs missed while paused are not made up)."""
+    _set_state(cfg, job_id, {"paused": False, "next_run": None}, job_state.c.paused.is_(True))
+
+
+def _configured(cfg: ScheduleConfig, job_id: str) -> JobConfig:
+    for j in cfg.jobs:
+        if j.id == job_id and j.enabled:
+            return j
+    known = ", ".join(j.id for j in cfg.jobs if j.enabled) or "none"
+    raise ChampionError(
+        f"JOB: '{job_id}' is not a job of this schedule config (jobs: {known}); give the config the "
+        f"scheduler runs with --config."
     )
 
 
 def run_now(cfg: ScheduleConfig, job_id: str, wait_seconds: float = 600.0) -> dict[str, Any]:
     """Run a job now: through the active scheduler when there is one (so it never runs twice at once),
-    else in this process. Returns its run record."""
+    else in this process, as the given config defines it. Returns its run record."""
     url = cfg.url()
-    job = _with_store(cfg, lambda store: _job_or_error(store, job_id))
     before = max((r["id"] for r in job_history(url, job_id, limit=1)), default=0)
     lock = leader_lock(url)
     if lock.try_acquire():  # nobody is active: run it here, holding the lock so no scheduler starts meanwhile
         try:
-            run_job(job_id, job.args[1], job.args[2], url, how="run-now")
+            job = _configured(cfg, job_id)
+            run_job(job_id, job.func, job.kwargs, url, how="run-now")
         finally:
             lock.release()
-    else:
-        _with_store(cfg, lambda store: _set_next_run(store, job_id, lambda job: datetime.now(UTC)))
-        deadline = time.monotonic() + wait_seconds
-        while time.monotonic() < deadline:
-            latest = job_history(url, job_id, limit=1)
-            if latest and latest[0]["id"] > before and latest[0]["outcome"] != "running":
-                return latest[0]
-            time.sleep(0.5)
-        raise ChampionError(
-            f"JOB: '{job_id}' was handed to the active scheduler but did not finish in {wait_seconds:g} s."
-        )
-    return job_history(url, job_id, limit=1)[0]
+        return job_history(url, job_id, limit=1)[0]
+    _set_state(cfg, job_id, {"run_requested": datetime.now(UTC)})
+    deadline = time.monotonic() + wait_seconds
+    while time.monotonic() < deadline:
+        latest = job_history(url, job_id, limit=1)
+        if latest and latest[0]["id"] > before and latest[0]["outcome"] != "running":
+            return latest[0]
+        time.sleep(0.5)
+    raise ChampionError(
+        f"JOB: '{job_id}' was handed to the active scheduler but did not finish in {wait_seconds:g} s."
+    )
 
 
 def _first_line(err: BaseException) -> str:

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 import yaml
 
 from champion.config import load_config
 from champion.errors import ChampionError
-from monitoring.scheduler import ScheduleConfig, job_history, run_job
+from monitoring.scheduler import ScheduleConfig, job_history, job_runs, run_job
 
 TESTS = Path(__file__).resolve().parent
 
@@ -189,6 +192,66 @@ def test_pause_resume_and_run_now_from_another_process(tmp_path, home, sqlite_ur
     # With no scheduler running, run-now runs the job in the calling process.
     alone = _cli(config, home, "run-now", "daily")
     assert alone.returncode == 0 and "daily: ok (run-now, pid" in alone.stdout
+
+
+class _Planted:
+    """A pickle whose unpickling writes `marker`: what a writer of the store could plant."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('unpickled')",)
+
+
+def test_no_pickle_planted_in_the_store_is_ever_unpickled(tmp_path, home, sqlite_url):
+    marker = tmp_path / "unpickled"
+    payload = pickle.dumps(_Planted(marker))
+    text = payload.decode("latin-1")
+    past = datetime.now(UTC) - timedelta(seconds=30)
+    home.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(sqlite_url)
+    with engine.begin() as conn:
+        for table in ("champion_jobs", "apscheduler_jobs"):  # the SQLAlchemyJobStore tables, as 3.x made them
+            conn.execute(sa.text(f"CREATE TABLE {table} (id VARCHAR(191) PRIMARY KEY, next_run_time FLOAT, "
+                                 "job_state BLOB NOT NULL)"))  # fmt: skip
+            conn.execute(
+                sa.text(f"INSERT INTO {table} VALUES ('tick', :t, :p)"), {"t": past.timestamp(), "p": payload}
+            )
+        job_runs.metadata.create_all(conn)
+        run = {"started": past, "ended": past, "host": "h", "pid": 1, "how": "scheduled"}
+        conn.execute(
+            job_runs.insert().values(job_id="tick", outcome="failed", error=text, result=text, **run)
+        )
+    config = _config(tmp_path, [_job("tick", 1)])
+    for args in (["list"], ["list", "--json"], ["pause", "tick"], ["resume", "tick"], ["run-now", "tick"]):
+        done = _cli(config, home, *args)
+        assert not marker.exists(), (args, done.stderr)
+    # The state rows are plain columns; planted text in them is only text.
+    from monitoring.scheduler import job_state
+
+    with engine.begin() as conn:
+        conn.execute(job_state.delete())
+        conn.execute(job_state.insert().values(job_id="tick", func=text[:200], trigger=text[:200], spec=text,
+                                               next_run=past, paused=False, updated=past))  # fmt: skip
+    engine.dispose()
+    for args in (["list"], ["list", "--json"], ["pause", "tick"], ["resume", "tick"]):
+        done = _cli(config, home, *args)
+        assert done.returncode == 0 and not marker.exists(), (args, done.stderr)
+    sched = Scheduler(config, home, tmp_path / "s.log")
+    try:
+        sched.wait_for("scheduler active")
+        sched.wait_for("champion_jobs (pickled jobs of earlier versions) is never read")
+        assert "changed ['tick']" in sched.log.read_text()  # the planted spec is just a spec that changed
+        _wait_runs(sqlite_url, "tick", 2)
+        for args in (["list"], ["pause", "tick"], ["resume", "tick"], ["run-now", "tick"]):
+            done = _cli(config, home, *args)
+            assert done.returncode == 0 and not marker.exists(), (args, done.stderr)
+    finally:
+        assert sched.stop() == 0
+    assert not marker.exists()
+    with sa.create_engine(sqlite_url).connect() as conn:  # left alone: the operator drops it
+        assert conn.execute(sa.text("SELECT count(*) FROM champion_jobs")).scalar() == 1
 
 
 def test_a_failing_drift_job_is_recorded_with_its_sentence(home, sqlite_url):
