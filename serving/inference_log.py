@@ -29,7 +29,7 @@ import sqlalchemy as sa
 
 from champion.audit import current_actor
 from champion.errors import ChampionError
-from serving.spool import Spool
+from serving.spool import Spool, SpoolWriteError
 from serving.traffic import CanaryStats
 
 if TYPE_CHECKING:
@@ -88,6 +88,7 @@ canary_tallies = sa.Table(
     sa.Column("agreements", sa.Integer, nullable=False),
     sa.Column("latency_buckets", sa.Text, nullable=False),  # JSON {bucket: count}, serving/traffic.py
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("clients", sa.Text),  # JSON {"since": time, "clients": {client hash: [answers, errors, agree]}}
 )
 _LENGTHS = {"request_id": 64, "model_name": 256, "model_version": 32, "arm": 16, "label": 256, "text": None}
 _COLUMNS = [c.name for c in predictions.columns if c.name != "id"]
@@ -155,6 +156,10 @@ class SpoolFullError(ChampionError):
     """The spool holds `max_spool_bytes` of predictions the database has not taken: refuse, do not drop."""
 
 
+class LogWriteError(SpoolFullError):
+    """The spool's disk refused a batch (full, quota, size limit): not logged, so not answered."""
+
+
 class LogClosedError(ChampionError, RuntimeError):
     """append() after close(): the server is shutting down."""
 
@@ -216,6 +221,8 @@ class InferenceLog:
         self._adopted = 0
         self._flushing = 0
         self._down_since: float | None = None
+        self._writer_error: str | None = None  # the writer's last failure, until a batch ships again
+        self._writer_died: str | None = None
         self._closed = False
         self._finished = threading.Event()
         self._abandoned = threading.Event()
@@ -277,7 +284,8 @@ class InferenceLog:
         """Put records in the spool (one write); once this returns they survive a kill of the process.
 
         Raises SpoolFullError, writing nothing, when the spool already holds `max_spool_bytes` that the
-        database has not taken (it has been down for long): the caller should refuse the request.
+        database has not taken (it has been down for long), or LogWriteError (a SpoolFullError) when the
+        spool's disk refuses the write: the caller should refuse the request.
         """
         records = list(records)
         for record in records:  # anything else would stall the writer, which retries a batch until it commits
@@ -295,7 +303,13 @@ class InferenceLog:
                     f"bytes the database has not taken (limit {self.max_spool_bytes:,}); predictions are "
                     "refused until the inference log database is back."
                 )
-            self.spool.append(data)
+            try:
+                self.spool.append(data)
+            except SpoolWriteError as err:
+                raise LogWriteError(
+                    f"the inference log spool at {self.spool.folder} cannot be written ({err.strerror}); "
+                    "predictions are refused until there is room on its disk: none goes unlogged."
+                ) from None
             if self._appended == self._written:
                 self._first_unwritten_at = time.monotonic()
             self._appended += len(records)
@@ -351,6 +365,8 @@ class InferenceLog:
             try:
                 while self._ship_batch(deadline):
                     pass
+            except Exception as err:  # what is left stays spooled for the next start
+                logger.error("Could not write the last spooled predictions (%s).", _first_line(err))
             finally:
                 self._abandoned.set()
                 self._ship_lock.release()
@@ -400,24 +416,67 @@ class InferenceLog:
 
     # --- the writer thread ----------------------------------------------------------------------------
 
+    @property
+    def writer_alive(self) -> bool:
+        """False once the writer thread has died: what is appended then waits for the next server."""
+        return self._writer_died is None
+
+    @property
+    def writer_problem(self) -> str | None:
+        """Why the writer is not shipping (a failure it retries, or its death); None when all is well."""
+        if self._writer_died is not None:
+            return (
+                f"the inference log writer stopped ({self._writer_died}); predictions stay in "
+                f"{self.spool.folder} until the server is restarted."
+            )
+        if self._writer_error is not None:
+            return f"the inference log writer is retrying after: {self._writer_error}"
+        return None
+
     def _run(self) -> None:
+        from serving.metrics import metrics
+
+        try:
+            self._write_until_closed()
+        except BaseException as err:  # nothing should get here; if it does, health and /metrics say so
+            self._writer_died = _first_line(err)
+            metrics().log_writer_up.set(0)
+            logger.critical("The inference log writer thread died: %s", self._writer_died, exc_info=True)
+            raise
+
+    def _write_until_closed(self) -> None:
+        from serving.metrics import metrics
+
+        m = metrics()
+        m.log_writer_up.set(1)
         next_retention = next_adoption = time.monotonic()
+        backoff = _BACKOFF_FIRST_S
         while True:
-            now = time.monotonic()
-            if now >= next_retention:
-                self._retain()
-                next_retention = time.monotonic() + _RETENTION_EVERY_S
-            if now >= next_adoption:
-                self._adopt()
-                next_adoption = time.monotonic() + self.adopt_seconds
-            if not self._wait_for_batch(until=min(next_retention, next_adoption)):
-                return
-            with self._ship_lock:
-                if self._abandoned.is_set():
+            try:
+                now = time.monotonic()
+                if now >= next_retention:
+                    self._retain()
+                    next_retention = time.monotonic() + _RETENTION_EVERY_S
+                if now >= next_adoption:
+                    self._adopt()
+                    next_adoption = time.monotonic() + self.adopt_seconds
+                if not self._wait_for_batch(until=min(next_retention, next_adoption)):
                     return
-                self._ship_batch(deadline=None)
-            with self._lock:
-                self._progress.notify_all()
+                with self._ship_lock:
+                    if self._abandoned.is_set():
+                        return
+                    self._ship_batch(deadline=None)
+                with self._lock:
+                    self._progress.notify_all()
+            except Exception as err:  # e.g. the disk is full for rejected.jsonl: the lines stay spooled
+                self._writer_error = _first_line(err)
+                m.log_writer_errors.inc()
+                logger.exception("The inference log writer failed; retrying in %.1f s.", backoff)
+                if self._abandoned.wait(backoff):
+                    return
+                backoff = min(backoff * 2, _BACKOFF_MAX_S)
+                continue
+            backoff = _BACKOFF_FIRST_S
 
     def _wait_for_batch(self, until: float) -> bool:
         """Wait until a batch is worth shipping (full, old enough, flushed) or `until`; False once closed."""
@@ -446,6 +505,7 @@ class InferenceLog:
         if not self._insert_until(records, deadline):
             return False
         self.spool.shipped(position, sum(map(len, lines)))
+        self._writer_error = None
         self._written += len(records)
         if not self.pending:
             self._first_unwritten_at = None
@@ -592,6 +652,7 @@ class InferenceLog:
             "agreements": stats.agreements,
             "latency_buckets": json.dumps({str(k): v for k, v in sorted(stats.latency_buckets.items())}),
             "updated_at": datetime.now(UTC),
+            "clients": json.dumps({"since": stats.since, "clients": stats.clients}),
         }
         key = {"model_name": model_name, "champion": stats.champion, "challenger": stats.challenger,
                "epoch": epoch, "worker": worker}  # fmt: skip
@@ -606,7 +667,7 @@ class InferenceLog:
     def read_canary(self, model_name: str, champion: str, challenger: str, epoch: int) -> list[CanaryStats]:
         """Every worker's stats for one canary: the pair, since the audit event `epoch`."""
         c = canary_tallies.c
-        query = sa.select(c.requests, c.errors, c.agreements, c.latency_buckets).where(
+        query = sa.select(c.requests, c.errors, c.agreements, c.latency_buckets, c.clients).where(
             c.model_name == model_name, c.champion == champion, c.challenger == challenger, c.epoch == epoch
         )
         self._ensure_tables()
@@ -615,7 +676,10 @@ class InferenceLog:
         found = []
         for r in rows:
             buckets = {int(k): v for k, v in json.loads(r.latency_buckets).items()}
-            found.append(CanaryStats(champion, challenger, r.requests, r.errors, r.agreements, buckets))
+            seen = json.loads(r.clients) if r.clients else {}  # none from an older worker: no client counted
+            counts = (r.requests, r.errors, r.agreements, buckets)
+            clients, since = seen.get("clients", {}), seen.get("since")
+            found.append(CanaryStats(champion, challenger, *counts, clients=clients, since=since))
         return found
 
     def apply_retention(self, now: datetime | None = None) -> int:
@@ -721,11 +785,12 @@ def _decode_lines(lines: list[bytes], folder: Path) -> list[PredictionRecord]:
 
 def _add_missing_columns(conn: sa.Connection) -> None:
     """A log written by an older Champion lacks the newer nullable columns: add them in place."""
-    have = {c["name"] for c in sa.inspect(conn).get_columns(predictions.name)}
-    for column in predictions.columns:
-        if column.name not in have:
-            kind = column.type.compile(dialect=conn.dialect)
-            conn.execute(sa.text(f'ALTER TABLE {predictions.name} ADD COLUMN "{column.name}" {kind}'))
+    for table in (predictions, canary_tallies):
+        have = {c["name"] for c in sa.inspect(conn).get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in have:
+                kind = column.type.compile(dialect=conn.dialect)
+                conn.execute(sa.text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
 
 
 def _check_text(name: str, value: object, limit: int | None) -> None:

@@ -26,10 +26,14 @@ class Metrics:
     agreement: object
     swaps: object
     served: object
+    unaudited: object
     log_pending: object
     log_behind: object
     log_database_up: object
+    log_writer_up: object
+    log_writer_errors: object
     shadow_skipped: object
+    routes: object
 
 
 @cache
@@ -63,6 +67,13 @@ def metrics() -> Metrics:
             ["model", "alias", "version", "format"],
             multiprocess_mode="livemax",
         ),
+        unaudited=Gauge(
+            "champion_alias_unaudited",
+            "1 while MLflow shows the alias on another version than the audit history (moved outside "
+            "Champion, not adopted); the audited version is served meanwhile",
+            ["model", "alias"],
+            multiprocess_mode="livemax",
+        ),
         log_pending=Gauge(
             "champion_inference_log_pending",
             "Predictions waiting to be written to the inference log",
@@ -80,6 +91,20 @@ def metrics() -> Metrics:
             "0 while the inference log database refuses writes (predictions wait in the spool)",
             ["model"],
             multiprocess_mode="livemin",
+        ),
+        log_writer_up=Gauge(
+            "champion_inference_log_writer_up",
+            "0 once a worker's inference log writer thread has died (readiness and liveness fail with it)",
+            multiprocess_mode="livemin",
+        ),
+        log_writer_errors=Counter(
+            "champion_inference_log_writer_errors",
+            "Failures the inference log writer caught, logged and retried after a pause",
+        ),
+        routes=Counter(
+            "champion_http_requests",
+            "HTTP requests by route; every path that is none of the service's routes counts as 'other'",
+            ["route", "status"],
         ),
         shadow_skipped=Counter(
             "champion_shadow_skipped", "Shadow copies skipped because the shadow queue was full", ["model"]

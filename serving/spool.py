@@ -32,6 +32,12 @@ log = logging.getLogger(__name__)
 _CURSOR_FORMAT = "{:012d} {:016d}\n"  # fixed width: rewritten in place without truncating
 
 
+class SpoolWriteError(OSError):
+    """The disk refused an append (full, quota, file size limit); none of its lines count as spooled."""
+
+    left_partial = False  # the segment could not be cut back: its tail holds part of the failed write
+
+
 @dataclass(frozen=True)
 class Position:
     """Where shipping has reached: a segment number and a byte offset in it."""
@@ -59,6 +65,7 @@ class Spool:
         self._cursor_fd: int | None = None
         self._fd: int | None = None  # the segment being appended to
         self._sizes: dict[int, int] = {}  # seq -> bytes appended, for this owner's live segments
+        self._damaged = False  # the active segment ends in a failed write that could not be cut off
         self._read = Position(0, 0)
         self._appended_bytes = 0
         self._shipped_bytes = 0
@@ -67,21 +74,30 @@ class Spool:
     # --- appending ------------------------------------------------------------------------------------
 
     def append(self, data: bytes) -> None:
-        """Write whole lines (`data` ends with a newline) in one write; durable against a process kill."""
+        """Write whole lines (`data` ends with a newline) in one write; durable against a process kill.
+
+        Raises SpoolWriteError, leaving the segment as it was, when the disk refuses the write (full,
+        quota, file size limit): the lines were not spooled, and the offsets of later lines do not move.
+        """
         if not data.endswith(b"\n"):
             raise ValueError("Spool.append takes whole lines: the data must end with a newline.")
         with self._lock:
             if self._closed:
                 raise RuntimeError("This spool is closed; open a new one to append again.")
-            if self._fd is None:
-                self._open()
-            seq = self._active
-            if self._sizes[seq] >= self.segment_bytes:
-                seq = self._rotate()
-            view = memoryview(data)
-            while view:  # a regular file takes it all at once; loop for the rare short write
-                written = os.write(self._fd, view)
-                view = view[written:]
+            try:
+                if self._fd is None:
+                    self._open()
+                seq = self._active
+                if self._sizes[seq] >= self.segment_bytes or self._damaged:
+                    seq = self._rotate()
+            except OSError as err:  # no room for a new file either
+                raise SpoolWriteError(err.errno, f"{err.strerror} ({err.filename})") from err
+            try:
+                _write_all_or_nothing(self._fd, data, self._sizes[seq])
+            except SpoolWriteError as err:
+                # The reader stops at the size counted here; the next append starts a clean segment.
+                self._damaged = err.left_partial
+                raise
             self._sizes[seq] += len(data)
             self._appended_bytes += len(data)
 
@@ -90,19 +106,24 @@ class Spool:
         return self._appended_bytes - self._shipped_bytes
 
     def _open(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(self._path("lock"), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        self._cursor_fd = os.open(self._path("cursor"), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
-        self._write_cursor(self._read)
-        self._sizes[0] = 0
+        """Create this owner's files; a step that failed (no room) is retried by the next append."""
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self._lock_fd is None:  # a second flock from this process on a new descriptor would block
+            fd = os.open(self._path("lock"), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._lock_fd = fd
+        if self._cursor_fd is None:
+            self._cursor_fd = os.open(self._path("cursor"), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            self._write_cursor(self._read)
         self._fd = os.open(self._segment(0), _APPEND_FLAGS, 0o600)
+        self._sizes[0] = 0
 
     def _rotate(self) -> int:
         seq = self._active + 1
         fd = os.open(self._segment(seq), _APPEND_FLAGS, 0o600)
         os.close(self._fd)
         self._fd, self._sizes[seq] = fd, 0
+        self._damaged = False
         self._active = seq  # only now may the reader move on to it: the old segment is complete
         return seq
 
@@ -220,6 +241,31 @@ class Spool:
 
 _OWNER_FILE = re.compile(r"^(\d+-[0-9a-f]{8})\.(?:lock|cursor|\d{6}\.jsonl)$")
 _APPEND_FLAGS = os.O_CREAT | os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
+
+
+def _write_all_or_nothing(fd: int, data: bytes, size: int) -> None:
+    """Append `data` to the file of `fd`, which holds `size` bytes; on any failure cut it back to `size`.
+
+    A short write followed by an error (ENOSPC, EFBIG) would otherwise leave half a batch in the segment:
+    the reader, which trusts the sizes it counted, would then read every later line from a shifted offset.
+    """
+    view = memoryview(data)
+    try:
+        while view:  # a regular file takes it all at once; loop for the rare short write
+            written = os.write(fd, view)
+            if written == 0:
+                raise OSError(errno.ENOSPC, "the disk took none of the bytes")
+            view = view[written:]
+    except OSError as err:
+        try:
+            os.ftruncate(fd, size)
+        except OSError as cut:
+            failed = SpoolWriteError(
+                err.errno, f"{err.strerror}; cutting the partial write off failed too ({cut.strerror})"
+            )
+            failed.left_partial = True
+            raise failed from err
+        raise SpoolWriteError(err.errno, err.strerror or str(err)) from err
 
 
 def _ship_owner(folder: Path, owner: str, ship: Callable[[list[bytes]], None], batch_lines: int) -> int:
