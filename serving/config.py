@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -15,6 +15,7 @@ from champion.errors import ChampionError
 CONFIG_ENV = "CHAMPION_SERVE_CONFIG"  # how `champion serve` hands the resolved config to `bentoml serve`
 API_KEY_ENV = "CHAMPION_API_KEY"  # guards the mutating endpoints; never in code or configs
 LOG_URL_ENV = "CHAMPION_INFERENCE_LOG_URL"
+HostName = Annotated[str, Field(pattern=r"^(\*|[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\])$")]  # no port, no scheme
 
 
 class BatchingConfig(StrictModel):
@@ -75,6 +76,11 @@ class ServeConfig(StrictModel):
     model: str = ""  # registered model name; `champion serve NAME` fills it
     tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else the embedded sqlite store
     host: str = "127.0.0.1"
+    # Host header names answered besides loopback (127.0.0.1, localhost, [::1]) and `host`; a server bound
+    # to 0.0.0.0 or :: also answers this machine's name and addresses (a pod's IP, for kubelet and
+    # Prometheus). Add the name clients use behind a proxy or load balancer; "*" turns the check off.
+    # Other names get 421: a web page that rebinds its DNS to this server cannot reach it.
+    allowed_hosts: list[HostName] = Field(default_factory=list)
     port: int = Field(3000, ge=1, le=65535)
     workers: int = Field(1, ge=1, le=64)  # each worker loads the model and follows the registry on its own
     threads: int = Field(2, ge=1, le=256)  # torch threads per worker; workers × threads ≤ cores

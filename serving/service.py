@@ -5,9 +5,11 @@ when the class is defined, so `ChampionService` is built on first access from th
 wrote (`CHAMPION_SERVE_CONFIG`), not at import.
 
 Endpoints: POST /predict and /predict_proba (adaptive batching), POST /feedback and /reload (API key),
-and BentoML's own /healthz, /livez, /readyz and /metrics. The POST endpoints take a JSON body only (or one
-without a Content-Type, which BentoML reads as JSON), no larger than `limits` allow; a bad request gets a
-4xx with {"error": one sentence, "field": what to fix}, never a 5xx.
+and BentoML's own /healthz, /livez, /readyz and /metrics. The POST endpoints take a JSON body only, sent
+as `Content-Type: application/json`, no larger than `limits` allow; a bad request gets a 4xx with
+{"error": one sentence, "field": what to fix}, never a 5xx. Requests for any other path are answered 404
+before BentoML sees them, and requests whose Host is not one the server answers to get 421 (the probes
+excepted): see `allowed_hosts`.
 """
 
 import hmac
@@ -25,6 +27,10 @@ from serving.server import Answer, AnswerWithProbabilities
 
 PREDICT_PATHS = ("/predict", "/predict_proba")
 MUTATING_PATHS = ("/feedback", "/reload")
+PROBE_PATHS = ("/healthz", "/livez", "/readyz")  # answered whatever the Host: orchestrators probe by IP
+ROUTES = frozenset((*PREDICT_PATHS, *MUTATING_PATHS, *PROBE_PATHS, "/metrics", "/", "/docs.json"))
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+OTHER_ROUTE = "other"  # the one path, and metrics label, of every request for a path that is no route
 # An item of "texts" is a string or a {"text", "key"} object: pydantic checks it as both, and names the
 # union's branch in the error's location. Errors saying an item is not the other kind are dropped.
 _WRONG_KIND = ("model_type", "string_type")
@@ -41,6 +47,13 @@ class _Refusal(NamedTuple):
 
 
 _TWO_CONTENT_TYPES = _Refusal(400, "Content-Type", "the request has two Content-Type headers; send one.")
+# A POST without it is one a web page can send to any address without asking (a "simple" CORS request).
+_NO_CONTENT_TYPE = _Refusal(415, "Content-Type", "the request has no Content-Type; send application/json.")
+_NO_HOST = _Refusal(400, "Host", "the request has no Host header; send the name you reached the server by.")
+_UNKNOWN_PATH = (
+    "there is no such endpoint; the service answers POST /predict, /predict_proba, /feedback, /reload "
+    "and GET /healthz, /livez, /readyz, /metrics."
+)
 _INCOMPLETE_BODY = _Refusal(400, "body", "the connection closed in the middle of the body; send all of it.")
 
 
@@ -99,7 +112,10 @@ def build_service(cfg: ServeConfig):
             holder["server"] = self.server
 
         def __is_ready__(self) -> bool:
-            return self.server.ready()
+            return self.server.ready() and self.server.log.writer_alive
+
+        def __is_alive__(self) -> bool:  # a worker whose inference log writer died needs a restart
+            return self.server.log.writer_alive
 
         @bentoml.on_shutdown
         def shutdown(self) -> None:
@@ -137,10 +153,17 @@ def build_service(cfg: ServeConfig):
         # BentoML picks a response's media type from the output model's JSON schema, which pydantic builds
         # again for every response: a tenth of the event loop's work under load (py-spy). Ours is JSON.
         ChampionService.apis[name].output_spec.media_type = "application/json"
+    routes = ROUTES | _static_routes()
     ChampionService.add_asgi_middleware(
-        ChampionMiddleware, holder=holder, model=cfg.model, max_body=_max_body_bytes(limits)
+        ChampionMiddleware,
+        holder=holder,
+        model=cfg.model,
+        max_body=_max_body_bytes(limits),
+        routes=routes,
+        allowed_hosts=allowed_hosts(cfg),
     )
     _cancel_request_timers()
+    _label_other_paths_once(routes)
     return ChampionService
 
 
@@ -189,6 +212,27 @@ def _cancel_request_timers() -> None:
     TimeoutMiddleware._champion_cancels_timers = True
 
 
+def _label_other_paths_once(routes: frozenset[str]) -> None:
+    """Make BentoML's HTTP metrics label a request for any path that is not a route as `other`.
+
+    BentoML 1.4.39's traffic metrics middleware, which runs before any middleware of ours, labels every
+    request with its raw path: each invented path added series to /metrics for the life of the process
+    (150 requests, 3,000 series). Such a request goes on with the path `other`, which ChampionMiddleware
+    answers with a 404; the routes keep their own labels."""
+    from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware as Metered
+
+    if getattr(Metered, "_champion_routes", None) is None:
+        count = Metered.__call__
+
+        async def call(self, scope, receive, send) -> None:
+            if scope["type"] == "http" and scope["path"] not in Metered._champion_routes:
+                scope = {**scope, "path": OTHER_ROUTE, "raw_path": OTHER_ROUTE.encode()}
+            await count(self, scope, receive, send)
+
+        Metered.__call__ = call
+    Metered._champion_routes = routes
+
+
 def _answer(server, texts: list[str], probabilities: bool):
     """The batch's answers; a full inference log spool refuses the batch with 503 rather than answer
     predictions that could not be logged (serving/inference_log.py)."""
@@ -202,6 +246,70 @@ def _answer(server, texts: list[str], probabilities: bool):
         raise ServiceUnavailable(str(err)) from None
 
 
+def _static_routes() -> frozenset[str]:
+    """The files of BentoML's API page (/static_content/...): routes too, each with its own metrics label."""
+    from pathlib import Path
+
+    from bentoml._internal.server import http_app
+
+    folder = Path(http_app.__file__).parent / "static_content"
+    return frozenset(f"/static_content/{p.name}" for p in folder.iterdir() if p.is_file())
+
+
+def allowed_hosts(cfg: ServeConfig) -> frozenset[str]:
+    """The Host names (ports aside) the service answers: loopback, the address it is bound to and
+    `cfg.allowed_hosts`; bound to every interface, also this machine's names and addresses."""
+    names = {*LOOPBACK_HOSTS, *(_host_name(h.encode()) for h in cfg.allowed_hosts)}
+    if cfg.host in ("0.0.0.0", "::", ""):
+        names |= _machine_names()
+    else:
+        names.add(_host_name(f"[{cfg.host}]".encode() if ":" in cfg.host else cfg.host.encode()))
+    return frozenset(names)
+
+
+def _machine_names() -> set[str]:
+    import socket
+
+    names = set()
+    try:
+        for name in {socket.gethostname(), socket.getfqdn()}:
+            names.add(name.lower())
+            for *_, address in socket.getaddrinfo(name, None):
+                names.add(f"[{address[0]}]" if ":" in address[0] else address[0])
+    except OSError:  # a name that does not resolve: the loopback names and the configured ones still work
+        pass
+    return names
+
+
+def _host_name(value: bytes) -> str:
+    """The name in a Host header: lower case, without its port or a trailing dot; [v6] keeps brackets."""
+    text = value.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        return text.partition("]")[0] + "]"
+    if text.count(":") == 1:
+        text = text.partition(":")[0]
+    return text.rstrip(".")
+
+
+def _host_refusal(headers, allowed: frozenset[str]) -> _Refusal | None:
+    """Why a request is refused for the name it reached the server by (DNS rebinding), or None."""
+    if "*" in allowed:
+        return None
+    hosts = [value for name, value in headers if name == b"host"]
+    if not hosts:
+        return _NO_HOST
+    if len(hosts) > 1:
+        return _Refusal(400, "Host", "the request has two Host headers; send one.")
+    name = _host_name(hosts[0])
+    if name in allowed:
+        return None
+    error = (
+        f"this server does not answer to the host {_shown(name.encode())}; use its address, or add the name "
+        "to allowed_hosts in the serve config."
+    )
+    return _Refusal(421, "Host", error)
+
+
 def _max_body_bytes(limits: LimitsConfig) -> int:
     """The largest body a valid request can need: every text at its limit, every character escaped as a
     surrogate pair (12 bytes, `\\ud83d\\ude00`), with room for keys and whitespace."""
@@ -212,15 +320,35 @@ class ChampionMiddleware:
     """API key on mutating endpoints, then the request's headers (JSON only, sizes); version header, latency
     metrics and one-sentence errors on every answer of the service's own endpoints."""
 
-    def __init__(self, app, holder: dict[str, Any], model: str, max_body: int):
+    def __init__(
+        self,
+        app,
+        holder: dict[str, Any],
+        model: str,
+        max_body: int,
+        routes: frozenset[str] = ROUTES,
+        allowed_hosts: frozenset[str] = frozenset(("*",)),
+    ):
         self.app, self.holder, self.model, self.max_body = app, holder, model, max_body
+        self.routes, self.allowed_hosts = routes, allowed_hosts
 
     async def __call__(self, scope, receive, send) -> None:
-        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        headers = scope.get("headers") or []
+        if path not in PROBE_PATHS and (refusal := _host_refusal(headers, self.allowed_hosts)):
+            await self._refuse(send, path, refusal)
+            return
+        # Only the service's own routes reach BentoML, whose metrics label every request with its path:
+        # any other path is answered here, under one label, so /metrics cannot be grown by inventing paths.
+        if path not in self.routes:
+            await self._refuse(send, path, _Refusal(404, "path", _UNKNOWN_PATH))
+            return
         if path not in PREDICT_PATHS and path not in MUTATING_PATHS:
             await self.app(scope, receive, send)
             return
-        headers = scope.get("headers") or []
         if path in MUTATING_PATHS:
             problem = _auth_problem(dict(headers))
             if problem is not None:
@@ -295,6 +423,13 @@ class ChampionMiddleware:
 
         metrics().errors.labels(self.model, "", "", kind).inc()
 
+    async def _refuse(self, send, path: str, refusal: _Refusal) -> None:
+        from serving.metrics import metrics
+
+        route = path if path in self.routes else OTHER_ROUTE
+        metrics().routes.labels(route, str(refusal.status)).inc()
+        await _send_json(send, refusal.status, {"error": refusal.error, "field": refusal.field})
+
 
 def _version_key(version: str) -> tuple[int, str]:
     return (int(version), "") if version.isdigit() else (0, version)
@@ -341,7 +476,9 @@ def _check_head(headers, max_body: int) -> _Refusal | None:
         field = max(headers, key=lambda pair: len(pair[1]))[0].decode("latin-1")
         error = f"the request headers are {size} bytes, over {MAX_HEADER_BYTES}; shorten {field}."
         return _Refusal(431, field, error)
-    if content_type is not None and content_type != b"application/json":
+    if content_type is None:
+        return _NO_CONTENT_TYPE
+    if content_type != b"application/json":
         refusal = _media_type_refusal(content_type)
         if refusal is not None:
             return refusal

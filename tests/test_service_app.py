@@ -27,12 +27,13 @@ def client(tmp_path_factory, tiny_model_dir):
         mp.setenv("CHAMPION_ACTOR", "pytest")
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.delenv("CHAMPION_AUDIT_URL", raising=False)
-        mp.setenv("CHAMPION_API_KEY", KEY)
+        mp.setenv("CHAMPION_FEEDBACK_KEY", KEY)
         registry = connect()
         versions = register_tiny_versions(registry, tiny_model_dir, TINY_INTENTS, 2)
         promote(registry, NAME, versions[0], reason="first")
         service = build_service(serve_config(limits={"max_text_chars": 50, "max_items": 4}))
-        with TestClient(app=service.to_asgi(), raise_server_exceptions=False) as c:
+        app = service.to_asgi()
+        with TestClient(app=app, base_url="http://127.0.0.1:3000", raise_server_exceptions=False) as c:
             deadline = time.monotonic() + 60
             while c.get("/readyz").status_code != 200:
                 assert time.monotonic() < deadline, "the service never became ready"
@@ -105,9 +106,9 @@ def test_feedback_needs_the_api_key_and_a_known_request(client):
 
 
 def test_mutating_endpoints_are_off_without_a_server_key(client, monkeypatch):
-    monkeypatch.delenv("CHAMPION_API_KEY")  # read per request: no restart needed to lock the endpoints
+    monkeypatch.delenv("CHAMPION_FEEDBACK_KEY")  # read per request: no restart needed to lock the endpoints
     r = client.post("/reload", json={}, headers={"X-API-Key": KEY})
-    assert r.status_code == 403 and "CHAMPION_API_KEY is not set" in r.json()["error"]
+    assert r.status_code == 403 and "is not set on the server" in r.json()["error"]
 
 
 def test_reload_switches_to_the_new_champion_at_once(client):
@@ -182,3 +183,79 @@ def test_the_request_timeout_still_answers_504():
     sent = asyncio.run(run())
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 504
     assert b"Not able to process the request in 0.05 seconds" in sent[1]["body"]
+
+
+def _metrics_series(client) -> tuple[int, int]:
+    """(sample lines, bytes) of /metrics: what an invented path must not grow."""
+    text = client.get("/metrics").text
+    return sum(1 for line in text.splitlines() if line and not line.startswith("#")), len(text)
+
+
+def test_metrics_stay_flat_under_a_thousand_random_paths(client):
+    import random
+
+    for path in ("/nope", "/predict/../x"):  # one "other" request first: its series exists from now on
+        client.get(path)
+    lines, size = _metrics_series(client)
+    rng = random.Random(24)
+    methods = ("GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD")
+    for i in range(1000):
+        path = f"/{i}" + "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789-_/.%") for _ in range(12))
+        r = client.request(rng.choice(methods), path)
+        assert r.status_code in (404, 405), (path, r.status_code)
+    r = client.get("/static_content/does-not-exist.js")
+    assert r.status_code == 404 and r.json()["field"] == "path" and "no such endpoint" in r.json()["error"]
+    after_lines, after_size = _metrics_series(client)
+    assert after_lines == lines, "invented paths created new /metrics series"
+    assert after_size - size < 200  # the counters' digits only
+    assert 'champion_http_requests_total{route="other",status="404"}' in client.get("/metrics").text
+    assert client.get("/docs.json").status_code == 200  # BentoML's own pages are still served
+
+
+@pytest.mark.parametrize("path", ["/predict", "/predict_proba", "/feedback", "/reload"])
+def test_a_post_without_content_type_is_a_415(client, path):
+    import json
+
+    body = {"texts": ["where is my order"]} if path.startswith("/predict") else {}
+    r = client.post(path, content=json.dumps(body).encode(), headers={"X-API-Key": KEY})
+    assert r.status_code == 415, r.text
+    assert r.json() == {
+        "error": "the request has no Content-Type; send application/json.",
+        "field": "Content-Type",
+    }
+    r = client.post(path, json=body, headers={"Content-Type": "application/json; charset=utf-8"})
+    assert r.status_code not in (400, 415), r.text
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:3000", "127.0.0.1.evil.example", "10.9.8.7"])
+def test_a_foreign_host_is_refused_with_421_except_on_the_probes(client, host):
+    headers = {"Host": host}
+    for path in ("/predict", "/metrics", "/docs.json", "/nope"):
+        r = client.request(
+            "POST" if path == "/predict" else "GET", path, json={"texts": TEXTS}, headers=headers
+        )
+        assert r.status_code == 421, (path, r.text)
+        assert r.json()["field"] == "Host" and "allowed_hosts" in r.json()["error"]
+    for path in ("/healthz", "/livez", "/readyz"):  # kubelet probes by pod IP
+        assert client.get(path, headers=headers).status_code == 200
+    for good in ("localhost", "LOCALHOST:8080", "127.0.0.1", "[::1]:3000", "localhost."):
+        r = client.post("/predict", json={"texts": TEXTS[:1]}, headers={"Host": good})
+        assert r.status_code == 200, (good, r.text)
+
+
+def test_allowed_hosts_default_to_loopback_and_the_bound_address():
+    from serving.config import ServeConfig
+    from serving.service import allowed_hosts
+
+    assert allowed_hosts(ServeConfig()) == {"127.0.0.1", "localhost", "[::1]"}
+    assert "10.1.2.3" in allowed_hosts(ServeConfig(host="10.1.2.3"))
+    assert "[fe80::1]" in allowed_hosts(ServeConfig(host="fe80::1"))
+    assert "api.example.com" in allowed_hosts(ServeConfig(allowed_hosts=["API.example.com"]))
+    import socket
+
+    assert socket.gethostname().lower() in allowed_hosts(ServeConfig(host="0.0.0.0"))
+    from champion.config import parse_config
+    from champion.errors import ChampionError
+
+    with pytest.raises(ChampionError, match="allowed_hosts"):
+        parse_config(ServeConfig, {"allowed_hosts": ["https://api.example.com:443"]})
