@@ -345,7 +345,7 @@ class ReviewQueue:
             return []
         try:
             windows = []
-            for check in store.history(model_name, limit=100):
+            for check in store.history(model_name, limit=100, source="log"):
                 first, last = check["window"].get("first_at"), check["window"].get("last_at")
                 if check["status"] == "drift" and first and last:
                     windows.append(

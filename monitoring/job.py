@@ -95,7 +95,9 @@ def drift(
 
         drift_store = DriftStore(cfg.store_url or _default_store_url(log_url))
         try:
-            check_id = drift_store.record(decision, report_run_id)
+            # A file's check is kept apart: only windows of the log (what production saw) move the alarm.
+            source = "file" if file is not None else "log"
+            check_id = drift_store.record(decision, report_run_id, source=source)
             alarm = drift_store.alarm_state(name, version, cfg.alarm.k, cfg.alarm.n)
         finally:
             drift_store.close()
@@ -220,6 +222,8 @@ def format_decision(run: DriftRun) -> str:
         lines.append(f"  {c.name:<19} {c.statistic:<26} {value:>9} / {threshold:<9} {mark:<17} rows={c.rows}")
     if run.alarm is not None:
         lines.append(run.alarm.reason)
+        if d.window.get("source") == "file":
+            lines.append("(a check of a file: stored apart, it never counts toward the alarm)")
     if run.report_run_id:
         lines.append(f"report: MLflow run {run.report_run_id} (artifacts drift/drift.html)")
     return "\n".join(lines)

@@ -1,7 +1,9 @@
 """Every drift decision and check result, kept beside the inference log (sqlite, or PostgreSQL by URL).
 
 The alarm has memory: `alarm_state` says whether at least k of the last n stored windows of a version
-drifted, so one odd hour does not launch a retrain.
+drifted, so one odd hour does not launch a retrain. Only windows of the inference log count (`source`
+"log"): a check of a file someone brings (`champion drift --file what-if.csv`) is stored, marked "file",
+and never moves the alarm, a retrain or the served version's gauges.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from monitoring.drift import DRIFT, DriftDecision
+
+LOG, FILE = "log", "file"  # a window of the inference log (what production saw) | a file checked ad hoc
+SOURCES = (LOG, FILE)
 
 _metadata = sa.MetaData()
 drift_checks = sa.Table(
@@ -29,6 +34,7 @@ drift_checks = sa.Table(
     sa.Column("window", sa.Text, nullable=False),  # JSON: how the window was chosen, bounds, sampling
     sa.Column("checks", sa.Text, nullable=False),  # JSON: every check with its statistic and threshold
     sa.Column("report_run_id", sa.String(64)),  # the MLflow run holding the Evidently report
+    sa.Column("source", sa.String(16), nullable=False, server_default=LOG),  # log | file
 )
 
 
@@ -56,11 +62,16 @@ class DriftStore:
             Path(self.engine.url.database).parent.mkdir(parents=True, exist_ok=True)
         with self.engine.begin() as conn:
             _metadata.create_all(conn, checkfirst=True)
+        _add_source_column(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
 
-    def record(self, decision: DriftDecision, report_run_id: str | None = None) -> int:
+    def record(self, decision: DriftDecision, report_run_id: str | None = None, source: str = LOG) -> int:
+        """Store a decision; `source` says what was checked: "log" (a window of the inference log) or
+        "file" (a file brought to `champion drift --file`, which never counts toward the alarm)."""
+        if source not in SOURCES:
+            raise ValueError(f"source: {source!r} is not one of {', '.join(SOURCES)}")
         data = decision.to_dict()
         row = {
             "at": datetime.fromisoformat(decision.at).astimezone(UTC),
@@ -72,15 +83,21 @@ class DriftStore:
             "window": json.dumps(data["window"], default=str, sort_keys=True),
             "checks": json.dumps(data["checks"], default=str),
             "report_run_id": report_run_id,
+            "source": source,
         }
         with self.engine.begin() as conn:
             return int(conn.execute(drift_checks.insert().values(**row)).inserted_primary_key[0])
 
-    def history(self, model: str, version: str | None = None, limit: int = 100) -> list[dict]:
+    def history(
+        self, model: str, version: str | None = None, limit: int = 100, source: str | None = None
+    ) -> list[dict]:
+        """The newest stored checks first; `source="log"` keeps only windows of the inference log."""
         c = drift_checks.c
         query = sa.select(drift_checks).where(c.model_name == model).order_by(c.id.desc()).limit(limit)
         if version is not None:
             query = query.where(c.model_version == str(version))
+        if source is not None:
+            query = query.where(c.source == source)
         with self.engine.connect() as conn:
             rows = [dict(r._mapping) for r in conn.execute(query)]
         for r in rows:
@@ -88,11 +105,17 @@ class DriftStore:
         return rows
 
     def alarm_state(self, model: str, version: str, k: int, n: int) -> AlarmState:
-        """Whether at least `k` of the last `n` judged windows drifted (insufficient windows do not count)."""
+        """Whether at least `k` of the last `n` judged windows of the inference log drifted (insufficient
+        windows and checks of files do not count)."""
         c = drift_checks.c
         query = (
             sa.select(c.status)
-            .where(c.model_name == model, c.model_version == str(version), c.status.in_([DRIFT, "ok"]))
+            .where(
+                c.model_name == model,
+                c.model_version == str(version),
+                c.status.in_([DRIFT, "ok"]),
+                c.source == LOG,
+            )
             .order_by(c.id.desc())
             .limit(n)
         )
@@ -100,3 +123,20 @@ class DriftStore:
             statuses = [r[0] for r in conn.execute(query)]
         drifted = sum(s == DRIFT for s in statuses)
         return AlarmState(drifted >= k, drifted, len(statuses), k, n)
+
+
+def _add_source_column(engine: sa.Engine) -> None:
+    """Tables made before `source` existed get it; their rows were all windows of the log."""
+    if "source" in {col["name"] for col in sa.inspect(engine).get_columns(drift_checks.name)}:
+        return
+    exists = "IF NOT EXISTS " if engine.dialect.name == "postgresql" else ""
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    f"ALTER TABLE drift_checks ADD COLUMN {exists}source VARCHAR(16) NOT NULL DEFAULT '{LOG}'"
+                )
+            )
+    except sa.exc.OperationalError:  # another process added it between our look and our change (sqlite)
+        if "source" not in {col["name"] for col in sa.inspect(engine).get_columns(drift_checks.name)}:
+            raise

@@ -45,7 +45,7 @@ def retrain_on_drift(
             return {"started": False, "reason": f"model '{model}' has no champion to retrain."}
         store = DriftStore(monitor.store_url or _default_store_url(None))
         try:
-            windows = store.history(model, version, limit=500)
+            windows = store.history(model, version, limit=500, source="log")  # never a file checked ad hoc
         finally:
             store.close()
         episode = drift_episode(list(reversed(windows)), monitor.alarm.k, monitor.alarm.n, checks)

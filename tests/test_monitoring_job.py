@@ -120,6 +120,27 @@ def test_a_labelled_file_is_scored_by_the_served_version(tmp_path, registry, cha
     assert saved["status"] == d.status and (tmp_path / "report" / "drift.html").stat().st_size > 10_000
 
 
+def test_drift_file_leaves_the_alarm_as_it_was(tmp_path, registry, champion_version, home, capsys):
+    from champion.cli import main
+    from monitoring.drift import CheckResult, DriftDecision
+    from monitoring.store import DriftStore
+
+    version = champion_version.version
+    store = DriftStore(f"sqlite:///{home / 'inference.db'}")
+    for status in ("ok", "drift"):  # two windows of the log: one drifted, no alarm at 2 of 3
+        check = CheckResult("prediction", "jensen_shannon", 0.3, 0.1, status == "drift", 500, status, "x.")
+        store.record(DriftDecision(status, NAME, version, 500, [check]))
+    before = store.alarm_state(NAME, version, 2, 3)
+    what_if = tmp_path / "what-if.csv"
+    generate_tickets(150, seed=18, intents=OTHER_INTENTS, vocabulary_shift=0.5).to_csv(what_if, index=False)
+    for _ in range(2):
+        assert main(["drift", NAME, "--file", str(what_if), "--no-mlflow"]) in (0, 3)
+    assert store.alarm_state(NAME, version, 2, 3) == before  # the same alarm, drifted, considered
+    assert "a check of a file: stored apart, it never counts toward the alarm" in capsys.readouterr().out
+    assert [r["source"] for r in store.history(NAME)] == ["file", "file", "log", "log"]
+    store.close()
+
+
 def test_the_report_is_logged_to_mlflow_against_the_version(registry, server, champion_version):
     import mlflow
 
