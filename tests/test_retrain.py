@@ -105,14 +105,14 @@ def test_a_retrain_that_learns_a_new_intent_passes_the_gate_and_is_served_with_i
 def test_a_challenger_trained_on_shuffled_labels_is_refused_and_nothing_moves(
     registry, champion, tickets_csv, tmp_path
 ):
-    from pipelines.fresh import holdout_side
+    from pipelines.fresh import holdout_secret, holdout_side
     from pipelines.retrain import retrain
 
     fresh = _fresh_file(tmp_path, "fresh.csv", 700, 22, TINY_INTENTS)
     # Everything the retrain learns from has shuffled labels (the fresh rows it trains on, and a replacement
-    # of the original data); the holdout keeps the true ones.
+    # of the original data); the holdout keeps the true ones (dealt by this home's secret, as retrain does).
     frame = pd.read_csv(fresh)
-    side = holdout_side(frame["text"].tolist(), "tiny-intents", 0.5, 0)
+    side = holdout_side(frame["text"].tolist(), "tiny-intents", 0.5, holdout_secret())
     train = frame[~side].copy()
     train["label"] = train["label"].sample(frac=1.0, random_state=1).to_numpy()
     pd.concat([train, frame[side]]).to_csv(fresh, index=False)
@@ -251,7 +251,7 @@ def test_canary_promotion_hands_the_version_to_the_service_as_challenger(registr
 
 
 def test_fresh_labels_come_from_the_inference_log_feedback(registry, champion, tmp_path):
-    from pipelines.fresh import FreshConfig, fresh_data
+    from pipelines.fresh import FreshConfig, fresh_data, holdout_side
     from pipelines.ticketgen import generate_tickets
     from serving.config import default_log_url
     from serving.inference_log import InferenceLog, PredictionRecord
@@ -269,10 +269,18 @@ def test_fresh_labels_come_from_the_inference_log_feedback(registry, champion, t
     for i, label in enumerate(frame["label"][:200]):
         log.add_feedback(f"r{i}", label)
     log.close()
-    data = fresh_data("tiny-intents", FreshConfig(holdout_share=0.3))
-    assert data.counts["labelled_rows"] == 200 and data.counts["by_source"] == {"feedback": 200}
+    # By default /feedback labels only teach: whoever holds the ingest key must not steer the gate.
+    default = fresh_data("tiny-intents", FreshConfig(holdout_share=0.3))
+    assert default.counts["labelled_rows"] == 200 and default.counts["by_source"] == {"feedback": 200}
+    assert len(default.train) == 200 and len(default.holdout) == 0
+    # Configured to trust every sender, with the public seed: the split of before, text by text.
+    cfg = FreshConfig(holdout_share=0.3, holdout_sources=["review:random", "feedback", "files"], seed=0)
+    data = fresh_data("tiny-intents", cfg)
     assert len(data.train) + len(data.holdout) == 200
-    again = fresh_data("tiny-intents", FreshConfig(holdout_share=0.3))
+    texts = list(frame["text"][:200])
+    assert set(data.holdout["text"]) == {t for t, s in zip(texts, holdout_side(texts, "tiny-intents", 0.3, 0),
+                                                            strict=True) if s}  # fmt: skip
+    again = fresh_data("tiny-intents", cfg)
     assert again.holdout_sha256 == data.holdout_sha256  # the same labels, the same holdout
     shared = set(data.train["text"]) & set(data.holdout["text"])
     assert not shared  # a text never sits on both sides

@@ -188,6 +188,51 @@ def test_the_fresh_holdout_takes_only_the_unbiased_share(url, monkeypatch):
     assert 0.3 * random_rows < len(data.holdout) < 0.7 * random_rows
 
 
+def test_feedback_labels_never_reach_the_default_holdout(url, monkeypatch):
+    from pipelines.fresh import FreshConfig, fresh_data
+
+    monkeypatch.setenv("CHAMPION_INFERENCE_LOG_URL", url)
+    _log(url, _population(600))
+    queue = ReviewQueue(url)
+    queue.select(MODEL, ReviewConfig(daily_budget=10_000, random_share=0.2, random_budget_share=1.0),
+                 now=NOW, labels=_labels)  # fmt: skip
+    truth = {}
+    while (item := queue.next(MODEL)) is not None:
+        truth[item.request_id] = LABELS[int(item.request_id[1:]) % 4]
+        queue.answer(MODEL, item.request_id, "ana", truth[item.request_id])
+    queue.close()
+    # Whoever holds the ingest key labels everything else, and relabels what the reviewer answered.
+    # Some of it repeats texts of the reviewed sample, to take them out of the holdout if it could.
+    log = InferenceLog(url).start()
+    random_ids = [rid for rid in truth if in_random_sample(rid, 0.2) is not None]
+    log.append([PredictionRecord(f"d{rid}", NOW, MODEL, "3", "champion", f"text of {rid}", LABELS[0], 0.9,
+                                 1.0) for rid in random_ids])  # fmt: skip
+    log.flush()
+    for rid in [f"r{i:05d}" for i in range(600)] + [f"d{rid}" for rid in random_ids]:
+        log.add_feedback(rid, "card_declined", actor="help-desk")
+    log.close()
+    data = fresh_data(MODEL, FreshConfig(holdout_share=0.5))
+    assert set(data.holdout["source"]) == {"review:random"} and len(data.holdout) > 20
+    # The holdout keeps the reviewers' answers; feedback sent later for the same request replaced nothing.
+    expected = {f"text of {rid}": label for rid, label in truth.items()}
+    assert all(
+        expected[t] == label for t, label in zip(data.holdout["text"], data.holdout["label"], strict=True)
+    )
+    # The /feedback labels still teach the retrain (train only), and never take a text out of the holdout.
+    feedback_rows = data.train[data.train["source"] == "feedback"]
+    assert (
+        len(feedback_rows)
+        == 600 - len(truth) + len(random_ids) - data.counts["feedback_dropped_holdout_text"]
+    )
+    assert data.counts["feedback_dropped_holdout_text"] == len(data.holdout) > 0
+    assert not set(data.train["text"]) & set(data.holdout["text"])
+    # Configured otherwise (every /feedback sender trusted), /feedback labels are dealt to both sides again.
+    trusting = fresh_data(
+        MODEL, FreshConfig(holdout_share=0.5, holdout_sources=["review:random", "feedback"])
+    )
+    assert "feedback" in set(trusting.holdout["source"])
+
+
 def test_the_cli_takes_the_next_item_and_answers_it(home, capsys, monkeypatch):
     from champion.cli import main
 
