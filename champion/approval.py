@@ -25,6 +25,7 @@ from champion.errors import ChampionError
 
 PENDING, APPROVED, REJECTED, EXPIRED, VOID = "pending", "approved", "rejected", "expired", "void"
 DECIDING = "deciding"  # claimed by one person's approval while its move runs; nobody else can decide it
+AFTER_CANARY = "after_canary"  # a canary that held its guardrails, waiting for a person to promote it
 STALE_CLAIM = timedelta(minutes=5)  # a claim this old belongs to a process that died mid-approval
 
 _metadata = sa.MetaData()
@@ -34,7 +35,8 @@ pending_table = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("model_name", sa.String(256), nullable=False, index=True),
     sa.Column("version", sa.String(32), nullable=False),
-    sa.Column("target", sa.String(16), nullable=False),  # direct (champion) | canary (challenger)
+    # direct (champion) | canary (challenger) | after_canary (a passed canary's champion, challenger retired)
+    sa.Column("target", sa.String(16), nullable=False),
     sa.Column("compared_with", sa.String(32)),  # the champion the gate compared against
     sa.Column("gate_reason", sa.Text, nullable=False),
     sa.Column("evidence", sa.Text, nullable=False),  # JSON
@@ -83,7 +85,7 @@ def request_approval(
     reg,
     name: str,
     version: str,
-    target: Literal["direct", "canary"],
+    target: Literal["direct", "canary", "after_canary"],
     compared_with: str | None,
     gate_reason: str,
     evidence: dict[str, Any],
@@ -114,6 +116,28 @@ def request_approval(
            f"v{version} passed the gate and waits for approval until {item.expires_at:%Y-%m-%d %H:%M} UTC",
            actor)  # fmt: skip
     return item
+
+
+def request_canary_promotion(
+    reg,
+    name: str,
+    champion: str,
+    challenger: str,
+    reason: str,
+    evidence: dict[str, Any],
+    hours: float,
+    epoch: int,
+    actor: str | None = None,
+) -> PendingPromotion:
+    """A canary that held its guardrails under `approval: required`: its promotion waits for a person.
+    Filed once per canary (`epoch`, the audit event that made the version challenger), whichever of the
+    server's workers reaches the verdict first and however often it restarts."""
+    for item in recent(reg, name):
+        same = item.evidence.get("canary_epoch") == epoch
+        if item.target == AFTER_CANARY and item.version == str(challenger) and same:
+            return item
+    evidence = {**evidence, "canary_epoch": epoch}
+    return request_approval(reg, name, challenger, AFTER_CANARY, champion, reason, evidence, hours, actor)
 
 
 def pending_promotions(reg, name: str | None = None, now: datetime | None = None) -> list[PendingPromotion]:
@@ -165,7 +189,7 @@ def approve(reg, name: str, version: str, reason: str, actor: str | None = None,
 
     The promotion is claimed first (one UPDATE, so of two people approving at once exactly one goes on),
     then moved, then marked approved (or void when the champion changed since the gate compared)."""
-    from champion.registry import assign_challenger_on_gate, promote_on_gate
+    from champion.registry import assign_challenger_on_gate, promote_after_canary, promote_on_gate
 
     actor = actor or current_actor()
     item = _claim(reg, name, version, reason, actor, now, DECIDING)
@@ -177,7 +201,9 @@ def approve(reg, name: str, version: str, reason: str, actor: str | None = None,
         "pending_id": item.id,
     }
     evidence = {**item.evidence, "approval": approval}
-    move = assign_challenger_on_gate if item.target == "canary" else promote_on_gate
+    move = {"canary": assign_challenger_on_gate, AFTER_CANARY: promote_after_canary}.get(
+        item.target, promote_on_gate
+    )
     try:
         moved = move(reg, name, item.version, item.compared_with, item.gate_reason, evidence,
                      reason=f"approved by {actor}: {reason}", actor=actor)  # fmt: skip
@@ -259,7 +285,7 @@ def _settle(reg, pending_id: int, was: str, status: str, actor, reason, now) -> 
 def _recover_stale_claims(reg, name: str | None, now: datetime) -> None:
     """An approval whose process died between its claim and its end: settled from the registry's aliases
     (the alias points at the version: approved; else it waits again)."""
-    from champion.registry import CHALLENGER, CHAMPION, _alias_version
+    from champion.registry import CHALLENGER, CHAMPION
 
     c = pending_table.c
     query = sa.select(pending_table).where(c.status == DECIDING, c.decided_at <= now - STALE_CLAIM)
@@ -269,7 +295,7 @@ def _recover_stale_claims(reg, name: str | None, now: datetime) -> None:
         stale = [_item(r) for r in conn.execute(query).mappings().all()]
     for item in stale:
         alias = CHALLENGER if item.target == "canary" else CHAMPION
-        moved = _alias_version(reg, item.model_name, alias) == item.version
+        moved = reg.audit.aliases(item.model_name).get(alias) == item.version  # the history, not MLflow
         if moved:
             _settle(reg, item.id, DECIDING, APPROVED, item.decided_by, item.decision_reason, now)
         else:

@@ -30,7 +30,7 @@ alias_events = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("model_name", sa.String(256), nullable=False, index=True),
     sa.Column("alias", sa.String(64), nullable=False),
-    sa.Column("action", sa.String(32), nullable=False),  # assign | promote | rollback | external
+    sa.Column("action", sa.String(32), nullable=False),  # assign | promote | rollback | adopt | canary_* ...
     sa.Column("from_version", sa.String(32)),
     sa.Column("to_version", sa.String(32)),
     sa.Column("actor", sa.String(256), nullable=False),
@@ -234,6 +234,34 @@ class AuditLog:
         with self.engine.connect() as conn:
             return conn.execute(query).scalar()
 
+    def aliases(self, model_name: str) -> dict[str, str]:
+        """{alias: version} as the audit history names them: each alias's newest done move, if it points
+        somewhere. A move Champion only noticed afterwards (`external`, written by older releases) names
+        nothing: an alias set outside Champion counts once a person adopts it (`champion adopt`)."""
+        e = alias_events.c
+        newest = (
+            sa.select(sa.func.max(e.id))
+            .where(e.model_name == model_name, e.status == "done", e.action != "external")
+            .group_by(e.alias)
+        )
+        query = sa.select(e.alias, e.to_version).where(e.id.in_(newest))
+        with self.engine.connect() as conn:
+            return {alias: version for alias, version in conn.execute(query) if version is not None}
+
+    def has_pending(self, model_name: str) -> bool:
+        """Is an alias move of the model announced and not yet settled (a live writer's, or a dead one's)?"""
+        e = alias_events.c
+        query = sa.select(e.id).where(e.model_name == model_name, e.status == "pending").limit(1)
+        with self.engine.connect() as conn:
+            return conn.execute(query).first() is not None
+
+    def event(self, event_id: int) -> AliasEvent | None:
+        """One alias event by its id, whatever its status."""
+        query = sa.select(alias_events).where(alias_events.c.id == event_id)
+        with self.engine.connect() as conn:
+            rows = _event_rows(conn.execute(query).mappings())
+        return rows[0] if rows else None
+
     def assigned_at(self, model_name: str, alias: str, version: str) -> int | None:
         """The id of the newest done event that pointed `alias` at `version` (None if none is audited)."""
         e = alias_events.c
@@ -347,7 +375,10 @@ def _select_events(
     )
     if alias is not None:
         query = query.where(alias_events.c.alias == alias)
-    rows = conn.execute(query.order_by(alias_events.c.id)).mappings()
+    return _event_rows(conn.execute(query.order_by(alias_events.c.id)).mappings())
+
+
+def _event_rows(rows) -> list[AliasEvent]:
     return [
         AliasEvent(
             id=row["id"],

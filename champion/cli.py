@@ -144,6 +144,13 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return _decision_exit(rollback(connect(), args.name, args.reason), "rollback")
 
 
+def cmd_adopt(args: argparse.Namespace) -> int:
+    from champion.registry import adopt, connect
+
+    version = None if args.version.lower() == "none" else args.version
+    return _decision_exit(adopt(connect(), args.name, args.alias, version, args.reason), "adopt")
+
+
 def cmd_pending(args: argparse.Namespace) -> int:
     from champion.approval import pending_promotions
     from champion.registry import connect
@@ -281,7 +288,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     else:
         rows = [[f.model or "-", f.kind, f.subject, f.action] for f in findings]
         _table(rows, ["MODEL", "KIND", "WHAT", "FIXED" if args.fix else "WOULD BE FIXED (run with --fix)"])
-    return 0 if args.fix or not findings else 1
+    return 0 if all(f.fixed for f in findings) else 1  # an unaudited alias waits for `adopt`
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
@@ -335,6 +342,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = load_serve_config(args.config, args.name, port=args.port, host=args.host, workers=args.workers)
     env = dict(os.environ)
     env[CONFIG_ENV] = str(write_config(cfg))
+    env["HF_HUB_OFFLINE"] = "1"  # the server loads only checked local files; it never reaches the hub
     # Each worker pins its own torch threads; these keep OpenMP/MKL pools from oversubscribing the cores.
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env.setdefault(var, str(cfg.threads))
@@ -627,6 +635,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--metric", default="val_macro_f1", help="version metric to compare (default val_macro_f1)"
     )
 
+    p = verb("adopt", cmd_adopt, "Make an alias move done outside Champion (MLflow UI or API) yours, "
+             "audited: servers follow it only then.")  # fmt: skip
+    p.add_argument("name")
+    p.add_argument("alias", help="champion or challenger")
+    p.add_argument("version", help="where MLflow's alias is now (see `champion doctor`), or none if deleted")
+    p.add_argument("--reason", required=True, help="why; recorded in the audit history")
+
     p = verb("rollback", cmd_rollback, "Return the champion alias to the previous champion.")
     p.add_argument("name")
     p.add_argument("--reason", required=True, help="why; recorded in the audit history")
@@ -682,7 +697,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = verb("doctor", cmd_doctor, "Find what killed processes left half-done (alias moves, "
-             "registrations, runs left RUNNING); --fix settles it. Exit 1: something to fix.")  # fmt: skip
+             "registrations, runs left RUNNING), which --fix settles, and aliases moved outside Champion "
+             "(see adopt). Exit 1: something left to fix.")  # fmt: skip
     p.add_argument("name", nargs="?", help="one model (default: all, and the runs of every experiment)")
     p.add_argument("--fix", action="store_true", help="settle what is found, as the next operation would")
     p.add_argument("--json", action="store_true")

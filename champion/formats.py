@@ -119,7 +119,7 @@ def load_int8(folder: Path):
 
     meta = json.loads((folder / FORMAT_FILE).read_text())
     tensors = load_file(str(folder / INT8_FILE))
-    config = AutoConfig.from_pretrained(str(folder))
+    config = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     # Built on the CPU (not the meta device): the embeddings' non-persistent buffers are made here.
     skeleton = AutoModelForSequenceClassification.from_config(config).eval()
     modules = dict(skeleton.named_modules())

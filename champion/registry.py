@@ -1,8 +1,9 @@
 """Registry operations on MLflow aliases: register, promote, roll back, list, history.
 
 Aliases (`champion`, `challenger`) are the only deployment state; MLflow stages are never used.
-Every alias move goes through `_move_alias`, which holds the audit lock, reconciles moves made outside
-Champion, asks a small decision function, then moves the alias and appends the event in one step.
+Every alias move goes through `_move_alias`, which holds the audit lock, asks a small decision function,
+then moves the alias and appends the event in one step. The audit history, not MLflow, says where an alias
+is: a move made in the MLflow UI or API is served only once a person adopts it (`adopt`).
 """
 
 from __future__ import annotations
@@ -191,6 +192,8 @@ def champion_lineage(events: list[AliasEvent]) -> list[str | None]:
     """Replay the history into a stack of champions: a rollback pops, every other move pushes."""
     stack: list[str | None] = []
     for event in events:
+        if event.action == "external":  # noticed, never decided: not a champion of the lineage
+            continue
         if event.action == "rollback" and stack:
             stack.pop()
         else:
@@ -262,68 +265,84 @@ def _move_alias(
     reason: str,
     decide: Callable[[str | None, list[AliasEvent]], Decision],
     actor: str | None = None,
+    clear: tuple[str, ...] = (),
 ) -> Decision:
+    """Move `alias` as `decide` says, audited; `clear` names aliases deleted in the same move.
+
+    `decide` sees the version the audit history names (not MLflow's alias: a move made in the MLflow UI or
+    API is not Champion's until a person adopts it, see `adopt`). Every alias that moves gets its intent row
+    before MLflow changes, so after a crash the next holder of the lock settles each (champion/repair.py).
+    """
     reason = _require_reason(reason)
     actor = actor or current_actor()
     with signals_deferred(), reg.audit.lock(name, alias) as history:
         settle_model(reg, name, history)  # what a killed process left, before anything new
         if history.fresh:
             settle_runs_quietly(reg)
-        current = _alias_version(reg, name, alias)
-        events = history.events()
-        recorded = events[-1].to_version if events else None
-        if current != recorded:  # moved in the MLflow UI or API directly: record it so the chain stays whole
-            events.append(
-                history.append(
-                    AliasEvent(
-                        name,
-                        alias,
-                        "external",
-                        recorded,
-                        current,
-                        "unknown (outside champion)",
-                        f"alias '{alias}' was found on {_v(current)} "
-                        f"although the history ended at {_v(recorded)}.",
-                        {"noticed_by": actor},
-                    )
-                )
-            )
-        decision = decide(current, events)
+        in_mlflow = {k: str(v) for k, v in _registered_model(reg, name).aliases.items()}
+        audited = reg.audit.aliases(name)
+        for other, (was, now) in alias_disagreements(audited, in_mlflow).items():
+            _log.warning(
+                "'%s' of '%s' is on %s in MLflow but %s in the audit history (moved outside Champion); "
+                "decided on the history. Adopt it with `champion adopt %s %s VERSION --reason ...`.",
+                other, name, _v(now), _v(was), name, other,
+            )  # fmt: skip
+        current = audited.get(alias)
+        decision = decide(current, history.events())
         if not decision.allowed:
             return decision
         target = decision.target_version
-        if alias == CHAMPION and target is not None and (refusal := version_refusal(reg, name, target)):
+        checked = alias == CHAMPION or action == "adopt"  # what a server answers with: files checked first
+        if checked and target is not None and (refusal := version_refusal(reg, name, target)):
             reg.audit.record(LoopEvent(name, "refused", refusal, target, {"action": action}, actor))
             return Decision(False, refusal, None, {"refused_version": target})
-        # The intent first: after a crash at any point below, the next holder of the lock settles it.
-        event = history.append(
-            AliasEvent(
-                name,
-                alias,
-                action,
-                current,
-                target,
-                actor,
-                reason,
-                {"decision": decision.reason, **decision.evidence},
-            ),
-            status="pending",
-        )
+        moves = [(alias, current, target)] + [
+            (other, audited.get(other), None)
+            for other in clear
+            if other != alias and (audited.get(other) or in_mlflow.get(other)) is not None
+        ]
+        evidence = {"decision": decision.reason, **decision.evidence}
+        # The intents first: after a crash at any point below, the next holder of the lock settles them.
+        intents = [
+            history.append(AliasEvent(name, a, action, was, to, actor, reason, evidence), status="pending")
+            for a, was, to in moves
+        ]
         crash_point("alias:announced")
         try:
-            if target is None:
-                reg.client.delete_registered_model_alias(name, alias)
-            else:
-                reg.client.set_registered_model_alias(name, alias, target)
-            crash_point("alias:moved")
-            _mirror_tags(reg, event)
+            for (a, _was, to), event in zip(moves, intents, strict=True):
+                if to is None:
+                    reg.client.delete_registered_model_alias(name, a)
+                else:
+                    reg.client.set_registered_model_alias(name, a, to)
+                crash_point("alias:moved")
+                _mirror_tags(reg, event)
         except BaseException as err:
-            _restore_alias(reg, name, alias, current, err)
-            _settle_quietly(history, event.id, "aborted")  # or the next operation finds it pending
+            for a, _was, _to in moves:
+                _restore_alias(reg, name, a, in_mlflow.get(a), err)
+            for event in intents:  # or the next operation finds them pending
+                _settle_quietly(history, event.id, "aborted")
             raise
-        history.settle(event.id, "done")
+        for event in intents:
+            history.settle(event.id, "done")
         crash_point("alias:done")
-        return Decision(True, decision.reason, target, decision.evidence, event.id)
+        return Decision(True, decision.reason, target, decision.evidence, intents[0].id)
+
+
+def alias_disagreements(
+    audited: dict[str, str], in_mlflow: dict[str, str]
+) -> dict[str, tuple[str | None, str | None]]:
+    """{alias: (audited version, MLflow's version)} for every alias on which MLflow and the history differ."""
+    return {
+        alias: (audited.get(alias), in_mlflow.get(alias))
+        for alias in sorted(set(audited) | set(in_mlflow))
+        if audited.get(alias) != in_mlflow.get(alias)
+    }
+
+
+def unaudited_aliases(reg: Registry, name: str) -> dict[str, tuple[str | None, str | None]]:
+    """The model's aliases that MLflow shows elsewhere than the audit history (moved outside Champion)."""
+    in_mlflow = {k: str(v) for k, v in _registered_model(reg, name).aliases.items()}
+    return alias_disagreements(reg.audit.aliases(name), in_mlflow)
 
 
 def settle_runs_quietly(reg: Registry) -> None:
@@ -361,8 +380,8 @@ def _restore_alias(reg: Registry, name: str, alias: str, version: str | None, er
         left = "an unknown version (the registry did not answer)"
     note = (
         f"restoring alias '{alias}' of model '{name}' to {_v(version)} failed as well ({problem}); "
-        f"it is left on {left} with no audit record of the change. The next promote, rollback or assign "
-        f"records what it finds as an 'external' move; check with `champion models show {name}`."
+        f"it is left on {left} with no audit record of the change; servers keep serving what the history "
+        f"names. Check with `champion doctor {name}`."
     )
     err.add_note(note)
     _log.error(note)
@@ -388,7 +407,7 @@ def _mirror_tags(reg: Registry, event: AliasEvent) -> None:
             event.model_name,
             event.from_version,
             f"audit.{event.alias}.replaced",
-            f"{at} by v{event.to_version}",
+            f"{at} by {_v(event.to_version)}",
         )
 
 
@@ -485,7 +504,7 @@ def assign_challenger_on_gate(
     version = str(version)
 
     def decide(current: str | None, _events: list[AliasEvent]) -> Decision:
-        champion_now = _alias_version(reg, name, CHAMPION)
+        champion_now = reg.audit.aliases(name).get(CHAMPION)
         verdict = decide_gate_promotion(version, compared_with, champion_now, gate_reason, evidence)
         if not verdict.allowed:
             return verdict
@@ -540,7 +559,8 @@ def conclude_canary(
     evidence: dict[str, Any],
     actor: str | None = None,
 ) -> Decision:
-    """Record a canary verdict: promote the challenger to champion, or retire it (delete `challenger`).
+    """Record a canary verdict: promote the challenger to champion and retire `challenger` in the same
+    audited move (so nobody sees champion v2 / challenger v2), or retire it alone (delete `challenger`).
 
     Several server workers may reach a verdict at once; the audit lock makes the first one win and the
     others find the aliases moved.
@@ -549,14 +569,63 @@ def conclude_canary(
     other = CHALLENGER if promote_it else CHAMPION
 
     def decide(current: str | None, _events: list[AliasEvent]) -> Decision:
-        pair = (current, _alias_version(reg, name, other))
+        pair = (current, reg.audit.aliases(name).get(other))
         if not promote_it:
             pair = pair[::-1]
         return decide_canary_outcome(promote_it, champion, challenger, *pair, reason, evidence)
 
-    alias = CHAMPION if promote_it else CHALLENGER
-    action = "canary_promote" if promote_it else "canary_rollback"
-    return _move_alias(reg, name, alias, action, reason, decide, actor)
+    if promote_it:
+        return _move_alias(reg, name, CHAMPION, "canary_promote", reason, decide, actor, clear=(CHALLENGER,))
+    return _move_alias(reg, name, CHALLENGER, "canary_rollback", reason, decide, actor)
+
+
+def promote_after_canary(
+    reg: Registry,
+    name: str,
+    version: str,
+    compared_with: str | None,
+    gate_reason: str,
+    evidence: dict[str, Any],
+    reason: str,
+    actor: str | None = None,
+) -> Decision:
+    """An approved canary verdict (`approval: required`): the canary's promotion, made by the approver."""
+    return conclude_canary(reg, name, str(compared_with), str(version), True, reason, evidence, actor)
+
+
+def adopt(
+    reg: Registry, name: str, alias: str, version: str | None, reason: str, actor: str | None = None
+) -> Decision:
+    """Make an alias move done outside Champion (MLflow UI or API) a person's audited move, so servers
+    follow it: `version` must be where MLflow's alias is now (None: the alias was deleted there). The
+    version's files are checked like any promotion's."""
+    if version is not None:
+        version = str(_version(reg, name, version).version)
+
+    def decide(current: str | None, _events: list[AliasEvent]) -> Decision:
+        in_mlflow = _alias_version(reg, name, alias)
+        evidence = {"audited": current, "in_mlflow": in_mlflow}
+        if in_mlflow != version:
+            return Decision(
+                False,
+                f"'{alias}' of '{name}' is on {_v(in_mlflow)} in MLflow, not {_v(version)}; adopt the "
+                f"version the outside move set (see `champion doctor {name}`).",
+                evidence=evidence,
+            )
+        if current == version:
+            return Decision(
+                False, f"'{alias}' on {_v(version)} is in the audit history already: nothing to adopt.",
+                evidence=evidence,
+            )  # fmt: skip
+        return Decision(
+            True,
+            f"'{alias}' was moved to {_v(version)} outside Champion (the history had {_v(current)}): "
+            "adopted.",
+            version,
+            evidence,
+        )
+
+    return _move_alias(reg, name, alias, "adopt", reason, decide, actor)
 
 
 def register_version(
@@ -687,11 +756,29 @@ def story(reg: Registry, name: str) -> list[dict[str, Any]]:
     return [entry for _, entry in sorted(entries, key=lambda pair: pair[0])]
 
 
+def name_filter(name: str) -> str:
+    """An MLflow search filter for the versions of model `name`, quoted so a `'` in it cannot end the string.
+
+    MLflow's filter strings know no escapes: a name with `'` is quoted with `"` and the other way round."""
+    if "'" not in name:
+        return f"name = '{name}'"
+    if '"' not in name:
+        return f'name = "{name}"'
+    raise ChampionError(
+        f"model {name!r} has both kinds of quote in its name, which MLflow's search cannot express; "
+        "register it under a name without one of them."
+    )
+
+
 def list_models(reg: Registry) -> list[dict[str, Any]]:
     out = []
     for model in reg.client.search_registered_models(order_by=["name ASC"]):
-        versions = reg.client.search_model_versions(
-            f"name='{model.name}'", order_by=["version_number DESC"], max_results=1
+        try:
+            query = name_filter(model.name)
+        except ChampionError:  # a name MLflow's search cannot quote: listed, without its latest version
+            query = None
+        versions = query and reg.client.search_model_versions(
+            query, order_by=["version_number DESC"], max_results=1
         )
         out.append(
             {
@@ -710,7 +797,7 @@ def show_model(reg: Registry, name: str) -> dict[str, Any]:
     for alias, version in model.aliases.items():  # search results carry no aliases (sqlite store)
         by_version.setdefault(str(version), []).append(alias)
     versions = []
-    for mv in reg.client.search_model_versions(f"name='{name}'", order_by=["version_number DESC"]):
+    for mv in reg.client.search_model_versions(name_filter(name), order_by=["version_number DESC"]):
         versions.append(
             {
                 "version": str(mv.version),
@@ -721,9 +808,14 @@ def show_model(reg: Registry, name: str) -> dict[str, Any]:
                 "tags": dict(mv.tags),
             }
         )
+    in_mlflow = {k: str(v) for k, v in model.aliases.items()}
     return {
         "name": name,
-        "aliases": {k: str(v) for k, v in model.aliases.items()},
+        "aliases": in_mlflow,
+        "unaudited": {
+            alias: {"audited": was, "in_mlflow": now}
+            for alias, (was, now) in alias_disagreements(reg.audit.aliases(name), in_mlflow).items()
+        },
         "description": model.description,
         "versions": versions,
     }

@@ -7,6 +7,8 @@ What can be left, and what is done about it:
 - a registration announced but never closed: the version it created (found by its `champion.registration`
   tag) is deleted, because its process died before the version had its alias and everything after it;
 - an MLflow run still RUNNING whose process (on this host) is gone: marked FAILED with the reason.
+`champion doctor` also reports aliases moved outside Champion (MLflow disagrees with the audit history);
+those are never fixed here: a person adopts one with `champion adopt`.
 
 A pending row can only be a dead process's: a live writer holds the lock while its row is pending.
 Crash points (`CHAMPION_CRASH_AT=name[#n]`) let tests kill a process at each of these steps.
@@ -39,7 +41,7 @@ class Finding:
     """One thing a killed process left: what it is, and what was (or would be) done about it."""
 
     model: str | None
-    kind: str  # alias_intent | registration | running_run
+    kind: str  # alias_intent | registration | running_run | unaudited_alias
     subject: str
     action: str  # one sentence
     fixed: bool
@@ -179,8 +181,10 @@ def _aliases(reg: Registry, name: str) -> dict[str, str]:
 def _versions_of_registration(reg: Registry, name: str, registration_id: int) -> list[str]:
     from mlflow.exceptions import MlflowException
 
+    from champion.registry import name_filter
+
     try:
-        versions = reg.client.search_model_versions(f"name = '{name}'")
+        versions = reg.client.search_model_versions(name_filter(name))
     except MlflowException:
         return []
     return sorted(
@@ -190,7 +194,9 @@ def _versions_of_registration(reg: Registry, name: str, registration_id: int) ->
 
 
 def _has_versions(reg: Registry, name: str) -> bool:
-    return bool(reg.client.search_model_versions(f"name = '{name}'", max_results=1))
+    from champion.registry import name_filter
+
+    return bool(reg.client.search_model_versions(name_filter(name), max_results=1))
 
 
 # --- runs left RUNNING -----------------------------------------------------------------------------
@@ -243,4 +249,26 @@ def doctor(reg: Registry, name: str | None = None, fix: bool = False) -> list[Fi
     for model in names:
         with reg.audit.lock(model) as history:
             found += settle_model(reg, model, history, fix)
+            found += _unaudited(reg, model)
     return found + settle_runs(reg, fix)
+
+
+def _unaudited(reg: Registry, name: str) -> list[Finding]:
+    """Aliases moved outside Champion: reported, never fixed here (adopting one is a person's decision)."""
+    from champion.errors import ChampionError
+    from champion.registry import _v, unaudited_aliases
+
+    try:
+        disagreements = unaudited_aliases(reg, name)
+    except ChampionError:  # not in MLflow (a pending registration rolled back, or deleted there)
+        return []
+    found = []
+    for alias, (audited, in_mlflow) in disagreements.items():
+        subject = f"'{alias}' is on {_v(in_mlflow)} in MLflow, {_v(audited)} in the audit history"
+        adopt = f"`champion adopt {name} {alias} {in_mlflow or 'none'} --reason ...`"
+        action = (
+            f"moved outside Champion: servers keep serving {_v(audited)}; a person adopts the move with "
+            f"{adopt}, or sets the alias back in MLflow."
+        )
+        found.append(Finding(name, "unaudited_alias", subject, action, False))
+    return found

@@ -491,10 +491,9 @@ def version_labels(model_name: str, version: str) -> tuple[str, ...] | None:
     """The labels of a registered version in its logits' order, from its model's config.json."""
     try:
         from champion.registry import connect
-        from serving.model import _download
+        from serving.model import checked_folder
 
-        mv = connect().client.get_model_version(model_name, str(version))
-        folder = _download(model_name, str(version), mv.source)  # the server's cache: usually there already
+        folder = checked_folder(connect().client, model_name, str(version))[0]  # the server's cache, checked
         for path in sorted(folder.rglob("config.json")):
             id2label = json.loads(path.read_text()).get("id2label")
             if id2label:

@@ -9,20 +9,31 @@ BentoML (CVE-2024-2912, CVE-2025-27520).
 
 At registration the sha256 of every file is recorded in one digest (the version tag `champion.files_sha256`);
 before the service loads a version, and before `champion promote` moves the alias to it, the files are
-hashed again and a mismatch (a file changed after registration) is refused.
+hashed again and a mismatch (a file changed after registration) is refused. A version without that tag is
+refused too (deleting the tag would turn tamper detection off), unless CHAMPION_ALLOW_LEGACY_VERSIONS=1 lets
+versions registered before digests existed through.
+
+Allowed files are not enough: a `config.json` with an `auto_map` ("<folder or hub repo>--module.Class")
+makes transformers import Python from outside the version, and an MLmodel whose `pipeline_model_type` is not
+a transformers class makes MLflow load with `trust_remote_code=True`. So every JSON file and the MLmodel are
+read as data and refused when a field could name code or a path outside the version (`check_contents`);
+Champion then loads with plain transformers calls (`trust_remote_code=False`, local files only), never
+through MLflow.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import logging
-from pathlib import Path
+import json
+import os
+import re
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 import yaml
 
 from champion.errors import ChampionError
-
-log = logging.getLogger(__name__)
 
 DIGEST_TAG = "champion.files_sha256"
 SAFE_SUFFIXES = frozenset({".safetensors", ".onnx", ".json", ".yaml", ".yml", ".txt", ".md"})
@@ -30,6 +41,15 @@ SAFE_NAMES = frozenset({"MLmodel", "registered_model_meta"})  # MLflow's own YAM
 # Not part of the digest: MLflow writes it into the model's folder when the version is registered.
 UNHASHED = frozenset({"registered_model_meta", ".complete"})
 _LOADERS = {"safetensors": "mlflow.transformers", "onnx": "mlflow.onnx", "onnx-int8": "mlflow.onnx"}
+LEGACY_ENV = "CHAMPION_ALLOW_LEGACY_VERSIONS"
+# Fields whose value transformers looks up as a class by name (AutoTokenizer, AutoProcessor, ...).
+_CLASS_FIELDS = frozenset(
+    {"feature_extractor_type", "image_processor_type", "video_processor_type", "processor_type"}
+    | {"tokenizer_type"}
+)
+_PLAIN = re.compile(r"[a-z0-9][a-z0-9_\-]*")  # "absolute", "single_label_classification": no module, no path
+_PATH_FIELDS = ("model_binary", "data", "model_path")  # MLmodel fields that name a file or folder to load
+_COMPONENTS = frozenset({"tokenizer", "feature_extractor", "image_processor", "processor"})
 
 
 class UnsafeModelError(ChampionError):
@@ -37,7 +57,8 @@ class UnsafeModelError(ChampionError):
 
 
 def check_files(folder: str | Path, fmt: str, where: str) -> None:
-    """Refuse (UnsafeModelError, one sentence) a model folder that is not made only of safe data files."""
+    """Refuse (UnsafeModelError, one sentence) a model folder that is not made only of safe data files, or
+    whose JSON files or MLmodel name code or a path outside it (see `check_contents`)."""
     folder = Path(folder)
     for path in sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink()):
         rel = path.relative_to(folder).as_posix()
@@ -53,7 +74,99 @@ def check_files(folder: str | Path, fmt: str, where: str) -> None:
             f"{where}: '{rel}' is not a safe model file (allowed: {', '.join(sorted(SAFE_SUFFIXES))}); a "
             "pickle or code file could run on load, so this version is refused."
         )
+    check_contents(folder, where)
     _check_flavours(folder, fmt, where)
+
+
+def check_contents(folder: str | Path, where: str) -> None:
+    """Refuse a folder whose JSON files could make transformers import code or read another folder: an
+    `auto_map` anywhere, an unknown `model_type`, a `*_class` / `*_type` that is neither a transformers class
+    nor a plain value. The files are read as JSON data only; nothing is imported."""
+    folder = Path(folder)
+    for path in sorted(p for p in folder.rglob("*.json") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        try:
+            data = json.loads(path.read_bytes())
+        except (ValueError, RecursionError):
+            raise UnsafeModelError(
+                f"{where}: '{rel}' is not valid JSON, so what it would configure cannot be checked; refused."
+            ) from None
+        if reason := json_refusal(data):
+            raise UnsafeModelError(f"{where}: '{rel}' {reason}")
+
+
+def json_refusal(data: Any) -> str | None:
+    """Why a model's JSON document could run or fetch code (a phrase to follow its file name), or None."""
+    for field, key, value in _fields(data):
+        if key == "auto_map" and not isinstance(value, int | float | bool | type(None)):  # int: a vocab id
+            return (
+                f"has the field '{field}', which makes transformers import Python code named there (possibly "
+                "from outside the version); remove it: Champion loads only transformers' own classes."
+            )
+        if not isinstance(value, str):
+            continue
+        if key == "model_type" and value not in _model_types():
+            return (
+                f"says {field}: '{value}', which is not a model type transformers knows; only transformers' "
+                "own architectures are loaded, so this version is refused."
+            )
+        if (key.endswith("_class") or key in _CLASS_FIELDS) and not is_transformers_class(value):
+            return (
+                f"says {field}: '{value}', which is not a transformers class; only transformers' own classes "
+                "are loaded, so this version is refused."
+            )
+        if key.endswith("_type") and not (_PLAIN.fullmatch(value) or is_transformers_class(value)):
+            return (
+                f"says {field}: '{value}', which is neither a transformers class nor a plain value (a "
+                "module, path or repository name could load code); refused."
+            )
+    return None
+
+
+def _fields(data: Any, prefix: str = ""):
+    """(dotted field name, key, value) for every key of every object in a JSON document, at any depth."""
+    stack = [(prefix, data)]
+    while stack:
+        where, node = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                field = f"{where}.{key}" if where else str(key)
+                yield field, str(key), value
+                stack.append((field, value))
+        elif isinstance(node, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(node) if _nested(item))
+
+
+def _nested(value: Any) -> bool:
+    return isinstance(value, dict | list)
+
+
+@functools.cache
+def _transformers_names() -> frozenset[str]:
+    import transformers  # heavy: only when a folder is checked, never at import
+
+    return frozenset(dir(transformers))  # the lazy module lists its classes without importing them
+
+
+@functools.cache
+def _model_types() -> frozenset[str]:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return frozenset(CONFIG_MAPPING_NAMES)
+
+
+def is_transformers_class(name: str) -> bool:
+    """Whether `name` is a class transformers exports (a `...Fast` tokenizer of transformers 4 included)."""
+    names = _transformers_names()
+    return name in names or (name.endswith("Fast") and name[: -len("Fast")] in names)
+
+
+def _inside(value: Any) -> bool:
+    """Whether an MLmodel path field is a relative path that stays inside the version's folder."""
+    if not isinstance(value, str) or not value or "\\" in value or ":" in value:
+        return False
+    path = PurePosixPath(value)
+    return not path.is_absolute() and ".." not in path.parts
 
 
 def _check_flavours(folder: Path, fmt: str, where: str) -> None:
@@ -90,13 +203,80 @@ def _check_flavours(folder: Path, fmt: str, where: str) -> None:
                 f"{where}: it is a python_function model with loader '{loader}' and its own code; such a "
                 "model runs code from its files when loaded, so it is refused."
             )
+    for flavour, fields in flavours.items():
+        for key in _PATH_FIELDS:
+            if isinstance(fields, dict) and key in fields and not _inside(fields[key]):
+                raise UnsafeModelError(
+                    f"{where}: 'MLmodel' field flavors.{flavour}.{key} is '{fields[key]}', which is not a "
+                    "relative path inside the version; a model is loaded only from its own files: refused."
+                )
     if fmt == "safetensors":
-        transformers = flavours.get("transformers") or {}
-        if transformers.get("code"):
-            raise UnsafeModelError(f"{where}: its transformers flavour carries code files; refused.")
-        weights = folder / str(transformers.get("model_binary") or "model")
+        if reason := transformers_flavour_refusal(flavours.get("transformers") or {}):
+            raise UnsafeModelError(f"{where}: 'MLmodel' {reason}")
+        weights, _ = transformers_folders(folder, where)
         if not any(weights.glob("*.safetensors")):
             raise UnsafeModelError(f"{where}: its weights are not in safetensors files; refused.")
+
+
+def transformers_flavour_refusal(flavour: dict[str, Any]) -> str | None:
+    """Why an MLmodel's transformers flavour could run code or load from elsewhere (a phrase), or None.
+
+    MLflow's own loader passes `trust_remote_code=True` when a `*_type` is not a transformers class; Champion
+    never uses that loader, and refuses such a flavour all the same. `source_model_name` is only a label for
+    Champion (the weights must be in `model_binary`), so a local path or hub name there is left as it is."""
+    if flavour.get("code"):
+        return "field flavors.transformers.code lists code files; refused."
+    if flavour.get("peft_adaptor"):
+        return (
+            "field flavors.transformers.peft_adaptor is set: the base weights would come from the hub, not "
+            "the version; register the merged model instead."
+        )
+    for key, value in sorted(flavour.items()):
+        if key.endswith("_type") and value is not None and not is_transformers_class(str(value)):
+            return (
+                f"field flavors.transformers.{key} is '{value}', which is not a transformers class (MLflow "
+                "would load such a model with trust_remote_code); refused."
+            )
+    components = flavour.get("components") or []
+    if not isinstance(components, list) or not set(components) <= _COMPONENTS:
+        return (
+            f"field flavors.transformers.components is {components!r}; only "
+            f"{', '.join(sorted(_COMPONENTS))} are components a version may carry, so it is refused."
+        )
+    if "model_binary" not in flavour:
+        return "has no field flavors.transformers.model_binary: the weights are not in the version; refused."
+    return None
+
+
+def transformers_folders(folder: str | Path, where: str) -> tuple[Path, Path]:
+    """(weights folder, tokenizer folder) of a transformers-flavour version, inside `folder`.
+
+    From the MLmodel's `model_binary` and `components` when there is one (MLflow writes `model/` and
+    `components/tokenizer/`), else the same default layout; a path leading outside `folder` is refused."""
+    root = Path(folder).resolve()
+    binary, components = "model", ["tokenizer"]
+    if (root / "MLmodel").is_file():
+        try:
+            spec = yaml.safe_load((root / "MLmodel").read_text()) or {}
+            flavour = spec.get("flavors", {})["transformers"]
+            binary, components = flavour.get("model_binary", binary), flavour.get("components") or []
+        except (yaml.YAMLError, AttributeError, KeyError, TypeError):
+            raise UnsafeModelError(f"{where}: its MLmodel has no transformers flavour; refused.") from None
+    weights = (root / str(binary)).resolve() if _inside(binary) else None
+    if weights is None or not weights.is_relative_to(root) or not (weights / "config.json").is_file():
+        raise UnsafeModelError(
+            f"{where}: 'MLmodel' field flavors.transformers.model_binary ('{binary}') is not a folder with a "
+            "config.json inside the version; refused."
+        )
+    tokens = (root / "components" / "tokenizer").resolve()
+    if "tokenizer" not in components or not tokens.is_dir():
+        tokens = weights  # a version saved with its tokenizer beside the weights
+    return weights, tokens
+
+
+def legacy_versions_allowed() -> bool:
+    """Whether versions without a recorded digest may load (CHAMPION_ALLOW_LEGACY_VERSIONS=1)."""
+    return os.environ.get(LEGACY_ENV, "").strip() == "1"
 
 
 def files_digest(folder: str | Path) -> str:
@@ -113,12 +293,17 @@ def files_digest(folder: str | Path) -> str:
 
 
 def check_digest(folder: str | Path, tags: dict[str, str], where: str) -> None:
-    """Refuse files that changed since registration; a version registered before digests were recorded is
-    let through with a warning in the log (its files are still checked against the allowlist)."""
+    """Refuse files that changed since registration, and a version with no recorded digest (its files could
+    have been changed without a trace) unless legacy versions are allowed."""
     recorded = tags.get(DIGEST_TAG)
     if recorded is None:
-        log.warning("%s has no recorded %s (registered before Champion recorded one).", where, DIGEST_TAG)
-        return
+        if legacy_versions_allowed():
+            return
+        raise UnsafeModelError(
+            f"{where}: it has no recorded {DIGEST_TAG} tag, so a change to its files could not be detected; "
+            f"register it again with Champion, or set {LEGACY_ENV}=1 to load versions registered before "
+            "Champion recorded digests."
+        )
     if files_digest(folder) != recorded:
         raise UnsafeModelError(
             f"{where}: its files' sha256 no longer matches the one recorded at registration; they were "
@@ -127,6 +312,7 @@ def check_digest(folder: str | Path, tags: dict[str, str], where: str) -> None:
 
 
 def check_version_folder(folder: str | Path, fmt: str, tags: dict[str, str], where: str) -> None:
-    """Everything the service and promotion check before a version is trusted."""
+    """Everything checked before a registered version's files are read as a model: the allowlist, the
+    contents of its JSON files and MLmodel, and the digest recorded at registration."""
     check_files(folder, fmt, where)
     check_digest(folder, tags, where)

@@ -188,16 +188,24 @@ def load_registered_classifier(folder: str, labels: list[str], examples=None, ma
     """(tokenizer, classifier) from a registered version's model folder (MLflow's transformers flavour:
     `model/` and `components/tokenizer/`), with a head for `labels`. Rows of labels the version knows keep
     their trained weights, matched by name (never by position). A new label's row is imprinted from its
-    examples in `examples` (text, label), when there are any, else freshly initialised (see `_imprint`)."""
+    examples in `examples` (text, label), when there are any, else freshly initialised (see `_imprint`).
+
+    `folder` comes from `serving.model.checked_folder` (allowlist and digest checked); its JSON files are
+    checked again here, and only transformers' own classes are loaded, from local safetensors files."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    root = Path(folder)
-    weights = root / "model" if (root / "model" / "config.json").is_file() else root
-    tokens = root / "components" / "tokenizer" if (root / "components" / "tokenizer").is_dir() else weights
+    from champion.safety import check_contents, transformers_folders
+
+    where = f"the version to start from ('{folder}')"
+    check_contents(folder, where)
+    weights, tokens = transformers_folders(folder, where)
+    local = {"local_files_only": True, "trust_remote_code": False}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(tokens))
-        model = AutoModelForSequenceClassification.from_pretrained(str(weights))
+        tokenizer = AutoTokenizer.from_pretrained(tokens, **local)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(weights), use_safetensors=True, **local
+        )
     except (OSError, ValueError) as err:
         raise ChampionError(
             f"the version to start from could not be loaded from '{folder}' ({err}); retrain from the base "

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import socket
-import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -157,17 +156,16 @@ def _retrain(cfg: RetrainConfig, reg, trigger: str, trigger_key: str, about: dic
         "retrain.fresh_holdout_sha256": fresh.holdout_sha256,
         **{f"retrain.{k}": str(v)[:250] for k, v in about.items()},
     }
-    with tempfile.TemporaryDirectory(prefix="champion-retrain-") as tmp:
-        init_model = _download(reg, name, champion, tmp) if cfg.init == "champion" else None
-        trained = finetune(
-            ft_cfg,
-            registry=reg,
-            splits=original,  # the rows whose hash was just checked, not a second read of the file
-            extra_train=pd.concat([fresh.train] * cfg.fresh.repeat, ignore_index=True),
-            init_model=init_model,
-            tags=lineage,
-            reason=f"retrained from v{champion} ({trigger}) on {len(fresh.train)} fresh rows",
-        )
+    init_model = _checked_download(reg, name, champion) if cfg.init == "champion" else None
+    trained = finetune(
+        ft_cfg,
+        registry=reg,
+        splits=original,  # the rows whose hash was just checked, not a second read of the file
+        extra_train=pd.concat([fresh.train] * cfg.fresh.repeat, ignore_index=True),
+        init_model=init_model,
+        tags=lineage,
+        reason=f"retrained from v{champion} ({trigger}) on {len(fresh.train)} fresh rows",
+    )
     version = trained.version
     counts["challenger_labels_new"] = sorted(set(fresh.train["label"]) - set(original.labels))
 
@@ -313,10 +311,12 @@ def champion_recipe(reg, name: str, version: str, cfg: RetrainConfig, purpose: s
     return ft_cfg, original
 
 
-def _download(reg, name: str, version: str, into: str) -> str:
-    import mlflow
+def _checked_download(reg, name: str, version: str) -> str:
+    """The champion's files, checked as the service checks them before they are loaded (allowlist, contents,
+    recorded digest)."""
+    from serving.model import checked_folder
 
-    return mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=into)
+    return str(checked_folder(reg.client, name, version)[0])
 
 
 def _gate_summary(decision: GateDecision) -> dict[str, Any]:

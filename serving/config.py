@@ -43,11 +43,21 @@ class FollowConfig(StrictModel):
 
 class CanaryConfig(StrictModel):
     share: float = Field(0.1, gt=0, lt=1)  # of requests answered by the challenger
-    min_requests: int = Field(200, ge=1)  # canary answers before the guardrails can promote
+    min_requests: int = Field(200, ge=1)  # canary answers (counted as below) before a promotion
     max_error_rate: float = Field(0.01, ge=0, le=1)
-    max_p99_ms: float = Field(1_000.0, gt=0)  # challenger model latency, per batch
+    max_p99_ms: float = Field(1_000.0, gt=0)  # challenger model latency per text (a batch's time / its texts)
     min_agreement: float = Field(0.8, ge=0, le=1)  # share of canary answers equal to the champion's
     min_requests_to_fail: int = Field(20, ge=1)  # evidence needed before a breach rolls the canary back
+    # Evidence is counted per client (the peer address of the connection): no verdict either way before
+    # this many distinct clients were answered by the canary, and one client counts for at most
+    # `max_per_client` answers, so whoever sends a thousand requests weighs as much as one who sent a few.
+    min_clients: int = Field(20, ge=1, le=5_000)
+    max_per_client: int = Field(20, ge=1)
+    min_seconds: float = Field(600.0, ge=0)  # the canary runs at least this long before it may promote
+    # required: a canary that held its guardrails files a pending promotion for a second person (`champion
+    # approve`) instead of promoting. A challenger that itself came through an approval always waits so.
+    approval: Literal["none", "required"] = "none"
+    approval_hours: float = Field(72.0, gt=0)  # an unapproved canary promotion expires after this long
     # Each worker publishes its counts to the inference log database this often and judges the guardrails
     # on the sum of every worker's: the verdict comes at most this late.
     sync_seconds: float = Field(1.0, gt=0, le=300)

@@ -3,6 +3,8 @@
 Each server worker runs one `Follower` thread. Requests read `follower.served` once per batch: an immutable
 snapshot, replaced by a single reference assignment, so a swap never fails or mixes a request's versions.
 The champion being replaced stays loaded as `previous`, so a rollback is a swap, not a load.
+What the aliases are is the reader's business: the server's reads the audit history, so an alias moved in
+MLflow directly is not followed until a person adopts the move (serving/server.py `_read_aliases`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class Swap:
 @dataclass
 class Follower:
     name: str
-    read_aliases: Callable[[], dict[str, str]]  # {alias: version} as the registry says now
+    read_aliases: Callable[[], dict[str, str]]  # {alias: version} as the audit history names them now
     load: Callable[[str], LoadedModel]  # load and warm one version
     poll_seconds: float = 1.0
     need_challenger: bool = False

@@ -26,6 +26,8 @@ FORWARD_LOCK = threading.RLock()
 TOKENIZE_LOCK = threading.Lock()
 _FORWARD_THREAD: dict[str, Any] = {"executor": None}
 FORWARD_THREAD_NAME = "champion-forward"
+# Every from_pretrained of a registered version: its own files only, transformers' own classes only.
+LOCAL_ONLY = {"local_files_only": True, "trust_remote_code": False}
 
 
 def serve_forwards_from_one_thread(threads: int) -> None:
@@ -217,56 +219,36 @@ def _softmax(logits):
 def load_version(client, name: str, version: str, device: str = "auto", max_tokens: int | None = None):
     """Load `models:/name/version` in the format its tags record (no pickle in any of them) and warm it.
 
-    `device` applies to safetensors versions; int8 and ONNX versions run on the CPU (their formats are
-    CPU formats: torch's dynamic int8 kernels, ONNX Runtime's CPU provider)."""
+    Its files come through `checked_folder` (allowlist, contents, digest) and are read with plain
+    transformers / ONNX Runtime calls, never MLflow's loader. `device` applies to safetensors versions; int8
+    and ONNX versions run on the CPU (their formats are CPU formats: torch's dynamic int8 kernels, ONNX
+    Runtime's CPU provider)."""
     import torch
 
-    from champion.formats import format_of
-    from champion.safety import check_version_folder
-
     started = time.perf_counter()
-    mv = client.get_model_version(name, str(version))
+    folder, fmt, mv = checked_folder(client, name, str(version))
     if max_tokens is None:
         max_tokens = _trained_max_length(client, mv.run_id)
-    try:
-        fmt = format_of(dict(mv.tags))
-    except ChampionError as err:
-        raise ChampionError(f"version {version} of '{name}' could not be loaded: {err}") from None
-    folder = _download(name, str(version), mv.source)
-    # Refused before a byte is read as a model: pickles, code-running flavours, files changed since.
-    check_version_folder(folder, fmt, dict(mv.tags), f"version {version} of '{name}'")
     if fmt != "safetensors":
         loaded = load_variant(name, str(version), fmt, folder, max_tokens)
         loaded.warm()
         object.__setattr__(loaded, "load_seconds", time.perf_counter() - started)
         log.info("loaded %s v%s (%s) in %.2f s", name, version, fmt, loaded.load_seconds)
         return loaded
-    import mlflow
-
     kind = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
-    flavor_log = logging.getLogger("mlflow.transformers")
-    level = flavor_log.level
-    flavor_log.setLevel(logging.ERROR)  # offline it warns about the hub's model card; irrelevant here
     try:
-        parts = mlflow.transformers.load_model(str(folder), return_type="components")
+        model, tokenizer = load_transformers(folder, f"version {version} of '{name}'")
+    except ChampionError:
+        raise
     except Exception as err:
         raise ChampionError(f"version {version} of '{name}' could not be loaded: {err}") from err
-    finally:
-        flavor_log.setLevel(level)
-    model = parts["model"].to(kind).eval()
+    model = model.to(kind).eval()
     if kind == "cuda" and torch.cuda.is_bf16_supported():
         model = model.to(torch.bfloat16)
     id2label = model.config.id2label
     labels = tuple(str(id2label[i]) for i in range(len(id2label)))
     loaded = LoadedModel(
-        name,
-        str(version),
-        model,
-        parts["tokenizer"],
-        labels,
-        max_tokens,
-        kind,
-        time.perf_counter() - started,
+        name, str(version), model, tokenizer, labels, max_tokens, kind, time.perf_counter() - started
     )
     loaded.warm()
     object.__setattr__(loaded, "load_seconds", time.perf_counter() - started)
@@ -274,8 +256,57 @@ def load_version(client, name: str, version: str, device: str = "auto", max_toke
     return loaded
 
 
-def _download(name: str, version: str, source: str):
-    """The version's files in a local cache, keyed by its source too: a version number freed by a deleted
+def checked_folder(client, name: str, version: str):
+    """(folder, format, model version): the one way to a registered version's files.
+
+    Downloaded once into the local cache, then checked on every call before a byte is parsed as a model:
+    only safe file types, no JSON or MLmodel field that names code or a path outside the version, and the
+    sha256 recorded at registration (champion/safety.py). A refused folder is deleted from the cache, so no
+    later call (or a second version pointing at it) finds its files there.
+    """
+    from champion.formats import format_of
+    from champion.safety import UnsafeModelError, check_version_folder
+
+    mv = client.get_model_version(name, str(version))
+    tags = dict(mv.tags)
+    where = f"version {version} of '{name}'"
+    try:
+        fmt = format_of(tags)
+    except ChampionError as err:
+        raise ChampionError(f"{where} could not be loaded: {err}") from None
+    target = _cache_folder(name, str(version), mv.source)
+    # The workers of one server load the same version at the same moment: one downloads, the others wait.
+    with open(target.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / ".complete").exists():
+            _download_into(
+                name, str(version), target, lambda folder: check_version_folder(folder, fmt, tags, where)
+            )
+        try:
+            check_version_folder(target, fmt, tags, where)  # again: the cache is a folder anyone may write
+        except UnsafeModelError:
+            shutil.rmtree(target, ignore_errors=True)
+            raise
+    return target, fmt, mv
+
+
+def load_transformers(folder, where: str):
+    """(model, tokenizer) of a checked transformers-flavour folder: transformers' own classes only, from
+    local safetensors files, never remote code."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from champion.safety import transformers_folders
+
+    weights, tokens = transformers_folders(folder, where)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokens), **LOCAL_ONLY)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(weights), use_safetensors=True, **LOCAL_ONLY
+    )
+    return model, tokenizer
+
+
+def _cache_folder(name: str, version: str, source: str) -> Path:
+    """Where a version's files are cached, keyed by its source too: a version number freed by a deleted
     version and used again never finds the old files."""
     import hashlib
 
@@ -283,18 +314,13 @@ def _download(name: str, version: str, source: str):
 
     key = hashlib.sha256(source.encode()).hexdigest()[:12]
     target = champion_home() / "cache" / "models" / name / f"{version}-{key}"
-    if (target / ".complete").exists():
-        return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    # The workers of one server load the same version at the same moment: one downloads, the others wait.
-    with open(target.with_suffix(".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / ".complete").exists():
-            _download_into(name, version, target)
     return target
 
 
-def _download_into(name: str, version: str, target: Path) -> None:
+def _download_into(name: str, version: str, target: Path, check) -> None:
+    """Download into a temporary folder, `check` it there, and only then move it to `target`: a refused
+    download is removed with the temporary folder and never becomes a cached `.complete` folder."""
     import mlflow
 
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -302,6 +328,7 @@ def _download_into(name: str, version: str, target: Path) -> None:
             local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=tmp))
         except Exception as err:
             raise ChampionError(f"version {version} of '{name}' could not be downloaded: {err}") from err
+        check(local)
         (local / ".complete").touch()
         shutil.rmtree(target, ignore_errors=True)
         local.rename(target)
@@ -319,7 +346,7 @@ def load_variant(name: str, version: str, fmt: str, folder, max_tokens: int) -> 
     try:
         if fmt == "int8":
             model = load_int8(folder)
-            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), **LOCAL_ONLY)
             id2label = model.config.id2label
         else:
             files = folder / "extra_files" if (folder / "extra_files").is_dir() else folder
@@ -327,7 +354,7 @@ def load_variant(name: str, version: str, fmt: str, folder, max_tokens: int) -> 
             if not graphs:
                 raise ChampionError(f"no .onnx file in {folder}")
             model = onnx_session(graphs[0])
-            tokenizer = AutoTokenizer.from_pretrained(str(files))
+            tokenizer = AutoTokenizer.from_pretrained(str(files), **LOCAL_ONLY)
             config = json.loads((files / "config.json").read_text())
             id2label = {int(k): v for k, v in config["id2label"].items()}
     except ChampionError as err:

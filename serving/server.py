@@ -6,19 +6,25 @@ in tests and notebooks, and so the request path is plain Python that is easy to 
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import os
 import queue
 import random
+import secrets
 import socket
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from champion.audit import current_actor
 from serving.config import ServeConfig, inference_log_url
 from serving.follower import Follower, Served, Swap
 from serving.inference_log import InferenceLog, PredictionRecord, SpoolFullError, encode_probs
@@ -35,6 +41,9 @@ from serving.traffic import (
 )
 
 log = logging.getLogger(__name__)
+
+SECRET_FILE = "keys/traffic.secret"  # under CHAMPION_HOME: salts sticky assignment and client identities
+_UNCREDITED = 50_000  # canary outcomes kept until the HTTP layer names their client; the oldest go first
 
 
 def settle_heap() -> float:
@@ -132,6 +141,11 @@ class ModelServer:
         self._refused: set[str] = set()  # versions refused as unsafe, audited once per worker
         self._serving: dict[str, tuple[str, str]] = {}  # alias -> (version, format) now served
         self._aliases_seen: tuple[int | None, float, dict[str, str]] | None = None  # token, when, aliases
+        self.unaudited: dict[str, tuple[str | None, str | None]] = {}  # alias -> (audited, in MLflow)
+        self._secret = traffic_secret()
+        self._uncredited: OrderedDict[str, tuple] = OrderedDict()  # request id -> its canary outcome
+        self._uncredited_lock = threading.Lock()
+        self._canary_approval: dict[tuple[str, str, int], bool] = {}  # (pair, epoch) -> needs a person
         self.follower = Follower(
             name=self.name,
             read_aliases=self._read_aliases,
@@ -191,10 +205,12 @@ class ModelServer:
 
     # --- the request path -----------------------------------------------------------------------------
 
-    def predict(self, texts: list, probabilities: bool = False) -> list[Answer]:
+    def predict(self, texts: list, probabilities: bool = False, client: str | None = None) -> list[Answer]:
         """Answer a batch: each text goes to the arm the traffic policy picks, and is logged once.
 
-        An item is a text, or a KeyedText whose key (e.g. a user id) keeps it on one arm (traffic.py)."""
+        An item is a text, or a KeyedText whose key (e.g. a user id) keeps it on one arm (traffic.py).
+        `client` is the sender's address, the canary's unit of evidence; without one (a batch gathered from
+        several HTTP requests) the canary outcomes wait for `credit_canary` to name each answer's client."""
         started = time.perf_counter()
         texts, keys = split_keys(texts)
         served = self.follower.served  # one snapshot per batch: a swap never splits a batch
@@ -202,13 +218,14 @@ class ModelServer:
         if champion is None:
             raise NotReadyError(self.not_ready_reason())
         challenger = served.challenger if _distinct(served) else None
-        salt = challenger.version if challenger is not None else ""
+        salt = f"{self._secret}:{challenger.version}" if challenger is not None else ""  # never guessable
         arms = choose_arms(self.cfg.traffic, len(texts), challenger is not None, self._rng, keys, salt)
 
         # The champion scores its own texts and the canary's (to compare, and to fall back on).
         on_champion = [i for i, arm in enumerate(arms) if arm in (CHAMPION_ARM, CANARY_ARM)]
         on_challenger = [i for i, arm in enumerate(arms) if arm in (CHALLENGER_ARM, CANARY_ARM)]
         probs: dict[int, tuple[LoadedModel, Any]] = {}
+        canary: list[tuple[int, bool, bool, float]] = []  # (text, challenger failed, agreed, ms per text)
         champion_rows = self._forward(champion, texts, on_champion, CHAMPION_ARM)
         probs.update({i: (champion, row) for i, row in zip(on_champion, champion_rows, strict=True)})
         champion_labels = {
@@ -234,14 +251,13 @@ class ModelServer:
                 probs.update({i: (challenger, row) for i, row in zip(on_challenger, rows, strict=True)})
             canary_idx = [i for i in on_challenger if i in champion_labels]
             if self.cfg.traffic.policy == "canary" and canary_idx:
-                agree = (
-                    0
-                    if rows is None
-                    else sum(
-                        challenger.labels[int(probs[i][1].argmax())] == champion_labels[i] for i in canary_idx
-                    )
-                )
-                self._record_canary(champion, challenger, len(canary_idx), rows is None, agree, chall_ms)
+                agrees = [
+                    rows is not None and challenger.labels[int(probs[i][1].argmax())] == champion_labels[i]
+                    for i in canary_idx
+                ]
+                per_text_ms = chall_ms / len(on_challenger)  # the batch's time shared by its texts
+                canary = [(i, rows is None, a, per_text_ms) for i, a in zip(canary_idx, agrees, strict=True)]
+                self._count_canary(challenger, rows is None, agrees)
 
         latency_ms = (time.perf_counter() - started) * 1000
         now = datetime.now(UTC)
@@ -280,6 +296,9 @@ class ModelServer:
                 )
             )
         self.log.append(records)  # in the spool before anyone sees an answer: a kill loses none
+        if canary:
+            outcomes = [(records[i].request_id, *outcome) for i, *outcome in canary]
+            self._hold_canary(champion.version, challenger.version, outcomes, client)
         self._count(answers)
         if self.cfg.traffic.policy == "shadow" and challenger is not None:
             self._offer_shadow(challenger, texts, answers)
@@ -290,7 +309,7 @@ class ModelServer:
 
     def reload(self, timeout: float = 120.0) -> dict[str, Any]:
         """Check the registry now instead of at the next poll; returns what is served afterwards."""
-        self._aliases_seen = None  # ask MLflow itself: the move may have been made outside Champion
+        self._aliases_seen = None  # read the history and MLflow again now, whatever the poll's token says
         served = self.follower.sync_now(timeout)
         return self.status(served)
 
@@ -305,6 +324,7 @@ class ModelServer:
             "ready": served.champion is not None,
             "last_error": self.follower.last_error,
             "canary": self.canary.snapshot() if self.cfg.traffic.policy == "canary" else None,
+            "unaudited": {alias: {"audited": a, "in_mlflow": m} for alias, (a, m) in self.unaudited.items()},
         }
 
     # --- helpers --------------------------------------------------------------------------------------
@@ -335,31 +355,68 @@ class ModelServer:
         m.log_database_up.labels(self.name).set(1 if self.log.database_up else 0)
 
     def _read_aliases(self) -> dict[str, str]:
-        """The aliases as the registry says now. Reading them from MLflow costs ~30 ms of CPU on sqlite (the
-        ORM loads the model with its versions and tags), so a poll first asks the audit history whether any
-        audited move happened since the last read; only then, or every `full_check_seconds` (moves made in
-        the MLflow UI), is MLflow asked."""
-        from mlflow.exceptions import MlflowException
+        """The aliases as the audit history names them: what this server serves.
 
-        try:
-            token = self.registry.audit.latest_event_id(self.name)
-        except Exception:  # the audit store is unreachable: fall back on asking MLflow every time
-            token = None
+        A poll asks the history for its newest event id (one indexed query); the aliases are read again only
+        when it changed, or every `full_check_seconds`. Each read also asks MLflow (~30 ms of CPU on sqlite)
+        to compare: an alias MLflow shows elsewhere (moved in the MLflow UI or API) keeps its audited
+        version, and is logged and exported as `champion_alias_unaudited` until a person adopts the move
+        (`champion adopt`). A move whose process died between its audit row and MLflow is settled here as
+        the next registry operation would (champion/repair.py)."""
+        from champion.registry import alias_disagreements
+
+        token = self.registry.audit.latest_event_id(self.name)  # unreachable: keep serving what we have
         cached = self._aliases_seen
         if (
-            token is not None
-            and cached is not None
+            cached is not None
             and cached[0] == token
             and time.monotonic() - cached[1] < self.cfg.follow.full_check_seconds
         ):
             return cached[2]
+        in_mlflow = self._mlflow_aliases()
+        audited = self.registry.audit.aliases(self.name)
+        if alias_disagreements(audited, in_mlflow) and self.registry.audit.has_pending(self.name):
+            self._settle_moves()
+            token = self.registry.audit.latest_event_id(self.name)
+            audited = self.registry.audit.aliases(self.name)
+        served = {alias: v for alias, v in audited.items() if alias in SERVED_ALIASES}
+        mlflow_served = {alias: v for alias, v in in_mlflow.items() if alias in SERVED_ALIASES}
+        self._report_unaudited(alias_disagreements(served, mlflow_served))
+        self._aliases_seen = (token, time.monotonic(), served)
+        return served
+
+    def _mlflow_aliases(self) -> dict[str, str]:
+        from mlflow.exceptions import MlflowException
+
         try:
             model = self.registry.client.get_registered_model(self.name)
         except MlflowException:
             return {}  # not registered yet: stay unready and keep looking
-        aliases = {alias: str(version) for alias, version in model.aliases.items()}
-        self._aliases_seen = (token, time.monotonic(), aliases)
-        return aliases
+        return {alias: str(version) for alias, version in model.aliases.items()}
+
+    def _settle_moves(self) -> None:
+        """Settle alias moves announced in the history and not marked done: a live writer's finishes while
+        we wait for the lock; a dead one's is marked done or aborted from where MLflow's alias is."""
+        from champion.repair import settle_model
+
+        with self.registry.audit.lock(self.name) as history:
+            settle_model(self.registry, self.name, history)
+
+    def _report_unaudited(self, found: dict[str, tuple[str | None, str | None]]) -> None:
+        gauge = self.metrics.unaudited
+        for alias in set(self.unaudited) - set(found):
+            gauge.labels(self.name, alias).set(0)
+            log.warning("%s: MLflow's '%s' agrees with the audit history again.", self.name, alias)
+        for alias, (audited, in_mlflow) in found.items():
+            gauge.labels(self.name, alias).set(1)
+            if self.unaudited.get(alias) != (audited, in_mlflow):
+                log.warning(
+                    "%s: '%s' was moved to %s outside Champion (MLflow UI or API); still serving %s, as the "
+                    "audit history says. Adopt the move with `champion adopt %s %s %s --reason ...`, or set "
+                    "the alias back in MLflow.",
+                    self.name, alias, _v(in_mlflow), _v(audited), self.name, alias, in_mlflow or "none",
+                )  # fmt: skip
+        self.unaudited = found
 
     def _load(self, version: str) -> LoadedModel:
         from champion.audit import LoopEvent
@@ -408,6 +465,13 @@ class ModelServer:
 
     def not_ready_reason(self) -> str:
         error = self.follower.last_error
+        outside = self.unaudited.get("champion")
+        if outside is not None and outside[0] is None:
+            return (
+                f"model '{self.name}' has no champion in the audit history: its 'champion' alias was set to "
+                f"v{outside[1]} outside Champion (MLflow UI or API), which is not served until a person "
+                f"adopts it: `champion adopt {self.name} champion {outside[1]} --reason ...`."
+            )
         return (
             f"model '{self.name}' has no champion loaded yet"
             + (f" ({error})" if error else "")
@@ -469,16 +533,42 @@ class ModelServer:
 
     # --- canary ---------------------------------------------------------------------------------------
 
-    def _record_canary(
-        self, champion: LoadedModel, challenger: LoadedModel, n: int, failed: bool, agree: int, ms: float
-    ) -> None:
-        m = self.metrics
+    def _count_canary(self, challenger: LoadedModel, failed: bool, agrees: list[bool]) -> None:
+        m, n = self.metrics, len(agrees)
         if failed:
             m.errors.labels(self.name, challenger.version, CANARY_ARM, "canary_error").inc(n)
         else:
-            m.agreement.labels(self.name, challenger.version, CANARY_ARM, "True").inc(agree)
-            m.agreement.labels(self.name, challenger.version, CANARY_ARM, "False").inc(n - agree)
-        self.canary.record(champion.version, challenger.version, n, n if failed else 0, agree, ms)
+            m.agreement.labels(self.name, challenger.version, CANARY_ARM, "True").inc(sum(agrees))
+            m.agreement.labels(self.name, challenger.version, CANARY_ARM, "False").inc(n - sum(agrees))
+
+    def _hold_canary(self, champion: str, challenger: str, outcomes: list[tuple], client: str | None) -> None:
+        """Count a batch's canary outcomes for their client, or keep them until `credit_canary` names it."""
+        if client is not None:
+            self._credit(self._client_id(client), [(champion, challenger, *o[1:]) for o in outcomes])
+            return
+        with self._uncredited_lock:
+            for request_id, *outcome in outcomes:
+                self._uncredited[request_id] = (champion, challenger, *outcome)
+            while len(self._uncredited) > _UNCREDITED:
+                self._uncredited.popitem(last=False)
+
+    def credit_canary(self, client: str | None, request_ids: list[str]) -> None:
+        """The HTTP layer, once it answered one request: its answers came from `client` (the peer address).
+        Canary answers that no request claims are never evidence."""
+        if not self._uncredited:  # no canary running, or nothing waiting: no lock on the hot path
+            return
+        with self._uncredited_lock:
+            found = [o for rid in request_ids if (o := self._uncredited.pop(rid, None)) is not None]
+        if found and client:
+            self._credit(self._client_id(client), found)
+
+    def _credit(self, client_id: str, outcomes: list[tuple]) -> None:
+        for champion, challenger, failed, agreed, ms in outcomes:
+            self.canary.record(champion, challenger, 1, int(failed), int(agreed), ms, client_id)
+
+    def _client_id(self, address: str) -> str:
+        """A keyed hash of the client's address: the shared tallies hold no addresses."""
+        return hmac.new(self._secret.encode(), address.encode(), hashlib.sha256).hexdigest()[:16]
 
     def _canary_loop(self) -> None:
         """Every `canary.sync_seconds`: publish this worker's canary stats to the inference log database,
@@ -501,7 +591,7 @@ class ModelServer:
             return
         pair = (mine.champion, mine.challenger)
         # The audit event that made this version challenger: an earlier canary of the same pair (rolled
-        # back, then assigned again) is not this one. 0 when no audited event did (set in the MLflow UI).
+        # back, then assigned again) is not this one.
         epoch = self.registry.audit.assigned_at(self.name, "challenger", mine.challenger) or 0
         if self._canary_epochs.setdefault(pair, epoch) != epoch:
             self._canary_epochs[pair] = epoch
@@ -511,20 +601,39 @@ class ModelServer:
         tallies = self.log.read_canary(self.name, mine.champion, mine.challenger, epoch)
         decision = self.canary.judge(combined(mine.champion, mine.challenger, tallies))
         if decision is not None:  # the follower then picks up the alias move
-            self._conclude_canary(mine.champion, mine.challenger, decision)
+            self._conclude_canary(mine.champion, mine.challenger, decision, epoch)
 
-    def _conclude_canary(self, champion: str, challenger: str, decision) -> None:
+    def _needs_approval(self, challenger: str, epoch: int) -> bool:
+        """`approval: required` in the canary's config, or a challenger that came through an approval (the
+        retrain's `approval: required`): a person decides its promotion, not the traffic."""
+        if self.cfg.traffic.canary.approval == "required":
+            return True
+        key = (self.name, challenger, epoch)
+        if key not in self._canary_approval:
+            event = self.registry.audit.event(epoch) if epoch else None
+            self._canary_approval[key] = event is not None and "approval" in event.evidence
+        return self._canary_approval[key]
+
+    def _conclude_canary(self, champion: str, challenger: str, decision, epoch: int = 0) -> None:
+        from champion.approval import request_canary_promotion
         from champion.registry import conclude_canary
 
+        promote_it = decision.action == "promote"
         try:
+            if promote_it and self._needs_approval(challenger, epoch):
+                guard = self.cfg.traffic.canary
+                outcome = request_canary_promotion(
+                    self.registry, self.name, champion, challenger, decision.reason, decision.evidence,
+                    guard.approval_hours, epoch, f"canary@{current_actor()}",
+                )  # fmt: skip
+                log.warning(
+                    "canary: %s It waits for a person's approval (`champion approve %s %s`); nothing moved.",
+                    decision.reason, self.name, challenger,
+                )  # fmt: skip
+                self.canary_decisions.append((decision, outcome))
+                return
             outcome = conclude_canary(
-                self.registry,
-                self.name,
-                champion,
-                challenger,
-                decision.action == "promote",
-                decision.reason,
-                decision.evidence,
+                self.registry, self.name, champion, challenger, promote_it, decision.reason, decision.evidence
             )
         except Exception:
             log.exception("canary decision for v%s could not be recorded", challenger)
@@ -532,6 +641,35 @@ class ModelServer:
         self.canary_decisions.append((decision, outcome))
         log.warning("canary: %s -> %s", decision.reason, outcome.reason)
         self.follower.sync_now()
+
+
+SERVED_ALIASES = ("champion", "challenger")
+
+
+def traffic_secret(home: Path | None = None) -> str:
+    """The server's secret: made once in CHAMPION_HOME (mode 0600) and read by every worker after. It salts
+    the sticky assignment (so no client can choose keys that land on the canary) and the client hashes."""
+    from champion.config import champion_home
+
+    path = (home or champion_home()) / SECRET_FILE
+    if path.exists() and path.read_text().strip():
+        return path.read_text().strip()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fresh = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_hex(32))
+    try:
+        os.link(fresh, path)  # atomic: of workers starting together the first one's secret is everyone's
+    except FileExistsError:
+        pass
+    finally:
+        fresh.unlink()
+    return path.read_text().strip()
+
+
+def _v(version: str | None) -> str:
+    return "no version" if version is None else f"v{version}"
 
 
 def _distinct(served: Served) -> bool:

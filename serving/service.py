@@ -394,18 +394,22 @@ class ChampionMiddleware:
                 payload = json.dumps(_one_sentence(status, payload)).encode()
                 self._error_metric("bad_request" if status < 500 else "server_error")
             elif path in PREDICT_PATHS:
-                headers += self._observe(payload, time.perf_counter() - started)
+                headers += self._observe(payload, time.perf_counter() - started, scope.get("client"))
             headers.append((b"content-length", str(len(payload)).encode()))
             await send({**start_message, "headers": headers})
             await send({"type": "http.response.body", "body": payload})
 
         await self.app(scope, receive, capture)
 
-    def _observe(self, payload: bytes, seconds: float) -> list[tuple[bytes, bytes]]:
+    def _observe(self, payload: bytes, seconds: float, client) -> list[tuple[bytes, bytes]]:
         try:
             items = json.loads(payload)
         except ValueError:
             return []
+        server = self.holder.get("server")
+        if server is not None and isinstance(items, list):  # the canary counts evidence per peer address
+            ids = [i["request_id"] for i in items if isinstance(i, dict) and "request_id" in i]
+            server.credit_canary(client[0] if client else None, ids)
         from serving.metrics import metrics
 
         pairs = sorted({(i["version"], i["arm"]) for i in items if isinstance(i, dict) and "version" in i})

@@ -6,6 +6,7 @@ import hashlib
 import math
 import random
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,9 +26,10 @@ def choose_arms(
 ) -> list[str]:
     """The arm that answers each of `n` requests; without a loaded challenger the champion answers all.
 
-    A request with a key (e.g. a user id) is placed by a hash of the key and `salt` (the challenger's
-    version) instead of a random draw: one user sees one model in every request and every worker, and a
-    new challenger draws its share of users afresh.
+    A request with a key (e.g. a user id) is placed by a hash of the key and `salt` instead of a random
+    draw: one user sees one model in every request and every worker. The server's salt is its secret and
+    the challenger's version (serving/server.py `traffic_secret`): nobody outside can pick keys that land
+    on the canary, and a new challenger draws its share of users afresh.
     """
     if not has_challenger or traffic.policy in ("champion", "shadow"):
         return [CHAMPION_ARM] * n
@@ -67,10 +69,16 @@ def bucket_upper_ms(bucket: int) -> float:
     return _BUCKET_BASE_MS * _BUCKET_RATIO**bucket
 
 
+MAX_CLIENTS = 10_000  # distinct clients one canary keeps tallies for; later newcomers are not evidence
+
+
 @dataclass
 class CanaryStats:
     """What the canary has shown so far for one (champion, challenger) pair: one worker's, or the sum of all
-    workers' (`combined`). Latencies are kept as a sparse histogram, so workers' counts add up exactly."""
+    workers' (`combined`). Latencies are kept as a sparse histogram, so workers' counts add up exactly.
+
+    `clients` holds [answers, errors, agreements] per client (a keyed hash of its address): the guardrails
+    are judged on these, each client weighing at most `max_per_client` answers (see `counted`)."""
 
     champion: str
     challenger: str
@@ -79,13 +87,44 @@ class CanaryStats:
     agreements: int = 0
     latency_buckets: dict[int, int] = field(default_factory=dict)
     workers: int = 1
+    clients: dict[str, list[int]] = field(default_factory=dict)
+    since: float | None = None  # time.time() of the first canary answer (the earliest worker's)
 
-    def add(self, n: int, errors: int, agreements: int, latency_ms: float) -> None:
+    def add(
+        self,
+        n: int,
+        errors: int,
+        agreements: int,
+        latency_ms: float,
+        client: str = "",
+        cap: int | None = None,
+    ) -> None:
+        """Add `n` canary answers from one client; `latency_ms` is per answer. A client's answers past `cap`
+        in this worker add no latency (its other counts are weighed down in `counted`)."""
+        tally = self.clients.get(client)
+        if tally is None:
+            if len(self.clients) >= MAX_CLIENTS:
+                return
+            tally = self.clients[client] = [0, 0, 0]
+        room = n if cap is None else max(0, min(n, cap - tally[0]))
+        tally[0], tally[1], tally[2] = tally[0] + n, tally[1] + errors, tally[2] + agreements
         self.requests += n
         self.errors += errors
         self.agreements += agreements
-        bucket = latency_bucket(latency_ms)
-        self.latency_buckets[bucket] = self.latency_buckets.get(bucket, 0) + n
+        if self.since is None:
+            self.since = time.time()
+        if room:
+            bucket = latency_bucket(latency_ms)
+            self.latency_buckets[bucket] = self.latency_buckets.get(bucket, 0) + room
+
+    def counted(self, cap: int | None = None) -> tuple[float, float, float]:
+        """(answers, errors, agreements) with each client's counts scaled down to at most `cap` answers:
+        one client's thousand answers count like `cap` of them, with the same error and agreement rates."""
+        answers = errors = agreements = 0.0
+        for n, e, a in self.clients.values():
+            weight = 1.0 if cap is None or n <= cap else cap / n
+            answers, errors, agreements = answers + n * weight, errors + e * weight, agreements + a * weight
+        return answers, errors, agreements
 
     def p99_ms(self) -> float | None:
         """The 99th percentile, as the upper edge of its bucket (at most 2 % above the true value)."""
@@ -99,22 +138,28 @@ class CanaryStats:
                 return bucket_upper_ms(bucket)
         raise AssertionError("unreachable: the ranks add up to the total")
 
-    def evidence(self) -> dict[str, Any]:
-        answered = self.requests - self.errors
+    def evidence(self, cap: int | None = None, now: float | None = None) -> dict[str, Any]:
+        answers, errors, agreements = self.counted(cap)
+        answered = answers - errors
+        now = time.time() if now is None else now
         return {
             "champion": self.champion,
             "challenger": self.challenger,
             "workers": self.workers,
             "requests": self.requests,
             "errors": self.errors,
-            "error_rate": round(self.errors / self.requests, 6) if self.requests else None,
-            "agreement": round(self.agreements / answered, 6) if answered else None,
+            "clients": len(self.clients),
+            "counted": round(answers, 3),
+            "max_per_client": cap,
+            "seconds": None if self.since is None else round(max(0.0, now - self.since), 1),
+            "error_rate": round(errors / answers, 6) if answers else None,
+            "agreement": round(agreements / answered, 6) if answered > 0 else None,
             "p99_ms": None if (p99 := self.p99_ms()) is None else round(p99, 3),
         }
 
 
 def combined(champion: str, challenger: str, tallies: Sequence[CanaryStats]) -> CanaryStats:
-    """The sum of several workers' stats for one pair."""
+    """The sum of several workers' stats for one pair (a client's counts add up over the workers)."""
     total = CanaryStats(champion, challenger, workers=len(tallies))
     for t in tallies:
         total.requests += t.requests
@@ -122,15 +167,28 @@ def combined(champion: str, challenger: str, tallies: Sequence[CanaryStats]) -> 
         total.agreements += t.agreements
         for bucket, n in t.latency_buckets.items():
             total.latency_buckets[bucket] = total.latency_buckets.get(bucket, 0) + n
+        for client, counts in t.clients.items():
+            mine = total.clients.setdefault(client, [0, 0, 0])
+            for i, value in enumerate(counts):
+                mine[i] += value
+        if t.since is not None and (total.since is None or t.since < total.since):
+            total.since = t.since
     return total
 
 
-def decide_canary(stats: CanaryStats, guard: CanaryConfig) -> CanaryDecision:
-    """Roll back as soon as a guardrail breaks on enough evidence; promote once they held for long enough."""
-    ev = {**stats.evidence(), "guardrails": guard.model_dump()}
-    if stats.requests < guard.min_requests_to_fail:
+def decide_canary(stats: CanaryStats, guard: CanaryConfig, now: float | None = None) -> CanaryDecision:
+    """Roll back as soon as a guardrail breaks on enough evidence; promote once they held for long enough.
+
+    Enough evidence, either way, means answers from `min_clients` distinct clients, each weighing at most
+    `max_per_client` answers: a single client can neither promote nor roll back a canary."""
+    ev = {**stats.evidence(guard.max_per_client, now), "guardrails": guard.model_dump()}
+    counted, clients = ev["counted"], ev["clients"]
+    if counted < guard.min_requests_to_fail or clients < guard.min_clients:
         return CanaryDecision(
-            "continue", f"{stats.requests} canary requests so far; collecting evidence.", ev
+            "continue",
+            f"{counted:g} canary answers counted from {clients} of at least {guard.min_clients} clients so "
+            "far; collecting evidence.",
+            ev,
         )
     breaches = []
     if ev["error_rate"] is not None and ev["error_rate"] > guard.max_error_rate:
@@ -142,19 +200,28 @@ def decide_canary(stats: CanaryStats, guard: CanaryConfig) -> CanaryDecision:
     if breaches:
         return CanaryDecision(
             "rollback",
-            f"canary v{stats.challenger} broke a guardrail after {stats.requests} requests: "
+            f"canary v{stats.challenger} broke a guardrail after {counted:g} answers from {clients} clients: "
             + "; ".join(breaches)
             + ".",
             ev,
         )
-    if stats.requests >= guard.min_requests:
+    if counted < guard.min_requests:
         return CanaryDecision(
-            "promote",
-            f"canary v{stats.challenger} held every guardrail for {stats.requests} requests (error rate "
-            f"{ev['error_rate']:.4f}, p99 {ev['p99_ms']:.1f} ms, agreement {ev['agreement']:.3f}).",
+            "continue", f"guardrails hold after {counted:g} of {guard.min_requests} answers.", ev
+        )
+    if (ev["seconds"] or 0.0) < guard.min_seconds:
+        return CanaryDecision(
+            "continue",
+            f"guardrails hold; the canary has run {ev['seconds'] or 0:g} of its {guard.min_seconds:g} s.",
             ev,
         )
-    return CanaryDecision("continue", f"guardrails hold after {stats.requests} of {guard.min_requests}.", ev)
+    return CanaryDecision(
+        "promote",
+        f"canary v{stats.challenger} held every guardrail for {counted:g} answers from {clients} clients "
+        f"over {ev['seconds']:g} s (error rate {ev['error_rate']:.4f}, p99 {ev['p99_ms']:.1f} ms, agreement "
+        f"{ev['agreement']:.3f}).",
+        ev,
+    )
 
 
 class CanaryMonitor:
@@ -173,14 +240,21 @@ class CanaryMonitor:
         self._decided: set[tuple[str, str]] = set()
 
     def record(
-        self, champion: str, challenger: str, n: int, errors: int, agreements: int, latency_ms: float
+        self,
+        champion: str,
+        challenger: str,
+        n: int,
+        errors: int,
+        agreements: int,
+        latency_ms: float,
+        client: str = "",
     ) -> None:
-        """Add one batch's canary outcomes; a new pair starts from zero."""
+        """Add one client's canary outcomes (`latency_ms` per answer); a new pair starts from zero."""
         with self._lock:
             s = self._stats
             if s is None or (s.champion, s.challenger) != (champion, challenger):
                 self._stats, self._combined = CanaryStats(champion, challenger), None
-            self._stats.add(n, errors, agreements, latency_ms)
+            self._stats.add(n, errors, agreements, latency_ms, client, self.guard.max_per_client)
 
     def restart(self) -> None:
         """Forget the current pair's stats and verdict: the same pair is being canaried anew."""
@@ -195,8 +269,9 @@ class CanaryMonitor:
             if self._stats is None:
                 return None
             s = self._stats
+            clients = {client: list(counts) for client, counts in s.clients.items()}
             return CanaryStats(s.champion, s.challenger, s.requests, s.errors, s.agreements,
-                               dict(s.latency_buckets))  # fmt: skip
+                               dict(s.latency_buckets), clients=clients, since=s.since)  # fmt: skip
 
     def judge(self, total: CanaryStats) -> CanaryDecision | None:
         """The verdict on all workers' stats for a pair, the first time one is reached in this worker."""
@@ -215,4 +290,4 @@ class CanaryMonitor:
         """All workers' stats as last read, else this worker's own."""
         with self._lock:
             shown = self._combined or self._stats
-            return None if shown is None else shown.evidence()
+            return None if shown is None else shown.evidence(self.guard.max_per_client)

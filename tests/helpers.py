@@ -32,11 +32,13 @@ def make_versions(
     reg, name: str, scores: list[float | None], source: str = f"file://{FAKE_MODEL}"
 ) -> list[str]:
     """Register `name` with one version per score (tagged metric.val_macro_f1), without training anything."""
-    fake_model_folder()
+    from champion.safety import DIGEST_TAG, files_digest
+
+    digest = files_digest(fake_model_folder())  # as registration records it: promote checks the files
     reg.client.create_registered_model(name)
     versions = []
     for score in scores:
-        tags = {"data_sha256": "d" * 64}
+        tags = {"data_sha256": "d" * 64, DIGEST_TAG: digest}
         if score is not None:
             tags["metric.val_macro_f1"] = str(score)
         versions.append(str(reg.client.create_model_version(name, source=source, tags=tags).version))

@@ -12,6 +12,7 @@ from champion.approval import approve, pending_promotions, recent, reject, reque
 from champion.cli import main
 from champion.errors import ChampionError
 from champion.registry import promote, story
+from champion.safety import DIGEST_TAG
 
 GATE = "beats the champion on 400 fresh rows (macro-F1 +0.031, 95% CI [+0.012, +0.050])"
 
@@ -31,8 +32,9 @@ def _aliases(registry) -> dict[str, str]:
 
 
 def _another_version(registry, like: str, score: float) -> str:
-    source = registry.client.get_model_version("clf", like).source
-    tags = {"metric.val_macro_f1": str(score), "data_sha256": "d" * 64}
+    like_mv = registry.client.get_model_version("clf", like)
+    source, digest = like_mv.source, like_mv.tags[DIGEST_TAG]  # the same files, so the same digest
+    tags = {"metric.val_macro_f1": str(score), "data_sha256": "d" * 64, DIGEST_TAG: digest}
     return str(registry.client.create_model_version("clf", source=source, tags=tags).version)
 
 

@@ -8,6 +8,7 @@ from helpers import make_versions
 from champion.audit import AliasEvent
 from champion.errors import ChampionError
 from champion.registry import (
+    adopt,
     assign_alias,
     champion_lineage,
     decide_promotion,
@@ -17,6 +18,7 @@ from champion.registry import (
     promote,
     rollback,
     show_model,
+    unaudited_aliases,
 )
 
 M = "metric.val_macro_f1"
@@ -92,14 +94,32 @@ def test_promote_rollback_and_audit(registry):
     assert "by v2" in registry.client.get_model_version("clf", v3).tags["audit.champion.replaced"]
 
 
-def test_alias_moved_outside_champion_is_recorded(registry):
+def test_an_alias_moved_outside_champion_counts_only_once_adopted(registry):
+    """A move in the MLflow UI or API is not the history's: the next operations decide on the audited
+    champion (a refused one records nothing), `doctor` reports it, and `adopt` makes it a person's move."""
+    from champion.repair import doctor
+
     v1, v2 = make_versions(registry, "clf", [0.8, 0.9])
     promote(registry, "clf", v1, reason="first")
     registry.client.set_registered_model_alias("clf", "champion", v2)  # e.g. someone in the MLflow UI
-    rollback(registry, "clf", reason="undo the manual change")
+    assert registry.audit.aliases("clf") == {"champion": v1}
+    assert unaudited_aliases(registry, "clf") == {"champion": (v1, v2)}
+    assert not rollback(registry, "clf", reason="undo the manual change").allowed  # v1 has no earlier one
+    assert not promote(registry, "clf", v1, reason="again").allowed  # v1 is the audited champion
+    assert [(e.action, e.to_version) for e in history(registry, "clf")] == [("promote", v1)]
+    (finding,) = doctor(registry, "clf")
+    assert finding.kind == "unaudited_alias" and f"champion adopt clf champion {v2}" in finding.action
+
+    refused = adopt(registry, "clf", "champion", v1, reason="wrong version")
+    assert not refused.allowed and f"is on v{v2} in MLflow, not v{v1}" in refused.reason
+    adopted = adopt(registry, "clf", "champion", v2, reason="ana moved it in the UI for the hotfix")
+    assert adopted.allowed, adopted.reason
     events = history(registry, "clf")
-    assert [(e.action, e.to_version) for e in events] == [("promote", v1), ("external", v2), ("rollback", v1)]
-    assert events[1].actor.startswith("unknown")
+    moves = [(e.action, e.from_version, e.to_version) for e in events]
+    assert moves == [("promote", None, v1), ("adopt", v1, v2)]
+    assert registry.audit.aliases("clf") == {"champion": v2} and unaudited_aliases(registry, "clf") == {}
+    assert doctor(registry, "clf") == []
+    assert rollback(registry, "clf", reason="the hotfix was wrong").target_version == v1
 
 
 def test_assign_challenger_is_audited_separately(registry):
@@ -233,13 +253,14 @@ def test_a_failed_restore_says_which_version_the_alias_is_left_on(registry, monk
     assert f"it is left on v{v2} with no audit record" in note and note in caplog.text
     monkeypatch.undo()
     assert show_model(registry, "clf")["aliases"] == {"champion": v2}
-    # The next move notices the unrecorded change and records it before its own event.
-    assert promote(registry, "clf", v1, reason="back to the recorded champion", force=True).allowed
+    # Servers keep serving the audited v1; the leftover shows as an unaudited alias until someone decides.
+    assert show_model(registry, "clf")["unaudited"] == {"champion": {"audited": v1, "in_mlflow": v2}}
+    assert not promote(registry, "clf", v1, reason="back to the recorded champion", force=True).allowed
+    assert adopt(registry, "clf", "champion", v2, reason="v2 was meant to be promoted").allowed
     events = history(registry, "clf")
     assert [(e.action, e.from_version, e.to_version) for e in events] == [
         ("promote", None, v1),
-        ("external", v1, v2),
-        ("promote", v2, v1),
+        ("adopt", v1, v2),
     ]
 
 

@@ -72,8 +72,9 @@ def test_a_pickle_model_pointed_at_by_hand_is_never_loaded_and_the_service_keeps
 
         registry.client.set_registered_model_alias(NAME, "champion", evil)  # around Champion, in MLflow
         status = server.reload()
-        assert status["champion"] == versions[0]  # kept
-        assert "refused" in status["last_error"]
+        assert status["champion"] == versions[0]  # kept (the move is not followed, or the load refused)
+        with pytest.raises(UnsafeModelError, match="refused"):
+            server._load(evil)  # what the follower runs for a version it would serve
         assert {a.version for a in server.predict(TEXTS)} == {versions[0]}
     finally:
         server.close()
@@ -114,3 +115,94 @@ def test_unsafe_folders_are_refused_with_one_sentence(tmp_path, change, message)
     with pytest.raises(UnsafeModelError, match=message) as err:
         check_files(folder, "safetensors", "v9")
     assert isinstance(err.value, ChampionError) and str(err.value).startswith("v9: ")
+
+
+def _json(folder: Path, rel: str, data) -> None:
+    import json
+
+    path = folder / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def _mlmodel(folder: Path, **fields) -> None:
+    import yaml
+
+    flavour = {"model_binary": "model", "pipeline_model_type": "BertForSequenceClassification", **fields}
+    spec = {"flavors": {"python_function": {"loader_module": "mlflow.transformers"}, "transformers": flavour}}
+    (folder / "MLmodel").write_text(yaml.safe_dump(spec))
+
+
+CONFIG = "model/config.json"
+TOKENIZER_CONFIG = "components/tokenizer/tokenizer_config.json"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda f: _json(f, CONFIG, {"model_type": "bert", "auto_map": {"AutoConfig": "x--m.C"}}),
+         r"'model/config\.json' has the field 'auto_map'"),
+        (lambda f: _json(f, TOKENIZER_CONFIG, {"deep": [{"auto_map": ["m.T"]}]}),
+         r"tokenizer/tokenizer_config\.json' has the field 'deep\[0\]\.auto_map'"),
+        (lambda f: _json(f, CONFIG, {"model_type": "evil-arch"}),
+         r"'model/config\.json' says model_type: 'evil-arch', which is not a model type transformers knows"),
+        (lambda f: _json(f, CONFIG, {"model_type": "bert", "tokenizer_class": "EvilTokenizer"}),
+         r"says tokenizer_class: 'EvilTokenizer', which is not a transformers class"),
+        (lambda f: _json(f, "processor_config.json", {"processor_class": "evil.Processor"}),
+         r"'processor_config\.json' says processor_class: 'evil\.Processor'"),
+        (lambda f: _json(f, CONFIG, {"model_type": "bert", "position_embedding_type": "org/repo"}),
+         r"says position_embedding_type: 'org/repo', which is neither a transformers class nor a plain"),
+        (lambda f: _mlmodel(f, pipeline_model_type="EvilModel"),
+         r"'MLmodel' field flavors\.transformers\.pipeline_model_type is 'EvilModel'"),
+        (lambda f: _mlmodel(f, tokenizer_type="os.system"),
+         r"flavors\.transformers\.tokenizer_type is 'os\.system'"),
+        (lambda f: _mlmodel(f, model_binary="../other-version/model"),
+         r"'MLmodel' field flavors\.transformers\.model_binary is '\.\./other-version/model'"),
+        (lambda f: _mlmodel(f, model_binary="/tmp/elsewhere"),
+         r"flavors\.transformers\.model_binary is '/tmp/"),
+        (lambda f: _mlmodel(f, components=["tokenizer", "../../x"]), r"flavors\.transformers\.components"),
+        (lambda f: _mlmodel(f, peft_adaptor="peft"), r"flavors\.transformers\.peft_adaptor"),
+        (lambda f: (f / "broken.json").write_text("{"), r"'broken\.json' is not valid JSON"),
+    ],
+)  # fmt: skip
+def test_fields_that_name_code_or_other_folders_are_refused_with_the_file_and_field(
+    tmp_path, change, message
+):
+    folder = fake_model_folder(tmp_path / "model")
+    _json(folder, "model/config.json", {"model_type": "bert", "position_embedding_type": "absolute"})
+    check_files(folder, "safetensors", "v9")
+    change(folder)
+    with pytest.raises(UnsafeModelError, match=message) as err:
+        check_files(folder, "safetensors", "v9")
+    assert str(err.value).startswith("v9: ")
+
+
+def test_plain_values_and_vocabulary_entries_pass(tmp_path):
+    """A vocabulary may hold a token 'auto_map' (an id) and configs hold plain *_type values: not refused."""
+    folder = fake_model_folder(tmp_path / "model")
+    config = {"model_type": "bert", "problem_type": "single_label_classification", "classifier_dropout": None}
+    _json(folder, CONFIG, {**config, "architectures": ["BertForSequenceClassification"]})
+    _json(folder, "components/tokenizer/tokenizer.json", {"model": {"vocab": {"auto_map": 7, "x_type": 8}}})
+    _json(folder, "components/tokenizer/tokenizer_config.json", {"tokenizer_class": "BertTokenizerFast"})
+    _mlmodel(
+        folder,
+        components=["tokenizer"],
+        tokenizer_type="BertTokenizer",
+        instance_type="TextClassificationPipeline",
+    )
+    check_files(folder, "safetensors", "v9")
+
+
+def test_a_version_without_a_digest_needs_the_legacy_flag(tmp_path, monkeypatch):
+    from champion.safety import check_digest
+
+    folder = fake_model_folder(tmp_path / "model")
+    monkeypatch.delenv("CHAMPION_ALLOW_LEGACY_VERSIONS", raising=False)
+    with pytest.raises(
+        UnsafeModelError, match="no recorded champion.files_sha256 .*CHAMPION_ALLOW_LEGACY_VERSIONS=1"
+    ):
+        check_digest(folder, {}, "v9")
+    monkeypatch.setenv("CHAMPION_ALLOW_LEGACY_VERSIONS", "1")
+    check_digest(folder, {}, "v9")
+    with pytest.raises(UnsafeModelError, match="no longer matches"):  # the flag never excuses a wrong digest
+        check_digest(folder, {DIGEST_TAG: "0" * 64}, "v9")

@@ -90,8 +90,8 @@ def test_polling_picks_up_an_alias_move_without_a_reload(make_server, registry, 
 def test_polls_ask_mlflow_only_after_an_audited_move_or_the_full_check(
     make_server, registry, versions, monkeypatch
 ):
-    """A poll reads the audit history's newest event id; MLflow's (costly) alias read happens only when it
-    changed, every `full_check_seconds` (a move made in the MLflow UI), or on /reload."""
+    """A poll reads the audit history's newest event id; MLflow's (costly) alias read, to compare, happens
+    only when it changed, every `full_check_seconds` (a move made in the MLflow UI), or on /reload."""
     server = make_server(follow={"poll_seconds": 0.05, "full_check_seconds": 2.0})
     reads = []
     real = server.registry.client.get_registered_model
@@ -111,11 +111,85 @@ def test_polls_ask_mlflow_only_after_an_audited_move_or_the_full_check(
 
     registry.client.set_registered_model_alias(NAME, "champion", versions[2])  # as in the MLflow UI
     moved = time.monotonic()
-    while server.predict(TEXTS[:1])[0].version != versions[2]:
+    while not server.unaudited:
         assert time.monotonic() - moved < 6, "a move outside Champion was not seen by the full check"
         time.sleep(0.05)
-    registry.client.set_registered_model_alias(NAME, "champion", versions[0])
-    assert server.reload()["champion"] == versions[0]  # /reload always asks MLflow itself
+    assert server.unaudited == {"champion": (versions[1], versions[2])}
+    assert {a.version for a in server.predict(TEXTS)} == {versions[1]}  # not followed
+
+
+def _metric(name: str, **labels) -> float | None:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels)
+
+
+def test_an_alias_set_in_mlflow_is_not_served_until_adopted(make_server, registry, versions, capsys):
+    """Issue 24 item 7: a move in the MLflow UI or API skips the gate, approval and the audit lock; the
+    server keeps the audited champion, says so (log, gauge, status), and follows once a person adopts."""
+    from champion.cli import main
+
+    server = make_server(traffic={"policy": "ab", "challenger_weight": 0.5})
+    registry.client.set_registered_model_alias(NAME, "champion", versions[1])  # around Champion
+    registry.client.delete_registered_model_alias(NAME, "challenger")
+    status = server.reload()
+    assert (status["champion"], status["challenger"]) == (versions[0], versions[2])  # the audited ones
+    assert status["unaudited"] == {
+        "champion": {"audited": versions[0], "in_mlflow": versions[1]},
+        "challenger": {"audited": versions[2], "in_mlflow": None},
+    }
+    assert _metric("champion_alias_unaudited", model=NAME, alias="champion") == 1
+    time.sleep(0.5)  # several polls: still not followed
+    assert {a.version for a in server.predict(TEXTS * 3)} == {versions[0], versions[2]}
+
+    assert main(["doctor", NAME]) == 1
+    assert f"champion adopt {NAME} champion {versions[1]}" in capsys.readouterr().out
+    assert main(["adopt", NAME, "champion", versions[1], "--reason", "ana's hotfix, checked"]) == 0
+    assert main(["adopt", NAME, "challenger", "none", "--reason", "the canary is over"]) == 0
+    status = server.reload()
+    assert (status["champion"], status["challenger"], status["unaudited"]) == (versions[1], None, {})
+    assert {a.version for a in server.predict(TEXTS)} == {versions[1]}
+    assert _metric("champion_alias_unaudited", model=NAME, alias="champion") == 0
+    adopted = registry.audit.events(NAME, "champion")[-1]
+    assert (adopted.action, adopted.from_version, adopted.to_version) == ("adopt", versions[0], versions[1])
+
+
+def test_a_model_with_no_audit_history_is_not_served_until_adopted(home, registry, versions):
+    """A model registered and aliased entirely outside Champion: nothing is served, and the reason says
+    how to adopt it."""
+    import mlflow
+
+    from champion.registry import adopt
+    from serving.server import ModelServer, NotReadyError
+
+    source = registry.client.get_model_version(NAME, versions[0])
+    mlflow.register_model(f"models:/{NAME}/{versions[0]}", "outside", tags=dict(source.tags))
+    registry.client.set_registered_model_alias("outside", "champion", "1")
+    server = ModelServer(serve_config(model="outside")).start()
+    try:
+        assert not server.ready()
+        with pytest.raises(NotReadyError, match="no champion in the audit history.*champion adopt outside"):
+            server.predict(TEXTS)
+        assert adopt(registry, "outside", "champion", "1", reason="registered by the old pipeline").allowed
+        server.reload()
+        assert server.predict(TEXTS[:1])[0].version == "1"
+    finally:
+        server.close()
+
+
+def test_a_move_cut_off_after_mlflow_is_settled_by_the_server(make_server, registry, versions):
+    """A promote killed between MLflow's alias and its audit row being marked done: the server settles it
+    as the next registry operation would (the alias is on the announced version: done), and follows."""
+    from champion.audit import AliasEvent
+
+    server = make_server()
+    with registry.audit.lock(NAME, "champion") as history:
+        event = AliasEvent(NAME, "champion", "promote", versions[0], versions[1], "ana", "killed mid-move")
+        history.append(event, status="pending")
+    registry.client.set_registered_model_alias(NAME, "champion", versions[1])  # then the process died
+    status = server.reload()
+    assert status["champion"] == versions[1] and status["unaudited"] == {}
+    assert registry.audit.events(NAME, "champion")[-1].to_version == versions[1]
 
 
 def test_ab_split_sends_both_arms_and_logs_the_arm(make_server, versions):
@@ -160,17 +234,21 @@ def test_shadow_scores_a_copy_and_logs_agreement_off_the_answer(make_server, ver
         assert row.agrees == (row.label == champion_label[row.request_id])
 
 
-def _wait_for_canary(server, timeout=30):
-    deadline = time.monotonic() + timeout
+def _wait_for_canary(server, timeout=30, clients=5):
+    deadline, sent = time.monotonic() + timeout, 0
     while not server.canary_decisions:
         assert time.monotonic() < deadline, f"no canary decision: {server.status()}"
-        server.predict(TEXTS)
+        server.predict(TEXTS, client=f"10.0.0.{sent % clients}")
+        sent += 1
         time.sleep(0.01)
     return server.canary_decisions[0]
 
 
+CANARY = {"min_clients": 3, "max_per_client": 1000, "min_seconds": 0}  # the guardrails' tests: 5 clients
+
+
 def test_canary_promotes_when_guardrails_hold_and_audits_it(make_server, registry, versions):
-    canary = {"share": 0.5, "min_requests": 20, "min_requests_to_fail": 20, "min_agreement": 0.0}
+    canary = {"share": 0.5, "min_requests": 20, "min_requests_to_fail": 20, "min_agreement": 0.0, **CANARY}
     server = make_server(traffic={"policy": "canary", "canary": canary})
     decision, outcome = _wait_for_canary(server)
     assert decision.action == "promote" and outcome.allowed
@@ -178,11 +256,19 @@ def test_canary_promotes_when_guardrails_hold_and_audits_it(make_server, registr
     event = registry.audit.events(NAME, "champion")[-1]
     assert (event.action, event.from_version, event.to_version) == ("canary_promote", "1", "3")
     assert event.evidence["requests"] >= 20 and "agreement" in event.evidence
-    assert server.reload()["champion"] == versions[2]
+    assert event.evidence["clients"] >= 3
+    status = server.reload()
+    assert (status["champion"], status["challenger"]) == (versions[2], None)
 
 
 def test_canary_rolls_back_when_agreement_breaks(make_server, registry, versions):
-    canary = {"share": 0.5, "min_requests": 10_000, "min_requests_to_fail": 20, "min_agreement": 1.0}
+    canary = {
+        "share": 0.5,
+        "min_requests": 10_000,
+        "min_requests_to_fail": 20,
+        "min_agreement": 1.0,
+        **CANARY,
+    }
     server = make_server(traffic={"policy": "canary", "canary": canary})
     # v1 and v3 have different random heads, so they disagree on some of these texts.
     decision, outcome = _wait_for_canary(server)
@@ -200,12 +286,14 @@ def test_the_canary_is_judged_on_every_workers_traffic_together(make_server, reg
     """Two workers share the log database: neither one's canary traffic reaches min_requests, both
     together do, and the challenger is promoted once, with the sum of both as evidence."""
     canary = {"share": 0.5, "min_requests": 50, "min_requests_to_fail": 20, "min_agreement": 0.0,
-              "sync_seconds": 0.1}  # fmt: skip
+              "sync_seconds": 0.1, **CANARY}  # fmt: skip
     first, second = (make_server(traffic={"policy": "canary", "canary": canary}) for _ in range(2))
 
     def send_canary_requests(server, n):
+        sent = 0
         while (server.canary.local().requests if server.canary.local() else 0) < n:
-            server.predict(TEXTS[:1])
+            server.predict(TEXTS[:1], client=f"10.0.0.{sent % 5}")
+            sent += 1
         return server.canary.local().requests
 
     sent = [send_canary_requests(first, 30)]
@@ -257,12 +345,18 @@ def test_a_failing_canary_never_fails_a_request_and_is_retired(make_server, regi
 
     from serving.follower import Served
 
-    canary = {"share": 0.5, "min_requests": 10_000, "min_requests_to_fail": 20, "min_agreement": 0.0}
+    canary = {
+        "share": 0.5,
+        "min_requests": 10_000,
+        "min_requests_to_fail": 20,
+        "min_agreement": 0.0,
+        **CANARY,
+    }
     server = make_server(traffic={"policy": "canary", "canary": canary})
     served = server.follower.served
     broken = dataclasses.replace(served.challenger, model=None)  # its forward pass raises
     server.follower.served = Served(served.champion, broken, served.previous)
-    answers = [a for _ in range(20) for a in server.predict(TEXTS)]
+    answers = [a for i in range(20) for a in server.predict(TEXTS, client=f"10.0.0.{i % 5}")]
     assert {(a.arm, a.version) for a in answers} == {("champion", versions[0])}  # the champion stood in
     decision, outcome = _wait_for_canary(server)
     assert decision.action == "rollback" and "error rate 1.0000" in decision.reason and outcome.allowed

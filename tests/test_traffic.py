@@ -38,8 +38,9 @@ def _stats(requests, errors=0, agreements=None, latency=10.0):
     return s
 
 
+# The guardrails alone: one client may decide, with no cap and no wait (the client rules are tested below).
 GUARD = CanaryConfig(min_requests=100, min_requests_to_fail=20, max_error_rate=0.05, max_p99_ms=50,
-                     min_agreement=0.8)  # fmt: skip
+                     min_agreement=0.8, min_clients=1, max_per_client=1_000_000, min_seconds=0)  # fmt: skip
 
 
 def test_canary_waits_for_evidence_then_promotes():
@@ -47,7 +48,7 @@ def test_canary_waits_for_evidence_then_promotes():
     assert decide_canary(_stats(60), GUARD).action == "continue"
     decision = decide_canary(_stats(100), GUARD)
     assert decision.action == "promote"
-    assert "held every guardrail for 100 requests" in decision.reason
+    assert "held every guardrail for 100 answers from 1 clients" in decision.reason
     assert decision.evidence["requests"] == 100 and decision.evidence["agreement"] == 1.0
 
 
