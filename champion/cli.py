@@ -343,6 +343,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     env[CONFIG_ENV] = str(write_config(cfg))
     env["HF_HUB_OFFLINE"] = "1"  # the server loads only checked local files; it never reaches the hub
+    env["HF_HUB_OFFLINE"] = "1"  # the server loads only checked local files; it never reaches the hub
     # Each worker pins its own torch threads; these keep OpenMP/MKL pools from oversubscribing the cores.
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env.setdefault(var, str(cfg.threads))
