@@ -335,7 +335,7 @@ def _server_env(home: Path, threads: int) -> dict[str, str]:
             "MKL_NUM_THREADS": str(threads),
             "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
-            "CHAMPION_API_KEY": "benchmark-key",
+            "CHAMPION_FEEDBACK_KEY": "benchmark-key",
             # `mlflow models serve` runs `uvicorn` from PATH: the venv's, as an activated venv would
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         }

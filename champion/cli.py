@@ -232,25 +232,41 @@ def _actor() -> str:
 def cmd_console(args: argparse.Namespace) -> int:
     from champion.console import serve
 
-    serve(
-        args.host, args.port, log_url=args.log_url, review_config=args.review_config, mlflow_ui=args.mlflow_ui
-    )
+    serve(args.host, args.port, allowed_hosts=args.allowed_host, log_url=args.log_url,
+          review_config=args.review_config, mlflow_ui=args.mlflow_ui)  # fmt: skip
     return 0
 
 
 def cmd_console_user(args: argparse.Namespace) -> int:
     import getpass
 
-    from champion.console import set_user, users_path
+    from champion.console import role_of_account, set_role, set_user, users_path
 
+    if args.role and not args.password_stdin and role_of_account(args.name) is not None:
+        set_role(args.name, args.role)  # an existing account: its role only, no password prompt
+        print(f"console account {args.name!r} is now {args.role} (password unchanged; sessions ended)")
+        return 0
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\n")
     else:
         password = getpass.getpass(f"password for {args.name}: ")
         if getpass.getpass("again: ") != password:
             raise ChampionError("password: the two entries differ; nothing changed.")
-    set_user(args.name, password)
-    print(f"console account {args.name!r} saved in {users_path()}")
+    role = set_user(args.name, password, role=args.role)
+    print(f"console account {args.name!r} ({role}) saved in {users_path()}")
+    return 0
+
+
+def cmd_console_token(args: argparse.Namespace) -> int:
+    from champion.console import new_token, revoke_token
+
+    if args.revoke:
+        had = revoke_token(args.name)
+        print(f"console token of {args.name!r} revoked" if had else f"{args.name!r} had no console token")
+        return 0
+    path = new_token(args.name, out=Path(args.out) if args.out else None)
+    print(f"console token of {args.name!r} written to {path} (mode 0600; an earlier one stops working); "
+          "a script sends it as `Authorization: Bearer $(cat FILE)` and acts as that account.")  # fmt: skip
     return 0
 
 
@@ -333,23 +349,25 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import secrets
-
     from champion.config import prepare_environment
-    from serving.config import API_KEY_ENV, CONFIG_ENV, load_serve_config, write_config
+    from serving.config import (
+        CONFIG_ENV,
+        FEEDBACK_KEY_ENV,
+        ensure_feedback_key,
+        load_serve_config,
+        write_config,
+    )
 
     prepare_environment()
     cfg = load_serve_config(args.config, args.name, port=args.port, host=args.host, workers=args.workers)
     env = dict(os.environ)
     env[CONFIG_ENV] = str(write_config(cfg))
     env["HF_HUB_OFFLINE"] = "1"  # the server loads only checked local files; it never reaches the hub
-    env["HF_HUB_OFFLINE"] = "1"  # the server loads only checked local files; it never reaches the hub
     # Each worker pins its own torch threads; these keep OpenMP/MKL pools from oversubscribing the cores.
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env.setdefault(var, str(cfg.threads))
-    if not env.get(API_KEY_ENV):
-        env[API_KEY_ENV] = secrets.token_urlsafe(24)
-        print(f"{API_KEY_ENV} was not set; this server's key for /reload and /feedback is {env[API_KEY_ENV]}")
+    if (made := ensure_feedback_key()) is not None:
+        print(f"{FEEDBACK_KEY_ENV} was not set; this server's key for /feedback and /reload is in {made}")
     print(
         f"serving {cfg.model}@champion ({cfg.traffic.policy} policy) on http://{cfg.host}:{cfg.port} "
         f"with {cfg.workers} worker(s); Ctrl-C stops it",
@@ -689,9 +707,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mlflow-ui", help="the MLflow UI's address, for links to runs (e.g. http://127.0.0.1:5000)"
     )
-    p = verb("console-user", cmd_console_user, "Create a console login, or change its password.")
+    p.add_argument("--allowed-host", action="append", metavar="NAME", help="a name people reach it by "
+                   "(repeatable); other Host names get 400 (default: loopback names and --host)")  # fmt: skip
+    p = verb("console-user", cmd_console_user, "Create a console login, change its password, or its role "
+             "(--role alone on an existing account).")  # fmt: skip
     p.add_argument("name")
+    p.add_argument("--role", choices=["labeller", "approver", "admin"],
+                   help="labeller: review; approver: also approve/reject promotions; admin: everything "
+                   "(a new account is a labeller)")  # fmt: skip
     p.add_argument("--password-stdin", action="store_true", help="read the password from stdin's first line")
+    p = verb("console-token", cmd_console_token, "Make a console token for a script acting as account NAME; "
+             "written to a 0600 file whose path is printed.")  # fmt: skip
+    p.add_argument("name")
+    p.add_argument("--out", help="the file to write (default: CHAMPION_HOME/keys/console-NAME.token)")
+    p.add_argument("--revoke", action="store_true", help="remove the account's token instead")
 
     p = verb("history", cmd_history, "The audit history of a model's alias changes.")
     p.add_argument("name")

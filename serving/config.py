@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -13,7 +14,11 @@ from champion.config import StrictModel, champion_home, load_config, parse_confi
 from champion.errors import ChampionError
 
 CONFIG_ENV = "CHAMPION_SERVE_CONFIG"  # how `champion serve` hands the resolved config to `bentoml serve`
-API_KEY_ENV = "CHAMPION_API_KEY"  # guards the mutating endpoints; never in code or configs
+# The ingest key: the service's /feedback (and /reload), nothing else; it grants nothing in the console.
+FEEDBACK_KEY_ENV = "CHAMPION_FEEDBACK_KEY"
+FEEDBACK_KEY_FILE = "keys/feedback.key"  # under CHAMPION_HOME, read when the environment has no key; 0600
+LEGACY_API_KEY_ENV = "CHAMPION_API_KEY"  # the ingest key's deprecated name, read for one more release
+API_KEY_ENV = FEEDBACK_KEY_ENV  # the variable `champion serve` and the client pass the key in
 LOG_URL_ENV = "CHAMPION_INFERENCE_LOG_URL"
 HostName = Annotated[str, Field(pattern=r"^(\*|[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\])$")]  # no port, no scheme
 
@@ -114,6 +119,49 @@ class ServeConfig(StrictModel):
                 f"timeout_seconds ({self.timeout_seconds} s)"
             )
         return self
+
+
+def feedback_key() -> tuple[str | None, str]:
+    """The ingest key and where it came from: $CHAMPION_FEEDBACK_KEY, else CHAMPION_HOME/keys/feedback.key,
+    else the deprecated $CHAMPION_API_KEY; (None, "") when none is set.
+
+    Read on every call, so a new key takes effect without a restart. A key file that others may read is
+    refused: whoever can read it can write feedback labels, which reach the gate's holdout."""
+    if key := os.environ.get(FEEDBACK_KEY_ENV):
+        return key, FEEDBACK_KEY_ENV
+    path = champion_home() / FEEDBACK_KEY_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        fd = None
+    except OSError as err:
+        raise ChampionError(f"{path}: cannot be read ({err.strerror}); recreate it, mode 0600.") from None
+    if fd is not None:
+        with os.fdopen(fd) as file:
+            if os.fstat(file.fileno()).st_mode & 0o077:
+                raise ChampionError(
+                    f"{path}: readable by group or others, so the key is refused; run `chmod 600 {path}`."
+                )
+            key = file.read().strip()
+        if key:
+            return key, str(path)
+    if key := os.environ.get(LEGACY_API_KEY_ENV):
+        return key, LEGACY_API_KEY_ENV
+    return None, ""
+
+
+def ensure_feedback_key() -> Path | None:
+    """Write a new ingest key to CHAMPION_HOME/keys/feedback.key (0600) when none is set; its path, or None.
+
+    The key itself is never printed: whoever needs it reads the file."""
+    if feedback_key()[0]:
+        return None
+    path = champion_home() / FEEDBACK_KEY_FILE
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secrets.token_urlsafe(32) + "\n")
+    return path
 
 
 def inference_log_url(cfg: ServeConfig) -> str:

@@ -4,7 +4,7 @@
 when the class is defined, so `ChampionService` is built on first access from the config `champion serve`
 wrote (`CHAMPION_SERVE_CONFIG`), not at import.
 
-Endpoints: POST /predict and /predict_proba (adaptive batching), POST /feedback and /reload (API key),
+Endpoints: POST /predict and /predict_proba (adaptive batching), POST /feedback and /reload (ingest key),
 and BentoML's own /healthz, /livez, /readyz and /metrics. The POST endpoints take a JSON body only, sent
 as `Content-Type: application/json`, no larger than `limits` allow; a bad request gets a 4xx with
 {"error": one sentence, "field": what to fix}, never a 5xx. Requests for any other path are answered 404
@@ -12,9 +12,11 @@ before BentoML sees them, and requests whose Host is not one the server answers 
 excepted): see `allowed_hosts`.
 """
 
+import functools
 import hmac
 import itertools
 import json
+import logging
 import os
 import re
 import time
@@ -22,7 +24,16 @@ from typing import Annotated, Any, NamedTuple
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from serving.config import API_KEY_ENV, LimitsConfig, ServeConfig, config_from_env
+from champion.errors import ChampionError
+from serving.config import (
+    FEEDBACK_KEY_ENV,
+    FEEDBACK_KEY_FILE,
+    LEGACY_API_KEY_ENV,
+    LimitsConfig,
+    ServeConfig,
+    config_from_env,
+    feedback_key,
+)
 from serving.server import Answer, AnswerWithProbabilities
 
 PREDICT_PATHS = ("/predict", "/predict_proba")
@@ -35,6 +46,7 @@ OTHER_ROUTE = "other"  # the one path, and metrics label, of every request for a
 # union's branch in the error's location. Errors saying an item is not the other kind are dropped.
 _WRONG_KIND = ("model_type", "string_type")
 MAX_HEADER_BYTES = 16 * 1024  # h11's and most proxies' limit; httptools, which uvicorn prefers, has none
+_log = logging.getLogger(__name__)
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token: media types and parameter names
 
 
@@ -440,13 +452,22 @@ def _version_key(version: str) -> tuple[int, str]:
 
 
 def _auth_problem(headers: dict[bytes, bytes]) -> tuple[int, str] | None:
-    """(status, sentence) when the request may not mutate anything; None when its key is right."""
-    expected = os.environ.get(API_KEY_ENV)
+    """(status, sentence) when the request may not call /feedback or /reload; None when its key is right.
+
+    The key is the ingest key (serving/config.py `feedback_key`); it is no console credential."""
+    try:
+        expected, source = feedback_key()
+    except ChampionError as err:  # a key file others may read: the endpoint stays shut until it is fixed
+        _log.error("%s", err)
+        return 403, "the server's feedback key file is refused (see its log), so this endpoint is disabled."
     if not expected:
         return (
             403,
-            f"{API_KEY_ENV} is not set on the server, so this endpoint is disabled; set it and restart.",
+            f"{FEEDBACK_KEY_ENV} is not set on the server (nor CHAMPION_HOME/{FEEDBACK_KEY_FILE}), so this "
+            "endpoint is disabled; set it and retry.",
         )
+    if source == LEGACY_API_KEY_ENV:
+        _warn_legacy_key()
     given = headers.get(b"x-api-key", b"").decode("latin-1")
     if not given:
         scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
@@ -454,8 +475,14 @@ def _auth_problem(headers: dict[bytes, bytes]) -> tuple[int, str] | None:
     if not given:
         return 401, "missing API key; send it in the X-API-Key header (or Authorization: Bearer KEY)."
     if not hmac.compare_digest(given.encode(), expected.encode()):
-        return 401, f"wrong API key in X-API-Key; use the value of {API_KEY_ENV} on the server."
+        return 401, f"wrong API key in X-API-Key; use the server's {FEEDBACK_KEY_ENV}."
     return None
+
+
+@functools.cache
+def _warn_legacy_key() -> None:
+    _log.warning("%s is deprecated for /feedback and /reload; call it %s.", LEGACY_API_KEY_ENV,
+                 FEEDBACK_KEY_ENV)  # fmt: skip
 
 
 def _check_head(headers, max_body: int) -> _Refusal | None:

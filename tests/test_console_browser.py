@@ -26,8 +26,8 @@ PASSWORD = "correct horse battery"
 def console_url(registry, home, tmp_path):
     data = seed_console_data(registry, home, texts=12)
     champion = str(Path(sys.executable).parent / "champion")
-    subprocess.run([champion, "console-user", "ana", "--password-stdin"], input=PASSWORD + "\n", text=True,
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run([champion, "console-user", "ana", "--role", "approver", "--password-stdin"],
+                   input=PASSWORD + "\n", text=True, check=True, capture_output=True)  # fmt: skip
     command = lambda port: [champion, "console", "--port", str(port), "--log-url", data["url"]]  # noqa: E731
     with http_process(command, tmp_path / "console.log", timeout=60) as url:
         yield url, data
