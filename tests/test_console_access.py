@@ -56,9 +56,9 @@ def _client(app, address: str = "10.0.0.1", base_url: str = BASE):
     return TestClient(app, base_url=base_url, client=(address, 50000))
 
 
-def _login(client, name="ana", password=PASSWORD):
-    response = client.post("/login", data={"name": name, "password": password, "next": "/models/clf"})
-    assert response.status_code == 200 and response.url.path == "/models/clf", response.text
+def _login(client, name="ana", password=PASSWORD, next_page="/models/clf"):
+    response = client.post("/login", data={"name": name, "password": password, "next": next_page})
+    assert response.status_code == 200 and response.url.path == next_page, response.text
     return re.search(r'name="csrf" value="([^"]+)"', response.text).group(1)
 
 
@@ -302,3 +302,33 @@ def test_the_drift_view_shows_production_windows_only_one_chart_per_check(app):
     assert charts == ["embedding_drift"]  # the seeded production windows: one check, one chart
     assert html.count('class="drifted"') == 1  # the one production window where it drifted
     assert "Production windows only" in html
+
+
+def test_an_error_shows_a_store_uri_without_its_password(app, monkeypatch):
+    import champion.registry as registry_module
+    from champion.errors import ChampionError
+
+    def missing(_reg, name):
+        raise ChampionError(f"model '{name}' is not in the registry at postgresql://bob:s3cret@db/mlflow.")
+
+    with _client(app) as client:
+        _login(client)
+        monkeypatch.setattr(registry_module, "_registered_model", missing)
+        page = client.get("/models/other")
+    assert (
+        page.status_code == 404
+        and "postgresql://bob:***@db/mlflow" in page.text
+        and "s3cret" not in page.text
+    )
+
+
+def test_the_pages_show_the_aliases_as_the_registry_has_them(app):
+    """A model without a challenger (every model after a canary promotion retires it) is listed, not a 500."""
+    with _client(app) as client:
+        _login(client, next_page="/")
+        home = client.get("/")
+        model = client.get("/models/clf").text
+    row = re.search(r"<tr>\s*<td><a href=\"/models/clf\">clf</a></td>(.*?)</tr>", home.text, re.S).group(1)
+    assert home.status_code == 200 and re.findall(r"<td>([^<]*)</td>", row)[:2] == [f"v{app.data['v1']}", "—"]
+    challenger = model[model.index('id="challenger"') :]
+    assert re.search(r'<p class="big">([^<]*)</p>', challenger).group(1) == "—"

@@ -72,6 +72,8 @@ def test_log_in_review_ten_texts_with_the_keyboard_and_approve(console_url, brow
     assert page.url == f"{url}/models/clf"
     assert page.inner_text("#who") == "ana"
     assert page.is_visible(f"#pending-{data['v2']}")
+    chart = page.locator("#chart-embedding_drift")  # one small chart per check, its last value written out
+    assert chart.is_visible() and "threshold 0.1" in chart.inner_text()
 
     # Ten texts with the keyboard: labels by digit, one skip, one new intent typed after "n".
     page.click("#review-link")
