@@ -232,8 +232,8 @@ def _actor() -> str:
 def cmd_console(args: argparse.Namespace) -> int:
     from champion.console import serve
 
-    serve(args.host, args.port, allowed_hosts=args.allowed_host, log_url=args.log_url,
-          review_config=args.review_config, mlflow_ui=args.mlflow_ui)  # fmt: skip
+    serve(args.host, args.port, allowed_hosts=args.allowed_host, trusted_proxies=args.trusted_proxy,
+          log_url=args.log_url, review_config=args.review_config, mlflow_ui=args.mlflow_ui)  # fmt: skip
     return 0
 
 
@@ -709,6 +709,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--allowed-host", action="append", metavar="NAME", help="a name people reach it by "
                    "(repeatable); other Host names get 400 (default: loopback names and --host)")  # fmt: skip
+    p.add_argument("--trusted-proxy", action="append", metavar="ADDR", help="a reverse proxy's address whose "
+                   "X-Forwarded-For/-Proto are believed (repeatable; default: none)")  # fmt: skip
     p = verb("console-user", cmd_console_user, "Create a console login, change its password, or its role "
              "(--role alone on an existing account).")  # fmt: skip
     p.add_argument("name")

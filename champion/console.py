@@ -934,11 +934,19 @@ def _safe_next(target: str | None) -> str:
     return target
 
 
-def serve(host: str, port: int, allowed_hosts: list[str] | None = None, **app_options) -> None:
+def serve(
+    host: str,
+    port: int,
+    allowed_hosts: list[str] | None = None,
+    trusted_proxies: list[str] | None = None,
+    **app_options,
+) -> None:
     """Run the console with uvicorn until interrupted.
 
     It answers to the loopback names, the address it listens on and `allowed_hosts` (the names people
-    type in their browser when it is behind a proxy or on another host)."""
+    type in their browser when it is behind a proxy or on another host). X-Forwarded-For and -Proto are
+    believed only from `trusted_proxies`: else anyone could name a new client address for each guess and
+    walk around the per-client login limits."""
     import uvicorn
 
     hosts = [*LOOPBACK_HOSTS, *([] if host in {"0.0.0.0", "::", ""} else [host]), *(allowed_hosts or [])]
@@ -949,9 +957,10 @@ def serve(host: str, port: int, allowed_hosts: list[str] | None = None, **app_op
         )
     if host in {"0.0.0.0", "::"} and not allowed_hosts:
         log.warning("console: it answers only to loopback names; add the ones people use with --allowed-host")
+    proxies = {"proxy_headers": bool(trusted_proxies), "forwarded_allow_ips": ",".join(trusted_proxies or [])}
     print(f"champion console on http://{_url_host(host)}:{port}/ (Ctrl-C stops it)", flush=True)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, **proxies)
     finally:
         app.state.close()
 
