@@ -21,6 +21,7 @@ WANTED = {  # what the alerts must watch (issue: error rate, p99, log backlog, d
     "ChampionInferenceLogBehind": "champion_inference_log_behind_seconds",
     "ChampionDriftAlarm": "champion_drift_alarm",
     "ChampionPendingApprovalOld": "champion_pending_approval_oldest_timestamp_seconds",
+    "ChampionAliasUnaudited": "champion_alias_unaudited",  # issue 24: moved in MLflow, not adopted
 }
 PROMQL_WORDS = {
     "sum",
@@ -35,6 +36,7 @@ PROMQL_WORDS = {
     "model",
     "version",
     "job",
+    "alias",
 }
 
 

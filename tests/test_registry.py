@@ -11,6 +11,7 @@ from champion.registry import (
     adopt,
     assign_alias,
     champion_lineage,
+    conclude_canary,
     decide_promotion,
     decide_rollback,
     history,
@@ -286,3 +287,27 @@ class _Parser:
         import argparse
 
         return argparse.Namespace(func=self.func)
+
+
+def test_a_canary_promotion_retires_the_challenger_in_the_same_audited_move(registry):
+    """Issue 24 item 10: after the canary promoted v2 the console showed "champion v2 / challenger v2"."""
+    v1, v2 = make_versions(registry, "clf", [0.8, 0.9])
+    promote(registry, "clf", v1, reason="first")
+    assign_alias(registry, "clf", "challenger", v2, reason="trained")
+    decision = conclude_canary(registry, "clf", v1, v2, True, "held every guardrail", {"clients": 40})
+    assert decision.allowed and decision.target_version == v2
+    assert show_model(registry, "clf")["aliases"] == {"champion": v2}
+    champion, challenger = history(registry, "clf")[-2:]
+    assert (champion.alias, champion.action, champion.from_version, champion.to_version) == (
+        "champion",
+        "canary_promote",
+        v1,
+        v2,
+    )
+    assert (challenger.alias, challenger.action, challenger.from_version, challenger.to_version) == (
+        "challenger",
+        "canary_promote",
+        v2,
+        None,
+    )
+    assert challenger.reason == champion.reason and registry.audit.aliases("clf") == {"champion": v2}

@@ -117,3 +117,48 @@ def test_a_key_keeps_its_sender_on_one_arm_and_a_new_challenger_draws_afresh():
     mixed = [None, "user-1", None, "user-1"]  # unkeyed requests still draw at random
     arms = choose_arms(canary, 4, True, random.Random(0), mixed, salt="7")
     assert arms[1] == arms[3] and set(arms) <= {"champion", "canary"}
+
+
+# --- who decides a canary (issue 24 item 6): clients, not requests -----------------------------------
+
+CLIENTS = CanaryConfig(min_requests=100, min_requests_to_fail=20, max_error_rate=0.05, max_p99_ms=50,
+                       min_agreement=0.8, min_clients=5, max_per_client=20, min_seconds=0)  # fmt: skip
+
+
+def test_one_client_never_decides_a_canary_however_many_requests_it_sends():
+    monitor = CanaryMonitor(CLIENTS)
+    for _ in range(1_000):
+        monitor.record("1", "2", 10, 0, 10, 1.0, client="attacker")  # a perfect challenger, 10,000 answers
+    assert monitor.judge(monitor.local()) is None
+    decision = decide_canary(monitor.local(), CLIENTS)
+    assert decision.action == "continue" and "from 1 of at least 5 clients" in decision.reason
+    assert decision.evidence["counted"] == 20  # its 10,000 answers count as 20
+    flop = CanaryMonitor(CLIENTS)
+    flop.record("1", "2", 500, 500, 0, 900.0, client="attacker")  # nor can it force a rollback
+    assert decide_canary(flop.local(), CLIENTS).action == "continue"
+
+
+def test_a_flooding_client_weighs_like_one_client_among_many():
+    stats = CanaryStats("1", "2")
+    for i in range(6):
+        stats.add(20, 0, 20, 5.0, client=f"user-{i}", cap=20)  # six clients, all in agreement
+    stats.add(5_000, 0, 0, 5.0, client="flood", cap=20)  # one client whose every answer disagrees
+    decision = decide_canary(stats, CLIENTS)
+    assert decision.evidence["counted"] == 140 and decision.evidence["clients"] == 7
+    assert decision.evidence["agreement"] == pytest.approx(120 / 140)
+    assert decision.action == "promote", decision.reason  # without the cap, agreement would be 0.02
+    stats.add(5_000, 0, 5_000, 900.0, client="slow", cap=20)  # its latencies count 20 times, too
+    assert sum(stats.latency_buckets.values()) == 160 and stats.requests == 10_120
+
+
+def test_a_canary_promotes_only_after_min_seconds_and_workers_add_up_per_client():
+    a, b = CanaryStats("1", "2"), CanaryStats("1", "2")
+    for i in range(5):
+        a.add(10, 0, 10, 5.0, client=f"user-{i}", cap=20)
+        b.add(15, 0, 15, 5.0, client=f"user-{i}", cap=20)  # the same clients on another worker
+    total = combined("1", "2", [a, b])
+    assert total.clients["user-0"] == [25, 0, 25] and total.counted(20)[0] == 100  # capped across workers
+    slow = CLIENTS.model_copy(update={"min_seconds": 600})
+    decision = decide_canary(total, slow, now=total.since + 60)
+    assert decision.action == "continue" and "60 of its 600 s" in decision.reason
+    assert decide_canary(total, slow, now=total.since + 601).action == "promote"
