@@ -57,6 +57,7 @@ def cmd_distil(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from champion.config import redact_uri
     from champion.registry import connect, list_models, show_model
 
     reg = connect()
@@ -65,7 +66,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(models, indent=2))
         elif not models:
-            print(f"no registered models in {reg.tracking_uri}; run `champion finetune CONFIG` first.")
+            where = redact_uri(reg.tracking_uri)
+            print(f"no registered models in {where}; run `champion finetune CONFIG` first.")
         else:
             _table(
                 [
@@ -308,17 +310,16 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from champion.config import artifact_root, champion_home, prepare_environment, tracking_uri
+    from champion.config import artifact_root, champion_home, prepare_environment, redact_uri, tracking_uri
 
     prepare_environment()
     uri = tracking_uri()
+    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": uri}  # not in argv: `ps` shows argv to every user
     command = [
         sys.executable,
         "-m",
         "mlflow",
         "ui",
-        "--backend-store-uri",
-        uri,
         "--host",
         args.host,
         "--port",
@@ -329,8 +330,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if uri.startswith("sqlite:"):
         champion_home().mkdir(parents=True, exist_ok=True)
         command += ["--default-artifact-root", artifact_root().as_uri()]
-    print(f"MLflow UI on http://{args.host}:{args.port} for {uri} (Ctrl-C stops it)", flush=True)
-    os.execv(sys.executable, command)
+    print(f"MLflow UI on http://{args.host}:{args.port} for {redact_uri(uri)} (Ctrl-C stops it)", flush=True)
+    os.execve(sys.executable, command, env)
     return 0  # not reached
 
 
@@ -862,7 +863,10 @@ def _table(rows: list[list[str]], header: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from champion.config import redact_uri, secure_home
+
     args = build_parser().parse_args(argv)
+    secure_home()  # umask 077: stores, keys, spools and logs are the user's alone
     if hasattr(signal, "SIGTERM"):
         signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:
@@ -873,13 +877,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: {note}", file=sys.stderr)
         return 130
     except ChampionError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact_uri(str(err))}", file=sys.stderr)
         for note in getattr(err, "__notes__", ()):  # e.g. what a failed clean-up left behind
-            print(f"note: {note}", file=sys.stderr)
+            print(f"note: {redact_uri(note)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted.", file=sys.stderr)
         return 130
+    except Exception as err:  # a store that did not answer: its URI (and password) is in the message
+        import traceback
+
+        print(redact_uri("".join(traceback.format_exception(err))), end="", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import stat
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,6 +33,44 @@ class StrictModel(BaseModel):
 def champion_home() -> Path:
     """The folder Champion owns for its embedded state (`CHAMPION_HOME`, default `./.champion`)."""
     return Path(os.environ.get("CHAMPION_HOME", ".champion")).expanduser().resolve()
+
+
+def secure_home() -> Path:
+    """Make what Champion writes private to its user: umask 077 for this process (and the servers and jobs
+    it starts), so new files are 0600 and folders 0700; an existing CHAMPION_HOME becomes 0700 and the
+    files at its top level (the sqlite stores, their journals) 0600. Called by the entry points (`champion
+    ...`, the server's workers)."""
+    os.umask(0o077)
+    home = champion_home()  # created 0700 by whichever step first writes there (the umask applies)
+    if not home.is_dir():
+        return home
+    try:
+        entries = [home, *home.iterdir()]
+    except OSError:
+        return home
+    for path in entries:
+        try:
+            st = path.lstat()
+            if st.st_uid == os.getuid() and st.st_mode & 0o077 and not stat.S_ISLNK(st.st_mode):
+                path.chmod(stat.S_IMODE(st.st_mode) & 0o700)
+        except OSError:  # vanished, or not ours to change: leave it
+            continue
+    return home
+
+
+def redact_uri(text: str) -> str:
+    """`text` with the password of every URI in it hidden: `postgresql://bob:***@db/x`, `?password=***`.
+
+    For every error message, log line and MLflow param that may hold a store URI."""
+    text = _URI_PASSWORD.sub(r"\1***@", text)
+    return _QUERY_SECRET.sub(r"\1***", text)
+
+
+# user:password@ in a URI's authority (the password may hold '@', so up to the last one before the path)
+_URI_PASSWORD = re.compile(r"([a-zA-Z][\w+.-]*://[^\s:/@]*:)[^\s/]*@")
+_QUERY_SECRET = re.compile(
+    r"([?&](?:password|passwd|pwd|secret|token|api_key|access_token)=)[^&\s#'\"]*", re.I
+)
 
 
 def tracking_uri(override: str | None = None) -> str:

@@ -7,7 +7,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from champion.config import artifact_root
+from champion.config import artifact_root, redact_uri
 
 # The libraries a served model needs; exact versions so a loaded model behaves as it did when logged.
 MODEL_REQUIREMENTS = ("torch", "transformers", "accelerate", "safetensors", "tokenizers")
@@ -34,13 +34,16 @@ def ensure_experiment(name: str) -> str:
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A config as MLflow params (`section.key`); a store URI's password is hidden (MLflow shows params to
+    anyone who can read the experiment)."""
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value if not isinstance(value, list) else ",".join(map(str, value))
+            continue
+        value = value if not isinstance(value, list) else ",".join(map(str, value))
+        out[name] = redact_uri(value) if isinstance(value, str) else value
     return out
 
 

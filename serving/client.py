@@ -20,11 +20,17 @@ from pathlib import Path
 from typing import Any
 
 from champion.errors import ChampionError
-from serving.config import API_KEY_ENV
+from serving.config import API_KEY_ENV, feedback_key
+
+KEYED_ROUTES = ("/feedback", "/reload")  # the only routes that take the ingest key; predictions need none
 
 
 @dataclass
 class ServeClient:
+    """A client of one server. The key (default: the ingest key from the environment or its 0600 file) is
+    sent to /feedback and /reload only, and no request follows a redirect: a redirect to another host
+    would otherwise carry the request, key included, wherever the server (or whoever answers) points it."""
+
     url: str
     api_key: str | None = None
     timeout: float = 60.0
@@ -41,20 +47,23 @@ class ServeClient:
 
     def ready(self) -> bool:
         try:
-            with urllib.request.urlopen(self.url + "/readyz", timeout=5) as response:
+            with _OPENER.open(self.url + "/readyz", timeout=5) as response:
                 return response.status == 200
         except OSError:
             return False
 
     def _post(self, route: str, body: dict[str, Any]) -> Any:
         headers = {"Content-Type": "application/json"}
-        key = self.api_key or os.environ.get(API_KEY_ENV)
-        if key:
-            headers["X-API-Key"] = key
+        if route in KEYED_ROUTES:
+            key = self.api_key or feedback_key()[0]
+            if key:
+                headers["X-API-Key"] = key
         request = urllib.request.Request(self.url + route, data=json.dumps(body).encode(), headers=headers)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with _OPENER.open(request, timeout=self.timeout) as response:
                 return json.loads(response.read())
+        except _Redirected as err:
+            raise ChampionError(str(err)) from None
         except urllib.error.HTTPError as err:
             try:
                 detail = json.loads(err.read() or b"{}").get("error", err.reason)
@@ -65,6 +74,24 @@ class ServeClient:
             raise ChampionError(
                 f"no server answers at {self.url} ({err.reason}); start one with `champion serve`."
             ) from None
+
+
+class _Redirected(urllib.error.URLError):
+    pass
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Refuse every redirect: a `champion serve` never sends one, and following it would resend the body
+    (and, to /feedback and /reload, the key) to a place nobody chose."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise _Redirected(
+            f"{req.full_url} answered {code} with a redirect to {newurl}; the client does not follow "
+            "redirects, so pass the server's own address with --url."
+        )
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects())
 
 
 def free_port() -> int:

@@ -115,10 +115,11 @@ def build_service(cfg: ServeConfig):
     )
     class ChampionService:
         def __init__(self) -> None:
-            from champion.config import prepare_environment
+            from champion.config import prepare_environment, secure_home
             from serving.server import ModelServer
 
             prepare_environment()
+            secure_home()  # `bentoml serve` started by hand has the shell's umask, not `champion serve`'s
             # exit_with_parent: a worker whose `bentoml serve` was killed exits instead of holding the port.
             self.server = ModelServer(cfg).start(exit_with_parent=True)
             holder["server"] = self.server
