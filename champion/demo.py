@@ -10,7 +10,10 @@ from champion.config import champion_home, load_config, tracking_uri
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEMO_CONFIG = CONFIGS / "minilm_lora_cpu.yaml"
 SERVE_CONFIG = CONFIGS / "serve_demo.yaml"
-LABELLED = 0.8  # the share of the demo's traffic a reviewer labels (feedback), for the fresh holdout
+# The share of the demo's traffic in the review queue's unbiased sample, which a reviewer labels (with the
+# rows the queue's rules pick): only the sample may judge a challenger, so the labels go through the queue.
+LABELLED = 0.8
+REVIEW = {"daily_budget": 100_000, "random_share": LABELLED, "random_budget_share": 1.0}
 SAMPLE_TICKETS = [
     "hi, my parcel still hasn't shown up and the tracking hasn't moved in 5 days",
     "I was charged twice for the same order, please fix this",
@@ -72,26 +75,31 @@ def run_demo(
     monitor = MonitorConfig()
     print(
         f"5/12 serving {name}@champion with BentoML ({SERVE_CONFIG.name}: a canary for any challenger),"
-        f" sending {len(normal)} tickets like its training data; a reviewer labels {LABELLED:.0%}"
+        f" sending {len(normal)} tickets like its training data; the review queue samples {LABELLED:.0%}"
+        " of them for a reviewer"
     )
     with start_server(name, config=SERVE_CONFIG) as client:
         answers = client.predict(SAMPLE_TICKETS)
-        sent = len(SAMPLE_TICKETS) + _send(client, normal, feedback=True)
+        truth = _send(client, normal)
+        sent = len(SAMPLE_TICKETS) + len(truth)
         status = client.reload()
         print(f"     {client.url} serves v{status['champion']} ({status['policy']} policy); answers:")
         for text, answer in zip(SAMPLE_TICKETS, answers, strict=True):
             print(f"       {answer['label']:<22} {answer['score']:.2f}  v{answer['version']}  {text}")
         _wait_logged(name, sent)
+        print(f"     a reviewer labelled {_review(name, truth)} of them from the review queue")
         print(f"6/12 drift check on the last {len(normal)} predictions (Evidently report logged to MLflow):")
         print(_indent(format_decision(drift(name, monitor, last=len(normal), registry=reg))))
 
         print(
             f"7/12 sending 2 x {traffic_rows} drifted tickets (the held-out intents, reworded vocabulary), "
-            "labelled as they come, and checking each window"
+            "reviewed as they come, and checking each window"
         )
         for window in drifted:
-            sent += _send(client, window, feedback=True)
+            batch = _send(client, window)
+            sent, truth = sent + len(batch), truth | batch
             _wait_logged(name, sent)
+            _review(name, truth)
             print(_indent(format_decision(drift(name, monitor, last=len(window), registry=reg))))
 
         retrain_config = _retrain_config(home, name)
@@ -149,7 +157,8 @@ def run_demo(
     counts = ", ".join(f"v{v}: {n}" for v, n in logged.groupby("model_version").size().items())
     labelled = int(logged["true_label"].notna().sum())
     print(
-        f"     the inference log holds {len(logged)} predictions ({counts}), {labelled} with a feedback label"
+        f"     the inference log holds {len(logged)} predictions ({counts}), {labelled} with a reviewer's"
+        " label"
     )
     from champion.review import ReviewConfig, ReviewQueue
 
@@ -211,15 +220,33 @@ def _run_canary(client, reg, name: str, challenger: str, traffic, timeout: float
     return f"the canary had not concluded after {start} tickets; v{challenger} stays the challenger.", None
 
 
-def _send(client, tickets, feedback: bool = False) -> int:
-    """Send the tickets 16 at a time; with `feedback`, a reviewer's true label for LABELLED of them."""
+def _send(client, tickets) -> dict[str, str]:
+    """Send the tickets 16 at a time; returns each answer's request id with the ticket's true label."""
     texts, labels = tickets["text"].tolist(), tickets["label"].tolist()
+    truth = {}
     for i in range(0, len(texts), 16):
         answers = client.predict(texts[i : i + 16])
-        for j, answer in enumerate(answers):
-            if feedback and (i + j) % 10 < LABELLED * 10:
-                client.feedback(answer["request_id"], labels[i + j])
-    return len(texts)
+        truth |= {answer["request_id"]: labels[i + j] for j, answer in enumerate(answers)}
+    return truth
+
+
+def _review(name: str, truth: dict[str, str]) -> int:
+    """The demo's reviewer, who knows the truth, answers what the review queue offers: its unbiased sample
+    (LABELLED of the traffic), which the fresh holdout may take, and the rows its rules picked, which only
+    teach a retrain. Returns how many it labelled."""
+    from champion.review import ReviewConfig, ReviewQueue
+
+    queue = ReviewQueue()
+    try:
+        queue.select(name, ReviewConfig(**REVIEW))
+        labelled = 0
+        while (item := queue.next(name)) is not None:
+            label = truth.get(item.request_id)  # the sample tickets have no true label: skipped
+            queue.answer(name, item.request_id, "demo-reviewer", label, skip=label is None)
+            labelled += label is not None
+        return labelled
+    finally:
+        queue.close()
 
 
 def _wait_logged(name: str, count: int, timeout: float = 30.0) -> None:

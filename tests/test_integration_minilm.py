@@ -83,12 +83,14 @@ def test_demo_runs_end_to_end(home, capsys):
     assert "v2 passed" in retrained or "v2 refused" in retrained, retrained
     assert "fresh holdout rows (difference" in retrained and "95% paired interval" in retrained
     story = out.split("12/12 the story of this loop")[1]
-    assert re.search(r"review queue: [1-9]\d* of \d+ new predictions queued for review", story), story
+    assert re.search(r"review queue: \d+ of \d+ new predictions queued for review", story), story
     for step in ("loop       drift", "retrain_started", "candidate  assign", "gate", "retrain_finished"):
         assert step in story, story
-    # 3 sample tickets + 1,200 of traffic (+ the canary's and the new version's answers), 80% labelled.
+    # 3 sample tickets + 1,200 of traffic (+ the canary's and the new version's answers); the review queue's
+    # random 80% of the traffic and the rows its rules picked were labelled by the demo's reviewer.
     logged = int(out.split("the inference log holds ")[1].split(" predictions")[0])
-    assert logged >= 1207 and "960 with a feedback label" in out
+    labelled = int(re.search(r"(\d+) with a reviewer's label", out).group(1))
+    assert logged >= 1207 and 850 < labelled <= 1200, labelled
     from champion.registry import connect
 
     reg = connect()

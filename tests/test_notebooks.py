@@ -124,9 +124,12 @@ def test_retrain_and_gate_notebook(home, tiny_model_dir, tmp_path, monkeypatch):
     """Real `champion serve` with a canary on the tiny model: labels, retrain, gate, canary, story."""
     from champion.registry import connect, story
 
+    # The notebook is the canary's only client: one client may decide here (never in a shipped config). Its
+    # holdout is about 180 rows (30% of the review queue's random 80% of 750, dealt by a secret key): the
+    # floor of 120 is five standard deviations below.
     canary = {"share": 0.5, "min_requests": 60, "min_requests_to_fail": 60, "min_agreement": 0.0,
-              "max_p99_ms": 5000}  # fmt: skip
-    _retrain_notebook_env(tiny_model_dir, tmp_path, monkeypatch, window=250, min_rows=150,
+              "max_p99_ms": 5000, "min_clients": 1, "max_per_client": 1000, "min_seconds": 0}  # fmt: skip
+    _retrain_notebook_env(tiny_model_dir, tmp_path, monkeypatch, window=250, min_rows=120,
                           traffic={"policy": "canary", "canary": canary})  # fmt: skip
 
     _execute(NOTEBOOKS / "04-retrain-and-gate.ipynb")
