@@ -120,6 +120,7 @@ def _default_store_url(log_url: str | None) -> str:
 
 
 def _read_log(name, version, last, since, until, arms, log_url) -> tuple[pd.DataFrame, dict[str, Any]]:
+    from champion.config import redact_uri
     from serving.inference_log import InferenceLog
 
     url = log_url or _default_store_url(None)
@@ -127,13 +128,13 @@ def _read_log(name, version, last, since, until, arms, log_url) -> tuple[pd.Data
         log = InferenceLog(url)
     except Exception as err:
         raise ChampionError(
-            f"the inference log at {url} cannot be read ({_first_line(err)}); is it up?"
+            f"the inference log at {redact_uri(url)} cannot be read ({_first_line(err)}); is it up?"
         ) from None
     try:
         frame = log.read(name, since=since, until=until, arms=arms or ["champion", "canary", "challenger"])
     except Exception as err:
         raise ChampionError(
-            f"the inference log at {url} cannot be read ({_first_line(err)}); is it up?"
+            f"the inference log at {redact_uri(url)} cannot be read ({_first_line(err)}); is it up?"
         ) from None
     finally:
         log.engine.dispose()

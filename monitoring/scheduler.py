@@ -44,7 +44,7 @@ from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
 from pydantic import Field, field_validator, model_validator
 
-from champion.config import StrictModel, champion_home
+from champion.config import StrictModel, champion_home, redact_uri
 from champion.errors import ChampionError
 
 log = logging.getLogger(__name__)
@@ -369,7 +369,9 @@ def leader_lock(url: str):
         return _PostgresLeader(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         return _FileLeader(parsed.database)
-    raise ChampionError(f"store_url: the scheduler needs a sqlite file or a PostgreSQL URL; got '{url}'.")
+    raise ChampionError(
+        f"store_url: the scheduler needs a sqlite file or a PostgreSQL URL; got '{redact_uri(url)}'."
+    )
 
 
 # --- the scheduler ------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
-from champion.config import StrictModel, champion_home
+from champion.config import StrictModel, champion_home, redact_uri
 from champion.errors import ChampionError
 
 if TYPE_CHECKING:
@@ -138,7 +138,7 @@ def labelled_log_rows(model_name: str, log_url: str | None = None) -> pd.DataFra
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ChampionError(
-            f"fresh.log_url: the inference log at {url} cannot be read ({first}); is it up?"
+            f"fresh.log_url: the inference log at {redact_uri(url)} cannot be read ({first}); is it up?"
         ) from None
     frame = frame[frame["true_label"].notna()].drop_duplicates("request_id", keep="last")
     reviewed = _reviewed(model_name, url)
