@@ -467,7 +467,7 @@ def sync_jobs(sched, cfg: ScheduleConfig, url: str, engine: sa.Engine) -> dict[s
     return changes
 
 
-def take_commands(sched, engine: sa.Engine) -> None:
+def _take_commands(sched, engine: sa.Engine) -> None:
     """Apply what `pause`, `resume` and `run-now` wrote into the jobs' state rows (plain values only)."""
     c = job_state.c
     try:
@@ -531,7 +531,7 @@ def start(cfg: ScheduleConfig, standby: bool = False, poll_seconds: float = 2.0,
                 out("lost the scheduler lock (its database connection died); stopping at once")
                 sched.shutdown(wait=False)
                 raise ChampionError(f"the scheduler lost its lock on {safe}; a standby may take over.")
-            take_commands(sched, engine)
+            _take_commands(sched, engine)
     except KeyboardInterrupt:
         pass
     finally:
