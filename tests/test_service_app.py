@@ -259,3 +259,22 @@ def test_allowed_hosts_default_to_loopback_and_the_bound_address():
 
     with pytest.raises(ChampionError, match="allowed_hosts"):
         parse_config(ServeConfig, {"allowed_hosts": ["https://api.example.com:443"]})
+
+
+def test_health_fails_when_the_inference_log_writer_died(client):
+    """The writer catches and retries what it can; should it still die, the probes say so (restart me)."""
+    from serving.service import ChampionMiddleware
+
+    layer = client.app.middleware_stack  # the middlewares wrap one another through `.app`
+    while not isinstance(layer, ChampionMiddleware):
+        layer = layer.app
+    log = layer.holder["server"].log
+    assert client.get("/livez").status_code == 200 and client.get("/readyz").status_code == 200
+    log._writer_died = "RuntimeError: simulated"
+    try:
+        assert client.get("/livez").status_code == 503
+        assert client.get("/readyz").status_code == 503
+        assert "predictions stay in" in log.writer_problem
+    finally:
+        log._writer_died = None
+    assert client.get("/readyz").status_code == 200
