@@ -159,7 +159,6 @@ def test_a_model_with_no_audit_history_is_not_served_until_adopted(home, registr
     how to adopt it."""
     import mlflow
 
-    from champion.registry import adopt
     from serving.server import ModelServer, NotReadyError
 
     source = registry.client.get_model_version(NAME, versions[0])
@@ -170,6 +169,8 @@ def test_a_model_with_no_audit_history_is_not_served_until_adopted(home, registr
         assert not server.ready()
         with pytest.raises(NotReadyError, match="no champion in the audit history.*champion adopt outside"):
             server.predict(TEXTS)
+        from champion.registry import adopt
+
         assert adopt(registry, "outside", "champion", "1", reason="registered by the old pipeline").allowed
         server.reload()
         assert server.predict(TEXTS[:1])[0].version == "1"
