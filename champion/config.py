@@ -37,15 +37,15 @@ def champion_home() -> Path:
 
 def secure_home() -> Path:
     """Make what Champion writes private to its user: umask 077 for this process (and the servers and jobs
-    it starts), so new files are 0600 and folders 0700; an existing CHAMPION_HOME becomes 0700 and the
-    files at its top level (the sqlite stores, their journals) 0600. Called by the entry points (`champion
-    ...`, the server's workers)."""
+    it starts), so new files are 0600 and folders 0700. An existing CHAMPION_HOME becomes 0700, and the
+    stores at its top level (sqlite files with their journals and locks, spools, keys) lose their group and
+    world bits. Called by the entry points (`champion ...`, the server's workers)."""
     os.umask(0o077)
     home = champion_home()  # created 0700 by whichever step first writes there (the umask applies)
     if not home.is_dir():
         return home
-    try:
-        entries = [home, *home.iterdir()]
+    try:  # the stores and keys only: a home pointed at a shared folder keeps the rest as it is
+        entries = [home, *(p for p in home.iterdir() if p.name.endswith(_PRIVATE) or p.name in _PRIVATE)]
     except OSError:
         return home
     for path in entries:
@@ -56,6 +56,9 @@ def secure_home() -> Path:
         except OSError:  # vanished, or not ours to change: leave it
             continue
     return home
+
+
+_PRIVATE = (".db", ".db-wal", ".db-shm", ".db-journal", ".lock", ".spool", ".key", "keys", "spool", "serving")
 
 
 def redact_uri(text: str) -> str:
