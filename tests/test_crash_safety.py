@@ -113,3 +113,34 @@ def test_kill_9_during_finetune_leaves_no_running_run_or_unaliased_version(
     runs = registry.client.search_runs([e.experiment_id for e in registry.client.search_experiments()])
     assert {r.info.status for r in runs} == {"FAILED"} and len(runs) == 3
     assert all("died" in r.data.tags["champion.failure"] for r in runs)
+
+
+def _conclude_canary_child(env: dict[str, str], point: str, args: dict) -> None:
+    """A canary promotion (two alias moves in one audited step) killed at `point`, in a forked child."""
+    os.environ.update(env)
+    os.environ["CHAMPION_CRASH_AT"] = point
+    from champion.registry import conclude_canary, connect
+
+    conclude_canary(connect(), NAME, args["champion"], args["challenger"], True, "crash test", {})
+    os._exit(0)  # the crash point was not reached
+
+
+def test_kill_9_in_a_canary_promotion_settles_each_of_its_moves(registry, forkserver):
+    """A canary promotion moves `champion` and retires `challenger` in one audited step: a kill at any
+    point leaves each alias's history one chain that ends where MLflow's alias is, once settled."""
+    versions = make_versions(registry, NAME, [0.5, 0.6, 0.7, 0.8])
+    promote(registry, NAME, versions[0], reason="start")
+    for point, challenger in zip(("alias:announced", "alias:moved", "alias:done"), versions[1:], strict=True):
+        champion = registry.audit.aliases(NAME)["champion"]
+        assign_alias(registry, NAME, "challenger", challenger, reason="the next canary")
+        env = {k: os.environ[k] for k in _ENV_KEYS if k in os.environ}
+        child = forkserver.Process(target=_conclude_canary_child, args=(env, point, {"champion": champion,
+                                   "challenger": challenger}))  # fmt: skip
+        child.start()
+        child.join(120)
+        assert child.exitcode == -signal.SIGKILL, f"never reached {point} (exit {child.exitcode})"
+        assert main(["doctor", "--fix"]) == 0
+        assert_settled(registry)
+        aliases = registry.audit.aliases(NAME)
+        expected = champion if point == "alias:announced" else challenger
+        assert aliases["champion"] == expected, (point, aliases)
