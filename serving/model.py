@@ -282,6 +282,7 @@ def checked_folder(client, name: str, version: str):
             _download_into(
                 name, str(version), target, lambda folder: check_version_folder(folder, fmt, tags, where)
             )
+            return target, fmt, mv
         try:
             check_version_folder(target, fmt, tags, where)  # again: the cache is a folder anyone may write
         except UnsafeModelError:

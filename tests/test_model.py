@@ -135,3 +135,19 @@ def test_a_registered_head_is_kept_by_label_name_and_new_labels_are_imprinted(ti
     # Without examples the new row is freshly initialised: small, as a new head's rows are.
     _, plain = load_registered_classifier(str(folder), labels)
     assert float(plain.classifier.weight[0].detach().norm()) < 0.5 * float(scale)
+
+
+def test_a_registered_folder_that_names_code_is_refused_before_it_is_read(tiny_model_dir, tmp_path):
+    """`init: champion` starts from the version's files: an auto_map there is refused, never imported."""
+    import json
+
+    from champion.safety import UnsafeModelError
+    from pipelines.model import load_classifier, load_registered_classifier, load_tokenizer
+
+    folder = tmp_path / "version"
+    load_classifier(str(tiny_model_dir), ["a", "b"]).save_pretrained(folder / "model")
+    load_tokenizer(str(tiny_model_dir)).save_pretrained(folder / "components" / "tokenizer")
+    config = folder / "model" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "auto_map": {"AutoConfig": "x--m.C"}}))
+    with pytest.raises(UnsafeModelError, match=r"'model/config\.json' has the field 'auto_map'"):
+        load_registered_classifier(str(folder), ["a", "b"])

@@ -169,21 +169,12 @@ def test_fields_that_name_code_or_other_folders_are_refused_with_the_file_and_fi
     tmp_path, change, message
 ):
     folder = fake_model_folder(tmp_path / "model")
-    _json(folder, "model/config.json", {"model_type": "bert", "position_embedding_type": "absolute"})
-    check_files(folder, "safetensors", "v9")
-    change(folder)
-    with pytest.raises(UnsafeModelError, match=message) as err:
-        check_files(folder, "safetensors", "v9")
-    assert str(err.value).startswith("v9: ")
-
-
-def test_plain_values_and_vocabulary_entries_pass(tmp_path):
-    """A vocabulary may hold a token 'auto_map' (an id) and configs hold plain *_type values: not refused."""
-    folder = fake_model_folder(tmp_path / "model")
+    # What real versions hold passes: plain *_type values, a vocabulary token 'auto_map' (an id), a
+    # transformers 4 tokenizer class name, MLflow's own *_type fields.
     config = {"model_type": "bert", "problem_type": "single_label_classification", "classifier_dropout": None}
-    _json(folder, CONFIG, {**config, "architectures": ["BertForSequenceClassification"]})
+    _json(folder, CONFIG, {**config, "position_embedding_type": "absolute"})
     _json(folder, "components/tokenizer/tokenizer.json", {"model": {"vocab": {"auto_map": 7, "x_type": 8}}})
-    _json(folder, "components/tokenizer/tokenizer_config.json", {"tokenizer_class": "BertTokenizerFast"})
+    _json(folder, TOKENIZER_CONFIG, {"tokenizer_class": "BertTokenizerFast"})
     _mlmodel(
         folder,
         components=["tokenizer"],
@@ -191,6 +182,10 @@ def test_plain_values_and_vocabulary_entries_pass(tmp_path):
         instance_type="TextClassificationPipeline",
     )
     check_files(folder, "safetensors", "v9")
+    change(folder)
+    with pytest.raises(UnsafeModelError, match=message) as err:
+        check_files(folder, "safetensors", "v9")
+    assert str(err.value).startswith("v9: ")
 
 
 def test_a_version_without_a_digest_needs_the_legacy_flag(tmp_path, monkeypatch):
