@@ -222,8 +222,8 @@ def decide_rollback(events: list[AliasEvent], current: str | None) -> Decision:
 
 
 def _alias_version(reg: Registry, name: str, alias: str) -> str | None:
-    aliases = _registered_model(reg, name).aliases
-    version = aliases.get(alias)
+    """Where MLflow's alias is now (pipelines read the champion so; servers read the audit history)."""
+    version = _registered_model(reg, name).aliases.get(alias)
     return None if version is None else str(version)
 
 
