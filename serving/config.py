@@ -38,10 +38,10 @@ class LimitsConfig(StrictModel):
 
 
 class FollowConfig(StrictModel):
-    # Each poll reads the audit history's newest event id (one indexed query); the aliases themselves are
-    # read from MLflow only when it changed, or every `full_check_seconds` for moves made outside Champion.
+    # Each poll reads the audit history's newest event id (one indexed query); the aliases are read again
+    # (from the history, and from MLflow to compare) only when it changed, or every `full_check_seconds`.
     poll_seconds: float = Field(1.0, gt=0, le=3600)  # how often each worker checks for alias moves
-    full_check_seconds: float = Field(15.0, gt=0, le=86400)  # MLflow UI / API moves are seen this late
+    full_check_seconds: float = Field(15.0, gt=0, le=86400)  # MLflow UI / API moves are flagged this late
     keep_previous: bool = True  # the replaced champion stays loaded, so a rollback swaps instantly
     retry_failed_seconds: float = Field(60.0, ge=0)  # a version that failed to load is retried this late
 
