@@ -100,8 +100,9 @@ def json_refusal(data: Any) -> str | None:
     for field, key, value in _fields(data):
         if key == "auto_map" and not isinstance(value, int | float | bool | type(None)):  # int: a vocab id
             return (
-                f"has the field '{field}', which makes transformers import Python code named there (possibly "
-                "from outside the version); remove it: Champion loads only transformers' own classes."
+                f"has the field '{field}', which makes transformers import Python code named there "
+                "(possibly from outside the version), so this version is refused; Champion loads only "
+                "transformers' own classes."
             )
         if not isinstance(value, str):
             continue
