@@ -119,3 +119,23 @@ def test_with_approval_required_a_passing_canary_waits_for_a_person(make_server,
     event = registry.audit.events(NAME, "champion")[-1]
     assert (event.action, event.actor, event.to_version) == ("canary_promote", "ana", versions[2])
     assert server.reload()["champion"] == versions[2]
+
+
+def test_a_challenger_that_came_through_an_approval_waits_for_one_again(make_server, registry, versions):  # noqa: F811
+    """The retrain's `approval: required` with `promotion: canary`: a person approved the version for the
+    canary, not for champion; its canary, however well it goes, files a promotion for a person to decide."""
+    from champion.approval import approve, pending_promotions, request_approval
+
+    request_approval(registry, NAME, versions[1], "canary", versions[0], "passed the gate", {}, hours=1,
+                     actor="scheduler")  # fmt: skip
+    assert approve(registry, NAME, versions[1], reason="fine for a canary", actor="ana").allowed
+    server = make_server(traffic={"policy": "canary", "canary": {**CANARY, "min_clients": 2}})  # no approval
+    deadline, sent = time.monotonic() + 20, 0
+    while not server.canary_decisions:
+        assert time.monotonic() < deadline, server.status()
+        _as_http(server, TEXTS, f"10.0.0.{sent % 2}")
+        sent += 1
+        time.sleep(0.02)
+    assert server.canary_decisions[0][1].target == "after_canary"
+    assert _aliases(registry) == {"champion": versions[0], "challenger": versions[1]}
+    assert [p.version for p in pending_promotions(registry, NAME)] == [versions[1]]
