@@ -163,7 +163,7 @@ def run_demo(
     from champion.review import ReviewConfig, ReviewQueue
 
     queue = ReviewQueue(inference_log_url(load_serve_config(SERVE_CONFIG, name)))
-    selection = queue.select(name, ReviewConfig())
+    selection = queue.select(name, ReviewConfig(**REVIEW))  # the demo's budget: its reviewer used today's
     queue.close()
     print(f"     review queue: {selection.reason}")
     print(f"""
