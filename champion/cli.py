@@ -409,9 +409,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _champion_version(reg, name: str) -> str:
-    from champion.registry import CHAMPION, show_model
+    from champion.registry import CHAMPION, served_version
 
-    version = show_model(reg, name)["aliases"].get(CHAMPION)
+    version = served_version(reg, name, CHAMPION)
     if version is None:
         raise ChampionError(f"model '{name}' has no champion; promote a version with `champion promote`.")
     return version

@@ -328,10 +328,10 @@ def _failure_key(name: str, client: str) -> str:
 def model_page_data(reg, name: str, log_url: str, mlflow_ui: str | None) -> dict[str, Any]:
     """Everything the model page shows, as plain values (the template only lays it out)."""
     from champion.approval import pending_promotions
-    from champion.registry import CHALLENGER, CHAMPION, _registered_model, story
+    from champion.registry import CHALLENGER, CHAMPION, story, unaudited_aliases
 
-    model = _registered_model(reg, name)
-    aliases = {k: str(v) for k, v in model.aliases.items()}
+    unaudited = unaudited_aliases(reg, name)  # also refuses an unknown model with its sentence
+    aliases = reg.audit.aliases(name)  # what the servers serve: the audited moves, not MLflow's alone
     versions = {}
     for alias in (CHAMPION, CHALLENGER):
         if alias in aliases:
@@ -358,6 +358,12 @@ def model_page_data(reg, name: str, log_url: str, mlflow_ui: str | None) -> dict
     return {
         "name": name,
         "aliases": aliases,
+        "unaudited": [
+            f"MLflow's '{alias}' is on {f'v{there}' if there else 'no version'} but the audit history names "
+            f"{f'v{audited}' if audited else 'none'}; servers keep the audited one until a person runs "
+            f"`champion adopt {name} {alias} {there or 'none'} --reason ...` or sets it back."
+            for alias, (audited, there) in unaudited.items()
+        ],
         "versions": versions,
         "story": entries,
         "checks": checks[:15],

@@ -33,7 +33,7 @@ def run_demo(
     traffic_rows: int = 400,
 ) -> dict:
     """Run the loop; returns what happened and how long the loop took (for tests and benchmarks/gate.py)."""
-    from champion.registry import connect, promote, story
+    from champion.registry import connect, promote, served_version, story
     from monitoring.config import MonitorConfig
     from monitoring.job import drift, format_decision
     from pipelines.compare import compare
@@ -132,7 +132,7 @@ def run_demo(
         for text, answer in zip([*SAMPLE_TICKETS, NEW_INTENT_TICKET], answers, strict=True):
             print(f"       {answer['label']:<22} {answer['score']:.2f}  v{answer['version']}  {text}")
 
-    champion = reg.client.get_registered_model(name).aliases.get("champion")
+    champion = served_version(reg, name, "champion")
     if champion is not None and str(champion) != first:
         holdout = fresh_data(name, FreshConfig(), exclude_texts=None).holdout
         refused = compare(reg, name, str(champion), first, holdout, log_mlflow=False).decision

@@ -221,8 +221,14 @@ def decide_rollback(events: list[AliasEvent], current: str | None) -> Decision:
 # --- alias moves ------------------------------------------------------------------------------------
 
 
+def served_version(reg: Registry, name: str, alias: str) -> str | None:
+    """The version `alias` names in the audit history: what servers serve and what drift checks, retrains,
+    distillation and `champion predict` start from. A move made only in MLflow counts once it is adopted."""
+    return reg.audit.aliases(name).get(alias)
+
+
 def _alias_version(reg: Registry, name: str, alias: str) -> str | None:
-    """Where MLflow's alias is now (pipelines read the champion so; servers read the audit history)."""
+    """Where MLflow's alias is now (only to compare with, or restore, what the audit history names)."""
     version = _registered_model(reg, name).aliases.get(alias)
     return None if version is None else str(version)
 

@@ -105,9 +105,9 @@ def drift(
 
 
 def _alias(reg, name: str, alias: str) -> str:
-    from champion.registry import _alias_version
+    from champion.registry import served_version
 
-    version = _alias_version(reg, name, alias)
+    version = served_version(reg, name, alias)
     if version is None:
         raise ChampionError(f"model '{name}' has no {alias}; give --version or promote one first.")
     return version

@@ -291,7 +291,8 @@ def _resolve(reg, name: str, teacher: str) -> str:
 
     if teacher.isdigit():
         return teacher
-    aliases = {k: str(v) for k, v in _registered_model(reg, name).aliases.items()}
+    _registered_model(reg, name)  # an unknown model gets its own sentence
+    aliases = reg.audit.aliases(name)  # what the loop approved, not an alias set only in MLflow
     if teacher not in aliases:
         raise ChampionError(
             f"teacher: '{name}' has no alias '{teacher}' (it has {', '.join(sorted(aliases)) or 'none'}); "

@@ -32,7 +32,7 @@ def retrain_on_drift(
     """Retrain `model` if its champion's drift alarm is on. `checks`: only windows where one of these
     checks fired count (e.g. ["concept", "estimated_accuracy"] for a performance-based trigger)."""
     from champion.config import load_config
-    from champion.registry import CHAMPION, _alias_version, connect
+    from champion.registry import CHAMPION, connect, served_version
     from monitoring.config import MonitorConfig
     from monitoring.job import _default_store_url
     from monitoring.store import DriftStore
@@ -40,7 +40,7 @@ def retrain_on_drift(
     monitor = load_config(MonitorConfig, monitor_config) if monitor_config else MonitorConfig()
     reg = connect()
     try:
-        version = _alias_version(reg, model, CHAMPION)
+        version = served_version(reg, model, CHAMPION)
         if version is None:
             return {"started": False, "reason": f"model '{model}' has no champion to retrain."}
         store = DriftStore(monitor.store_url or _default_store_url(None))

@@ -110,13 +110,13 @@ def retrain(
 def _retrain(cfg: RetrainConfig, reg, trigger: str, trigger_key: str, about: dict[str, Any]) -> RetrainResult:
     import pandas as pd
 
-    from champion.registry import CHALLENGER, CHAMPION, _alias_version, assign_alias, promote_on_gate
+    from champion.registry import CHALLENGER, CHAMPION, assign_alias, promote_on_gate, served_version
     from pipelines.compare import compare
     from pipelines.finetune import finetune
     from pipelines.fresh import fresh_data, require_disjoint
 
     name = cfg.model_name
-    champion = _alias_version(reg, name, CHAMPION)
+    champion = served_version(reg, name, CHAMPION)
     if champion is None:
         raise ChampionError(f"model '{name}' has no champion to retrain; promote a version first.")
 
@@ -171,7 +171,7 @@ def _retrain(cfg: RetrainConfig, reg, trigger: str, trigger_key: str, about: dic
 
     # The gate, against the champion of this moment (it may have moved while we trained).
     require_disjoint(fresh.holdout, [*original.train["text"], *fresh.train["text"]])
-    now_champion = _alias_version(reg, name, CHAMPION)
+    now_champion = served_version(reg, name, CHAMPION)
     if now_champion is None:
         raise ChampionError(f"model '{name}' lost its champion while the retrain ran; nothing was promoted.")
     note = {} if now_champion == champion else {"champion_changed_during_retrain": [champion, now_champion]}

@@ -132,9 +132,15 @@ def world(tmp_path_factory, tiny_model_dir):
 
 @pytest.fixture
 def champion_alias_on(world):
-    """Point `champion` at a version directly in MLflow (as an attacker would), and back afterwards."""
+    """Make a version the audited champion without today's checks (a version promoted by a release that did
+    not check file contents is still the champion after an upgrade), and put the real one back afterwards.
+    An alias set only in MLflow would not do: every reader follows the audit history, not MLflow's alias."""
+    from champion.audit import AliasEvent
 
     def move(version: str) -> None:
+        with world.reg.audit.lock(NAME, "champion") as history:
+            was = world.reg.audit.aliases(NAME).get("champion")
+            history.append(AliasEvent(NAME, "champion", "promote", was, version, "pytest", "older release"))
         world.reg.client.set_registered_model_alias(NAME, "champion", version)
 
     yield move
