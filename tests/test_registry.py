@@ -311,3 +311,25 @@ def test_a_canary_promotion_retires_the_challenger_in_the_same_audited_move(regi
         None,
     )
     assert challenger.reason == champion.reason and registry.audit.aliases("clf") == {"champion": v2}
+
+
+def test_every_reader_of_the_champion_follows_the_audit_history_not_mlflow(registry, monkeypatch):
+    """Drift checks, retrains, their drift trigger, distillation's alias teacher and `champion predict` start
+    from the audited champion: an alias set only in MLflow moves none of them until it is adopted."""
+    from champion.cli import _champion_version
+    from champion.registry import served_version
+    from monitoring.job import _alias
+    from pipelines.distil import _resolve
+
+    v1, v2 = make_versions(registry, "clf", [0.8, 0.9])
+    promote(registry, "clf", v1, reason="first")
+    registry.client.set_registered_model_alias("clf", "champion", v2)  # e.g. a registry writer
+    readers = {
+        "served_version": lambda: served_version(registry, "clf", "champion"),
+        "drift": lambda: _alias(registry, "clf", "champion"),
+        "predict": lambda: _champion_version(registry, "clf"),
+        "distil": lambda: _resolve(registry, "clf", "champion"),
+    }
+    assert {k: read() for k, read in readers.items()} == dict.fromkeys(readers, v1)
+    adopt(registry, "clf", "champion", v2, reason="moved in the UI for the hotfix")
+    assert {k: read() for k, read in readers.items()} == dict.fromkeys(readers, v2)
