@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from champion.config import champion_home, load_config, tracking_uri
+from champion.config import champion_home, load_config, redact_uri, tracking_uri
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEMO_CONFIG = CONFIGS / "minilm_lora_cpu.yaml"
@@ -166,6 +166,7 @@ def run_demo(
     selection = queue.select(name, ReviewConfig(**REVIEW))  # the demo's budget: its reviewer used today's
     queue.close()
     print(f"     review queue: {selection.reason}")
+    store = redact_uri(tracking_uri())  # a store URI may carry a password
     print(f"""
 Where to look:
   champion models show {name}      versions, aliases, metrics, data hashes, gate tags
@@ -174,8 +175,8 @@ Where to look:
   champion retrain {name}          retrain on fresh labels; the gate decides
   champion serve {name}            serve the champion on http://127.0.0.1:3000 (follows alias moves)
   champion console                 the web console on http://127.0.0.1:8765: the loop's story, drift,
-                                   approvals, the review queue (first: champion console-user NAME)
-  champion ui{" " * (len(name) + 16)}the MLflow UI on {tracking_uri()} (champion-gate, champion-monitoring)
+                                   approvals, reviews (first: champion console-user NAME --role approver)
+  champion ui{" " * (len(name) + 16)}the MLflow UI on {store} (champion-gate, champion-monitoring)
   state lives in {home}""")
     reg.close()
     return summary
