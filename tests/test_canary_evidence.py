@@ -28,6 +28,16 @@ def _as_http(server, texts, client: str):
     return answers
 
 
+def _until_decided(server, clients: list[str], seconds: float, pause: float) -> None:
+    """Send TEXTS as HTTP requests from `clients` in turn until the canary reaches a verdict."""
+    deadline, sent = time.monotonic() + seconds, 0
+    while not server.canary_decisions:
+        assert time.monotonic() < deadline, server.status()
+        _as_http(server, TEXTS, clients[sent % len(clients)])
+        sent += 1
+        time.sleep(pause)
+
+
 def test_anonymous_batches_never_promote_a_canary(make_server, registry, versions):  # noqa: F811
     """The issue's attack: many /predict requests of one sentence. BentoML gathers requests into batches,
     so the batch itself names no client: none of it is evidence until the HTTP layer names one."""
@@ -48,11 +58,7 @@ def test_a_canary_fed_by_one_client_never_promotes(make_server, registry, versio
     assert server.status()["canary"]["clients"] == 1
     assert server.status()["canary"]["counted"] == 20  # max_per_client (default 20)
     _as_http(server, TEXTS * 10, "198.51.100.9")  # a second client: now the evidence is enough
-    deadline = time.monotonic() + 10
-    while not server.canary_decisions:
-        assert time.monotonic() < deadline, server.status()
-        _as_http(server, TEXTS, "198.51.100.9")
-        time.sleep(0.05)
+    _until_decided(server, ["198.51.100.9"], seconds=10, pause=0.05)
     decision, outcome = server.canary_decisions[0]
     assert decision.action == "promote" and outcome.allowed and decision.evidence["clients"] == 2
     assert _aliases(registry) == {"champion": versions[2]}  # the challenger is retired in the same move
@@ -99,12 +105,7 @@ def test_with_approval_required_a_passing_canary_waits_for_a_person(make_server,
 
     canary = {**CANARY, "min_clients": 2, "approval": "required"}
     server = make_server(traffic={"policy": "canary", "canary": canary})
-    deadline, sent = time.monotonic() + 20, 0
-    while not server.canary_decisions:
-        assert time.monotonic() < deadline, server.status()
-        _as_http(server, TEXTS, f"10.0.0.{sent % 3}")
-        sent += 1
-        time.sleep(0.02)
+    _until_decided(server, ["10.0.0.0", "10.0.0.1", "10.0.0.2"], seconds=20, pause=0.02)
     decision, pending = server.canary_decisions[0]
     assert decision.action == "promote" and pending.target == "after_canary"
     time.sleep(0.3)
@@ -130,12 +131,7 @@ def test_a_challenger_that_came_through_an_approval_waits_for_one_again(make_ser
                      actor="scheduler")  # fmt: skip
     assert approve(registry, NAME, versions[1], reason="fine for a canary", actor="ana").allowed
     server = make_server(traffic={"policy": "canary", "canary": {**CANARY, "min_clients": 2}})  # no approval
-    deadline, sent = time.monotonic() + 20, 0
-    while not server.canary_decisions:
-        assert time.monotonic() < deadline, server.status()
-        _as_http(server, TEXTS, f"10.0.0.{sent % 2}")
-        sent += 1
-        time.sleep(0.02)
+    _until_decided(server, ["10.0.0.0", "10.0.0.1"], seconds=20, pause=0.02)
     assert server.canary_decisions[0][1].target == "after_canary"
     assert _aliases(registry) == {"champion": versions[0], "challenger": versions[1]}
     assert [p.version for p in pending_promotions(registry, NAME)] == [versions[1]]
