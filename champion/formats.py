@@ -36,6 +36,8 @@ INT8_FILE = "model.int8.safetensors"
 FORMAT_FILE = "champion_format.json"
 ONNX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 ONNX_OUTPUTS = ("logits", "pooled")
+# Every from_pretrained of a registered version: its own files only, transformers' own classes only.
+LOCAL_ONLY = {"local_files_only": True, "trust_remote_code": False}
 
 
 def format_of(tags: dict[str, str]) -> str:
@@ -55,6 +57,24 @@ def _quiet():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
+
+
+# --- safetensors (the transformers flavour) -----------------------------------------------------------
+
+
+def load_transformers(folder, where: str):
+    """(model, tokenizer) of a checked transformers-flavour folder: transformers' own classes only, from
+    local safetensors files, never remote code."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from champion.safety import transformers_folders
+
+    weights, tokens = transformers_folders(folder, where)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokens), **LOCAL_ONLY)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(weights), use_safetensors=True, **LOCAL_ONLY
+    )
+    return model, tokenizer
 
 
 # --- int8 in torch ------------------------------------------------------------------------------------
@@ -119,7 +139,7 @@ def load_int8(folder: Path):
 
     meta = json.loads((folder / FORMAT_FILE).read_text())
     tensors = load_file(str(folder / INT8_FILE))
-    config = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    config = AutoConfig.from_pretrained(str(folder), **LOCAL_ONLY)
     # Built on the CPU (not the meta device): the embeddings' non-persistent buffers are made here.
     skeleton = AutoModelForSequenceClassification.from_config(config).eval()
     modules = dict(skeleton.named_modules())

@@ -193,19 +193,14 @@ def load_registered_classifier(folder: str, labels: list[str], examples=None, ma
     `folder` comes from `serving.model.checked_folder` (allowlist and digest checked); its JSON files are
     checked again here, and only transformers' own classes are loaded, from local safetensors files."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from champion.safety import check_contents, transformers_folders
+    from champion.formats import load_transformers
+    from champion.safety import check_contents
 
     where = f"the version to start from ('{folder}')"
     check_contents(folder, where)
-    weights, tokens = transformers_folders(folder, where)
-    local = {"local_files_only": True, "trust_remote_code": False}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokens, **local)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(weights), use_safetensors=True, **local
-        )
+        model, tokenizer = load_transformers(folder, where)
     except (OSError, ValueError) as err:
         raise ChampionError(
             f"the version to start from could not be loaded from '{folder}' ({err}); retrain from the base "

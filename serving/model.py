@@ -26,8 +26,6 @@ FORWARD_LOCK = threading.RLock()
 TOKENIZE_LOCK = threading.Lock()
 _FORWARD_THREAD: dict[str, Any] = {"executor": None}
 FORWARD_THREAD_NAME = "champion-forward"
-# Every from_pretrained of a registered version: its own files only, transformers' own classes only.
-LOCAL_ONLY = {"local_files_only": True, "trust_remote_code": False}
 
 
 def serve_forwards_from_one_thread(threads: int) -> None:
@@ -225,6 +223,8 @@ def load_version(client, name: str, version: str, device: str = "auto", max_toke
     Runtime's CPU provider)."""
     import torch
 
+    from champion.formats import load_transformers
+
     started = time.perf_counter()
     folder, fmt, mv = checked_folder(client, name, str(version))
     if max_tokens is None:
@@ -291,21 +291,6 @@ def checked_folder(client, name: str, version: str):
     return target, fmt, mv
 
 
-def load_transformers(folder, where: str):
-    """(model, tokenizer) of a checked transformers-flavour folder: transformers' own classes only, from
-    local safetensors files, never remote code."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from champion.safety import transformers_folders
-
-    weights, tokens = transformers_folders(folder, where)
-    tokenizer = AutoTokenizer.from_pretrained(str(tokens), **LOCAL_ONLY)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(weights), use_safetensors=True, **LOCAL_ONLY
-    )
-    return model, tokenizer
-
-
 def _cache_folder(name: str, version: str, source: str) -> Path:
     """Where a version's files are cached, keyed by its source too: a version number freed by a deleted
     version and used again never finds the old files."""
@@ -341,7 +326,7 @@ def load_variant(name: str, version: str, fmt: str, folder, max_tokens: int) -> 
 
     from transformers import AutoTokenizer
 
-    from champion.formats import load_int8, onnx_session
+    from champion.formats import LOCAL_ONLY, load_int8, onnx_session
 
     folder = Path(folder)
     try:
