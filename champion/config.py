@@ -35,6 +35,32 @@ def champion_home() -> Path:
     return Path(os.environ.get("CHAMPION_HOME", ".champion")).expanduser().resolve()
 
 
+def home_secret(name: str, home: Path | None = None) -> str:
+    """A random hex secret kept in CHAMPION_HOME/`name` (mode 0600): made once, then read by every process.
+    Processes that start together agree on one: each writes its own candidate and links it into place, which
+    is atomic and never overwrites, so the first link wins whole."""
+    import secrets
+    import uuid
+
+    path = (home or champion_home()) / name
+    if not (path.exists() and path.read_text().strip()):
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        candidate = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+        fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, secrets.token_hex(32).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(candidate, path)
+        except FileExistsError:
+            pass
+        finally:
+            candidate.unlink()
+    return path.read_text().strip()
+
+
 def secure_home() -> Path:
     """Make what Champion writes private to its user: umask 077 for this process (and the servers and jobs
     it starts), so new files are 0600 and folders 0700. An existing CHAMPION_HOME becomes 0700, and the

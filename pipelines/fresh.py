@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import re
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
-from champion.config import StrictModel, champion_home, redact_uri
+from champion.config import StrictModel, champion_home, home_secret, redact_uri
 from champion.errors import ChampionError
 
 if TYPE_CHECKING:
@@ -95,28 +93,12 @@ def holdout_side(texts, model_name: str, share: float, seed: int | bytes):
 
 def holdout_secret(home: Path | None = None) -> bytes:
     """The split's secret key: 32 random bytes made once per CHAMPION_HOME, kept in a 0600 file."""
-    path = (home or champion_home()) / SECRET_FILE
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{SECRET_FILE}.{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, secrets.token_hex(32).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)  # atomic and never overwrites: a racing process's key wins, whole
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
     try:
-        return bytes.fromhex(path.read_text().strip())
+        return bytes.fromhex(home_secret(SECRET_FILE, home))
     except ValueError:
         raise ChampionError(
-            f"{path}: the holdout's secret key is not hex; delete the file (the holdout is dealt anew) or "
-            "restore it from a backup."
+            f"{(home or champion_home()) / SECRET_FILE}: the holdout's secret key is not hex; delete the "
+            "file (the holdout is dealt anew) or restore it from a backup."
         ) from None
 
 

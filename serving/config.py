@@ -126,7 +126,7 @@ def feedback_key() -> tuple[str | None, str]:
     else the deprecated $CHAMPION_API_KEY; (None, "") when none is set.
 
     Read on every call, so a new key takes effect without a restart. A key file that others may read is
-    refused: whoever can read it can write feedback labels, which reach the gate's holdout."""
+    refused: whoever can read it can write feedback labels, which teach the retrains."""
     if key := os.environ.get(FEEDBACK_KEY_ENV):
         return key, FEEDBACK_KEY_ENV
     path = champion_home() / FEEDBACK_KEY_FILE

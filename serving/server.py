@@ -12,7 +12,6 @@ import logging
 import os
 import queue
 import random
-import secrets
 import socket
 import threading
 import time
@@ -649,23 +648,9 @@ SERVED_ALIASES = ("champion", "challenger")
 def traffic_secret(home: Path | None = None) -> str:
     """The server's secret: made once in CHAMPION_HOME (mode 0600) and read by every worker after. It salts
     the sticky assignment (so no client can choose keys that land on the canary) and the client hashes."""
-    from champion.config import champion_home
+    from champion.config import home_secret
 
-    path = (home or champion_home()) / SECRET_FILE
-    if path.exists() and path.read_text().strip():
-        return path.read_text().strip()
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fresh = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-    fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_hex(32))
-    try:
-        os.link(fresh, path)  # atomic: of workers starting together the first one's secret is everyone's
-    except FileExistsError:
-        pass
-    finally:
-        fresh.unlink()
-    return path.read_text().strip()
+    return home_secret(SECRET_FILE, home)
 
 
 def _v(version: str | None) -> str:
