@@ -80,6 +80,8 @@ def test_log_in_review_ten_texts_with_the_keyboard_and_approve(console_url, brow
     seen = []
     keys = ["1", "3", "s", "2", "n", "4", "1", "2", "3", "1"]
     for key in keys:
+        # The element exists before the page's key handler is attached; a key pressed in between is lost.
+        page.wait_for_load_state("load")
         request_id = page.get_attribute("#item", "data-request-id")
         assert request_id not in seen
         seen.append(request_id)
