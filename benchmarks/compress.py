@@ -38,7 +38,7 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != 
 DATA = ROOT.parent / "shared" / "data" / "banking77"
 RESULTS = ROOT / "benchmarks" / "results"
 NAME = "banking77-intents"
-CHAMPION = [sys.executable, "-m", "champion.cli"]
+CHAMPION = [sys.executable, "-m", "champion_cli"]
 
 from benchmarks.drift import code_state, machine  # noqa: E402 (after the sys.path fix above)
 

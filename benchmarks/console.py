@@ -80,7 +80,7 @@ def fill_log(db: Path, rows: int, start: int = 0, seed: int = 0) -> float:
 
 
 def time_selection(url: str, budget: int) -> dict:
-    from champion.review import ReviewConfig, ReviewQueue
+    from monitoring.review import ReviewConfig, ReviewQueue
 
     queue = ReviewQueue(url)
     cfg = ReviewConfig(daily_budget=budget, drift_windows=False)

@@ -13,7 +13,7 @@
    Reported: the share of windows whose decision is `drift`, overall and per check.
    Goals: >= 95% detection of held-out-intent drift at 500 rows, <= 1% false alarms per iid window.
 2. Scale: inference logs of 10k, 100k and 1M rows (the model's own predictions on banking77 texts, drawn
-   with replacement) in sqlite. The drift job (`monitoring.job.drift`, no MLflow report) runs on the whole
+   with replacement) in sqlite. The drift job (`monitoring.check.drift`, no MLflow report) runs on the whole
    log in a fresh process: wall time and peak memory, with its phases. Its per-column statistics (prediction,
    confidence, estimated accuracy, text length, [UNK] share, unseen texts, with their calibration) are
    timed against a plain numpy/scipy computation of the same statistics and nulls on the same arrays
@@ -269,8 +269,8 @@ def run_job_child(home: Path, rows: int) -> dict:
     from champion.registry import CHAMPION, connect
     from monitoring import drift as d
     from monitoring import stats
+    from monitoring.check import _clean, _read_log, drift
     from monitoring.config import MonitorConfig
-    from monitoring.job import _clean, _read_log, drift
     from monitoring.reference import load_reference
     from serving.model import load_version
 

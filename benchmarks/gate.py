@@ -198,7 +198,7 @@ def simulate(y, p, challengers: dict, sizes: list[int], holdouts: int, cfg, seed
 def run_loop() -> dict:
     """`champion demo` (the defaults of `make demo`) in a scratch home, in a child process so its torch and
     server do not share this one's; its summary holds the loop's timings."""
-    code = "import json, os; from champion.demo import run_demo; print('LOOP ' + json.dumps(run_demo()))"
+    code = "import json, os; from champion_cli.demo import run_demo; print('LOOP ' + json.dumps(run_demo()))"
     with tempfile.TemporaryDirectory(prefix="champion-gate-loop-") as home:
         env = {**os.environ, "CHAMPION_HOME": home}
         started = time.perf_counter()

@@ -371,7 +371,7 @@ def _ours_config(home: Path, port: int, max_batch_size: int | None) -> tuple[Pat
 
 
 def _ours_command(config: Path, port: int) -> list[str]:
-    return [sys.executable, "-m", "champion.cli", "serve", NAME, "--config", str(config), "--port", str(port)]
+    return [sys.executable, "-m", "champion_cli", "serve", NAME, "--config", str(config), "--port", str(port)]
 
 
 def _ours_target(port: int, bodies: list[bytes]) -> Target:

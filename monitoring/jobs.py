@@ -20,8 +20,8 @@ def drift_check(
     from datetime import UTC, datetime, timedelta
 
     from champion.config import load_config
+    from monitoring.check import drift
     from monitoring.config import MonitorConfig
-    from monitoring.job import drift
     from monitoring.metrics import observe_drift
 
     cfg = load_config(MonitorConfig, config, []) if config else MonitorConfig()
@@ -41,7 +41,7 @@ def drift_check(
 def review_select(model: str, config: str | None = None, log_url: str | None = None) -> dict[str, Any]:
     """Queue the newly logged predictions that deserve a person's label (`champion review select`)."""
     from champion.config import load_config
-    from champion.review import ReviewConfig, ReviewQueue
+    from monitoring.review import ReviewConfig, ReviewQueue
 
     cfg = load_config(ReviewConfig, config, []) if config else ReviewConfig()
     queue = ReviewQueue(log_url)

@@ -505,16 +505,3 @@ def _fit(
         "cpu_seconds": cpu_seconds,
         "memory": memory,
     }
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m pipelines.distil CONFIG [key=value ...]`, the same as `champion distil`."""
-    import sys
-
-    from champion.cli import main as cli_main
-
-    return cli_main(["distil", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -2,9 +2,9 @@
 
 The same `finetune` and `distil` run unchanged in one process (the default) or in several:
 
-    torchrun --standalone --nproc_per_node 2 -m pipelines.finetune configs/minilm_full_cpu.yaml   # CPU, gloo
-    torchrun --standalone --nproc_per_node 8 -m pipelines.finetune configs/minilm_lora_gpu.yaml   # GPUs, nccl
-    accelerate launch --multi_gpu --num_processes 8 -m pipelines.finetune configs/minilm_lora_gpu.yaml
+    torchrun --standalone --nproc_per_node 2 -m champion_cli finetune configs/minilm_full_cpu.yaml # CPU
+    torchrun --standalone --nproc_per_node 8 -m champion_cli finetune configs/minilm_lora_gpu.yaml # GPUs
+    accelerate launch --multi_gpu --num_processes 8 -m champion_cli finetune configs/minilm_lora_gpu.yaml
 
 Each process trains on its shard of every epoch (a DistributedSampler) with `train.batch_size / world`
 rows per step, so the optimisation sees the config's batch size whatever the process count; gradients are

@@ -464,16 +464,3 @@ def _train_epoch(
 def _trainable_state(model) -> dict:
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if k in names}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m pipelines.finetune CONFIG [key=value ...]`, the same as `champion finetune`."""
-    import sys
-
-    from champion.cli import main as cli_main
-
-    return cli_main(["finetune", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -138,7 +138,7 @@ def _reviewed(model_name: str, url: str) -> dict[str, tuple[str, str]]:
     """request_id -> (the review sample: random | targeted, the reviewer's answer) of the labelled rows."""
     import sqlalchemy as sa
 
-    from champion.review import review_items
+    from monitoring.review import review_items
 
     engine = sa.create_engine(url)
     try:

@@ -33,8 +33,8 @@ def retrain_on_drift(
     checks fired count (e.g. ["concept", "estimated_accuracy"] for a performance-based trigger)."""
     from champion.config import load_config
     from champion.registry import CHAMPION, connect, served_version
+    from monitoring.check import _default_store_url
     from monitoring.config import MonitorConfig
-    from monitoring.job import _default_store_url
     from monitoring.store import DriftStore
 
     monitor = load_config(MonitorConfig, monitor_config) if monitor_config else MonitorConfig()
@@ -118,7 +118,7 @@ def launch(
         return {"started": False, "trigger_key": key, "reason": str(err)}
     if news:
         reg.audit.record(LoopEvent(model, trigger, news, None, about, trigger_key=key))
-    command = [sys.executable, "-m", "champion.cli", "retrain", model, "--trigger-key", key,
+    command = [sys.executable, "-m", "champion_cli", "retrain", model, "--trigger-key", key,
                "--trigger", trigger, "--claimed", "--json"]  # fmt: skip
     if config:
         command += ["--config", config]

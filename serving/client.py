@@ -123,7 +123,7 @@ def start_server(
         chosen = port or free_port()
         log_path = Path(log) if log else champion_home() / "serving" / f"{name}-{chosen}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "champion.cli", "serve", name, "--port", str(chosen)]
+        command = [sys.executable, "-m", "champion_cli", "serve", name, "--port", str(chosen)]
         if config:
             command += ["--config", str(config)]
         with open(log_path, "w") as out:

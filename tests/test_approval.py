@@ -9,10 +9,10 @@ import pytest
 from helpers import make_versions
 
 from champion.approval import approve, pending_promotions, recent, reject, request_approval
-from champion.cli import main
 from champion.errors import ChampionError
 from champion.registry import promote, story
 from champion.safety import DIGEST_TAG
+from champion_cli.cli import main
 
 GATE = "beats the champion on 400 fresh rows (macro-F1 +0.031, 95% CI [+0.012, +0.050])"
 

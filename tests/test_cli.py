@@ -9,12 +9,12 @@ import sys
 import pytest
 from helpers import http_process, make_versions
 
-from champion.cli import main
+from champion_cli.cli import main
 
 
 def test_help_imports_nothing_heavy():
     code = (
-        "import sys, champion.cli as c\n"
+        "import sys, champion_cli.cli as c\n"
         "try:\n    c.main(['--help'])\nexcept SystemExit:\n    pass\n"
         "print(sorted(m for m in ('torch', 'mlflow', 'transformers', 'pandas') if m in sys.modules))"
     )
@@ -86,6 +86,6 @@ def test_data_verb_writes_tickets(tmp_path, capsys):
 
 
 def test_ui_serves_the_projects_store(home, tmp_path):
-    command = lambda port: [sys.executable, "-m", "champion.cli", "ui", "--port", str(port)]  # noqa: E731
+    command = lambda port: [sys.executable, "-m", "champion_cli", "ui", "--port", str(port)]  # noqa: E731
     with http_process(command, tmp_path / "ui.log", timeout=90):
         assert (home / "mlflow.db").exists()  # the UI opened the project's store, not ./mlruns

@@ -9,7 +9,7 @@ import pytest
 from conftest import TINY_INTENTS, tiny_finetune_config
 from helpers import register_tiny_versions
 
-from champion.cli import main
+from champion_cli.cli import main
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import TINY_CORPUS, tiny_finetune_config
 
-from champion.cli import main
+from champion_cli.cli import main
 
 NAME = "tiny-intents"
 # Trained until it is sure of itself (held-out macro-F1 1.0 at 1 and 2 threads): the shared tiny champion

@@ -76,7 +76,7 @@ def test_shipped_monitor_config_validates_names_its_command_and_sets_every_check
 
 
 def test_shipped_review_config_validates_and_names_its_command():
-    from champion.review import ReviewConfig
+    from monitoring.review import ReviewConfig
 
     path = ALL_CONFIGS[0].parent / "review.yaml"
     cfg = load_config(ReviewConfig, path)

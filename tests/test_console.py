@@ -20,8 +20,8 @@ LABELS = ("track_order", "reset_password", "card_declined", "invoice_request")
 def seed_console_data(registry, home, texts: int = 12) -> dict:
     """clf: v1 champion, v2 waiting for approval (asked by the scheduler), `texts` predictions queued for
     review, and two drift checks (one drifted) in the inference log's database."""
-    from champion.review import ReviewConfig, ReviewQueue
     from monitoring.drift import CheckResult, DriftDecision
+    from monitoring.review import ReviewConfig, ReviewQueue
     from monitoring.store import DriftStore
     from serving.inference_log import InferenceLog, PredictionRecord, encode_probs
 
@@ -61,7 +61,7 @@ def seed_console_data(registry, home, texts: int = 12) -> dict:
 def console(registry, home, tmp_path, monkeypatch):
     from starlette.testclient import TestClient
 
-    from champion.console import create_app, set_user
+    from champion_cli.console import create_app, set_user
 
     data = seed_console_data(registry, home)
     users = tmp_path / "users.json"
@@ -155,7 +155,7 @@ def test_approval_through_the_console_is_four_eyes_and_audited(console):
 
 
 def test_reviewing_through_the_console_labels_skips_and_names_new_intents(console):
-    from champion.review import ReviewConfig, ReviewQueue
+    from monitoring.review import ReviewConfig, ReviewQueue
 
     csrf = _login(console)
     page = console.get("/models/clf/review")
@@ -233,7 +233,7 @@ def test_hostile_requests_get_a_clear_4xx(console):
 
 
 def test_guessing_many_names_keeps_the_lockout_table_bounded(monkeypatch):
-    import champion.console as console_module
+    import champion_cli.console as console_module
 
     monkeypatch.setattr(console_module, "MAX_TRACKED_NAMES", 50)
     sessions = console_module.Sessions()
@@ -245,7 +245,7 @@ def test_guessing_many_names_keeps_the_lockout_table_bounded(monkeypatch):
 def test_a_database_that_does_not_answer_is_a_503_with_a_sentence(registry, tmp_path):
     from starlette.testclient import TestClient
 
-    from champion.console import create_app, set_user
+    from champion_cli.console import create_app, set_user
 
     users = tmp_path / "users.json"
     set_user("ana", "correct horse battery", users)

@@ -15,9 +15,9 @@ import pytest
 from test_console import seed_console_data
 
 from champion.approval import pending_promotions
-from champion.cli import main
-from champion.console import create_app, set_user
 from champion.registry import connect, story
+from champion_cli.cli import main
+from champion_cli.console import create_app, set_user
 
 KEY = "feedback-key-" + "k" * 20
 PASSWORD = "correct horse battery"
@@ -209,7 +209,7 @@ def test_five_wrong_passwords_from_one_client_do_not_lock_the_user_out_elsewhere
 
 
 def test_one_client_cannot_run_many_password_checks(monkeypatch):
-    import champion.console as console_module
+    import champion_cli.console as console_module
 
     monkeypatch.setattr(console_module, "LOGINS_PER_MINUTE_PER_CLIENT", 3)
     sessions = console_module.Sessions()

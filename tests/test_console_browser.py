@@ -96,7 +96,7 @@ def test_log_in_review_ten_texts_with_the_keyboard_and_approve(console_url, brow
     assert page.inner_text("#answered") == "10"
     assert page.inner_text("#waiting") == "2"  # 12 queued, 10 answered
 
-    from champion.review import ReviewQueue
+    from monitoring.review import ReviewQueue
 
     queue = ReviewQueue(data["url"])
     answers = [queue.get("clf", rid) for rid in seen]

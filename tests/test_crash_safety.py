@@ -12,9 +12,9 @@ import signal
 import pytest
 from helpers import crash_child, make_versions
 
-from champion.cli import main
 from champion.registry import assign_alias, promote
 from champion.repair import REGISTRATION_TAG, doctor
+from champion_cli.cli import main
 
 NAME = "tiny-intents"
 _ENV_KEYS = ("CHAMPION_HOME", "CHAMPION_ACTOR", "HF_HUB_OFFLINE", "MLFLOW_TRACKING_URI", "CHAMPION_AUDIT_URL")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from champion.cli import main
 from champion.errors import ChampionError
+from champion_cli.cli import main
 
 NAME = "tiny-intents"
 

@@ -28,7 +28,11 @@ def test_finetune_and_distil_under_torchrun_with_two_cpu_processes_register_once
     env = {**os.environ, "CHAMPION_HOME": str(home), "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
     done = subprocess.run(
-        [*torchrun, "pipelines.finetune", str(config)], env=env, capture_output=True, text=True, timeout=600
+        [*torchrun, "champion_cli", "finetune", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("registered tiny-intents v1 as 'challenger'") == 1, done.stdout[-2000:]
@@ -56,7 +60,7 @@ def test_finetune_and_distil_under_torchrun_with_two_cpu_processes_register_once
         )
     )
     done = subprocess.run(
-        [*torchrun, "pipelines.distil", str(distil_config)],
+        [*torchrun, "champion_cli", "distil", str(distil_config)],
         env=env,
         capture_output=True,
         text=True,

@@ -142,7 +142,7 @@ def test_interrupted_training_registers_nothing(home, tickets_csv, tiny_model_di
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         proc = subprocess.Popen(
-            [sys.executable, "-m", "champion.cli", "finetune", str(config)],
+            [sys.executable, "-m", "champion_cli", "finetune", str(config)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

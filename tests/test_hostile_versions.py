@@ -160,7 +160,7 @@ def _serving(world, _move):
 
 
 def _predict(world, move):
-    from champion.cli import main
+    from champion_cli.cli import main
 
     move(world.evil)
     code = main(["predict", NAME, "where is my order"])
@@ -169,7 +169,7 @@ def _predict(world, move):
 
 
 def _drift(world, _move):
-    from monitoring.job import drift
+    from monitoring.check import drift
 
     sample = world.root / "window.csv"
     _labelled(world)[["text"]].to_csv(sample, index=False)
@@ -232,7 +232,7 @@ def _retrain(world, move, version: str | None = None):
 
 
 def _review_labels(world, _move):
-    from champion.review import version_labels
+    from monitoring.review import version_labels
 
     if version_labels(NAME, world.evil) is not None:  # the console's reviewer view reads its config.json
         return
@@ -322,7 +322,7 @@ def test_a_version_without_its_digest_is_refused_unless_legacy_versions_are_allo
 
 def test_a_file_changed_after_registration_is_refused_by_retrains_start_too(world, champion_alias_on):
     """The retrain's `init: champion` read the champion's files without the digest check."""
-    from champion.review import version_labels
+    from monitoring.review import version_labels
     from serving.model import load_version
 
     folder = _copy_of_version(world.reg, world.champion, world.root / "tampered")

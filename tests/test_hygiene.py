@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from champion.cli import main
+from champion_cli.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 PASSWORD = "s3cret-pw-24"
@@ -169,7 +169,7 @@ TINY_FLOW = r"""
 import os, sys, uuid
 from datetime import UTC, datetime
 os.umask(0o022)  # what a shell usually has
-from champion.cli import main
+from champion_cli.cli import main
 main(["models", "list"])  # creates the registry and the audit history
 sys.path.insert(0, "tests")
 from helpers import register_tiny_versions

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from champion.cli import main
+from champion_cli.cli import main
 from pipelines.finetune import FinetuneConfig, finetune
 from pipelines.ticketgen import INTENTS, write_tickets
 

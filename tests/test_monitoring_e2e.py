@@ -45,7 +45,7 @@ def _logged(home, count: int, timeout: float = 30) -> None:
 
 def _drift(home, *args: str) -> tuple[int, dict]:
     out = subprocess.run(
-        [sys.executable, "-m", "champion.cli", "drift", NAME, "--json", "--no-mlflow", *args],
+        [sys.executable, "-m", "champion_cli", "drift", NAME, "--json", "--no-mlflow", *args],
         capture_output=True, text=True, env=_env(home), timeout=300,
     )  # fmt: skip
     assert out.returncode in (0, 3, 4), out.stderr
@@ -64,7 +64,7 @@ def test_serve_traffic_drift_and_the_scheduler_metrics(tmp_path, home, registry,
         return [
             sys.executable,
             "-m",
-            "champion.cli",
+            "champion_cli.cli",
             "serve",
             NAME,
             "--config",
@@ -102,7 +102,7 @@ def test_serve_traffic_drift_and_the_scheduler_metrics(tmp_path, home, registry,
     try:
         sched.wait_for("scheduler active")
         run = subprocess.run(
-            [sys.executable, "-m", "champion.cli", "schedule", "run-now", "drift", "--config", str(schedule)],
+            [sys.executable, "-m", "champion_cli", "schedule", "run-now", "drift", "--config", str(schedule)],
             capture_output=True, text=True, env=_env(home), timeout=300,
         )  # fmt: skip
         assert run.returncode == 0 and f"drift: ok (scheduled, pid {sched.proc.pid})" in run.stdout, (

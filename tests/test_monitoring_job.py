@@ -84,7 +84,7 @@ def test_the_log_keeps_every_class_probability(server):
 
 
 def test_served_traffic_is_ok_and_other_intents_drift(home, registry, server, champion_version):
-    from monitoring.job import drift
+    from monitoring.check import drift
 
     normal = generate_tickets(300, seed=11, intents=TINY_INTENTS)["text"].tolist()
     _send(server, normal)
@@ -104,7 +104,7 @@ def test_served_traffic_is_ok_and_other_intents_drift(home, registry, server, ch
 
 
 def test_a_labelled_file_is_scored_by_the_served_version(tmp_path, registry, champion_version):
-    from monitoring.job import drift
+    from monitoring.check import drift
 
     frame = generate_tickets(200, seed=13, intents=TINY_INTENTS)[["text", "label"]]
     frame.loc[5, "text"] = ""  # blank and missing texts are dropped and counted, not scored
@@ -121,7 +121,7 @@ def test_a_labelled_file_is_scored_by_the_served_version(tmp_path, registry, cha
 
 
 def test_drift_file_leaves_the_alarm_as_it_was(tmp_path, registry, champion_version, home, capsys):
-    from champion.cli import main
+    from champion_cli.cli import main
     from monitoring.drift import CheckResult, DriftDecision
     from monitoring.store import DriftStore
 
@@ -144,7 +144,7 @@ def test_drift_file_leaves_the_alarm_as_it_was(tmp_path, registry, champion_vers
 def test_the_report_is_logged_to_mlflow_against_the_version(registry, server, champion_version):
     import mlflow
 
-    from monitoring.job import drift
+    from monitoring.check import drift
 
     _send(server, generate_tickets(150, seed=14, intents=TINY_INTENTS)["text"].tolist())
     run = drift(NAME, MonitorConfig(), last=150, registry=registry)
@@ -160,7 +160,7 @@ def test_the_report_is_logged_to_mlflow_against_the_version(registry, server, ch
 def test_a_window_mixing_versions_checks_only_the_served_one(registry, server, champion_version):
     from datetime import UTC, datetime
 
-    from monitoring.job import drift
+    from monitoring.check import drift
     from serving.inference_log import PredictionRecord
 
     _send(server, generate_tickets(120, seed=15, intents=TINY_INTENTS)["text"].tolist())
@@ -176,7 +176,7 @@ def test_a_window_mixing_versions_checks_only_the_served_one(registry, server, c
 def test_bad_input_is_one_sentence(tmp_path, registry, champion_version, home):
     from helpers import make_versions
 
-    from monitoring.job import drift
+    from monitoring.check import drift
 
     with pytest.raises(ChampionError, match="--last: 0 is not a window"):
         drift(NAME, _cfg(), last=0, registry=registry)
@@ -194,7 +194,7 @@ def test_bad_input_is_one_sentence(tmp_path, registry, champion_version, home):
 
 
 def test_an_empty_window_is_insufficient_data_and_stored(registry, champion_version, home):
-    from monitoring.job import drift
+    from monitoring.check import drift
     from monitoring.store import DriftStore
 
     run = drift(NAME, _cfg(), registry=registry)
@@ -206,7 +206,7 @@ def test_an_empty_window_is_insufficient_data_and_stored(registry, champion_vers
 
 
 def test_cli_exit_codes_and_json(registry, server, champion_version, capsys, tmp_path):
-    from champion.cli import main
+    from champion_cli.cli import main
 
     assert main(["drift", NAME, "--last", "50", "--no-mlflow", "--json"]) == 4  # nothing logged yet
     out = json.loads(capsys.readouterr().out)
@@ -230,7 +230,7 @@ def test_cli_exit_codes_and_json(registry, server, champion_version, capsys, tmp
 def test_monitor_reference_builds_one_for_an_old_version(tmp_path, registry, tiny_model_dir, home, capsys):
     from helpers import register_tiny_versions
 
-    from champion.cli import main
+    from champion_cli.cli import main
     from monitoring.reference import load_reference
 
     (version,) = register_tiny_versions(registry, tiny_model_dir, TINY_INTENTS, 1)
@@ -257,7 +257,7 @@ def _check_on(ref):
 
 
 def test_evidently_report_leaves_out_text_it_cannot_read(tmp_path, registry, champion_version):
-    from monitoring.job import drift
+    from monitoring.check import drift
 
     path = tmp_path / "stop.csv"
     pd.DataFrame({"text": ["it is the"] * 150}).to_csv(path, index=False)
@@ -266,7 +266,7 @@ def test_evidently_report_leaves_out_text_it_cannot_read(tmp_path, registry, cha
 
 
 def test_a_large_window_is_sampled_and_says_so(registry, server, champion_version):
-    from monitoring.job import drift
+    from monitoring.check import drift
 
     _send(server, generate_tickets(150, seed=19, intents=TINY_INTENTS)["text"].tolist())
     cfg = MonitorConfig.model_validate({"report": {"mlflow": False}, "max_rows": 100})
@@ -276,7 +276,7 @@ def test_a_large_window_is_sampled_and_says_so(registry, server, champion_versio
 
 
 def test_the_arm_filter_picks_the_traffic_arm(registry, server, champion_version):
-    from monitoring.job import drift
+    from monitoring.check import drift
 
     _send(server, generate_tickets(40, seed=20, intents=TINY_INTENTS)["text"].tolist())
     assert drift(NAME, _cfg(), arms=["champion"], registry=registry).decision.rows == 40

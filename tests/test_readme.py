@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from champion.cli import build_parser
+from champion_cli.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

@@ -316,9 +316,9 @@ def test_a_canary_promotion_retires_the_challenger_in_the_same_audited_move(regi
 def test_every_reader_of_the_champion_follows_the_audit_history_not_mlflow(registry, monkeypatch):
     """Drift checks, retrains, their drift trigger, distillation's alias teacher and `champion predict` start
     from the audited champion: an alias set only in MLflow moves none of them until it is adopted."""
-    from champion.cli import _champion_version
     from champion.registry import served_version
-    from monitoring.job import _alias
+    from champion_cli.cli import _champion_version
+    from monitoring.check import _alias
     from pipelines.distil import _resolve
 
     v1, v2 = make_versions(registry, "clf", [0.8, 0.9])

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from conftest import TINY_INTENTS, tiny_finetune_config
 
-from champion.cli import main
 from champion.errors import ChampionError
+from champion_cli.cli import main
 
 NEW_INTENT = "damaged_item"  # an intent the champion was never trained on
 LEARN = {"method": "full", "train": {"epochs": 6, "learning_rate": 3e-3}}

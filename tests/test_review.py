@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from champion.errors import ChampionError
-from champion.review import RANDOM, TARGETED, ReviewConfig, ReviewQueue, in_random_sample
+from monitoring.review import RANDOM, TARGETED, ReviewConfig, ReviewQueue, in_random_sample
 from serving.inference_log import InferenceLog, PredictionRecord, encode_probs, feedback
 
 LABELS = ("track_order", "reset_password", "card_declined", "invoice_request")
@@ -234,7 +234,7 @@ def test_feedback_labels_never_reach_the_default_holdout(url, monkeypatch):
 
 
 def test_the_cli_takes_the_next_item_and_answers_it(home, capsys, monkeypatch):
-    from champion.cli import main
+    from champion_cli.cli import main
 
     url = f"sqlite:///{home / 'inference.db'}"
     _log(url, [("q0", 0.3, "champion", None, NOW), ("q1", 0.35, "champion", None, NOW)])

@@ -47,7 +47,7 @@ class Scheduler:
         self.log = log
         with open(log, "w") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "champion.cli", "schedule", "start", "--config", str(config), *extra],
+                [sys.executable, "-m", "champion_cli", "schedule", "start", "--config", str(config), *extra],
                 stdout=out, stderr=subprocess.STDOUT, env=_env(home), start_new_session=True,
             )  # fmt: skip
 
@@ -68,7 +68,7 @@ class Scheduler:
 
 def _cli(config: Path, home: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "champion.cli", "schedule", *args, "--config", str(config)],
+        [sys.executable, "-m", "champion_cli", "schedule", *args, "--config", str(config)],
         capture_output=True, text=True, env=_env(home), timeout=120,
     )  # fmt: skip
 
@@ -287,6 +287,6 @@ def test_the_shipped_schedule_config_validates_and_names_its_command():
     assert retrain.func == "pipelines.jobs:retrain_on_drift" and retrain.grace() == 3600
     assert retrain.kwargs["config"] == "configs/retrain.yaml"
     assert review.func == "monitoring.jobs:review_select" and approvals.func == "monitoring.jobs:approvals"
-    from champion.review import ReviewConfig
+    from monitoring.review import ReviewConfig
 
     assert load_config(ReviewConfig, TESTS.parent / review.kwargs["config"]).daily_budget == 200

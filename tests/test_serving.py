@@ -127,7 +127,7 @@ def _metric(name: str, **labels) -> float | None:
 def test_an_alias_set_in_mlflow_is_not_served_until_adopted(make_server, registry, versions, capsys):
     """Issue 24 item 7: a move in the MLflow UI or API skips the gate, approval and the audit lock; the
     server keeps the audited champion, says so (log, gauge, status), and follows once a person adopts."""
-    from champion.cli import main
+    from champion_cli.cli import main
 
     server = make_server(traffic={"policy": "ab", "challenger_weight": 0.5})
     registry.client.set_registered_model_alias(NAME, "champion", versions[1])  # around Champion

@@ -28,7 +28,7 @@ def write_yaml(path: Path, **sections) -> Path:
 
 
 def serve_command(config: Path):
-    return lambda port: [sys.executable, "-m", "champion.cli", "serve", NAME, "--config", str(config),
+    return lambda port: [sys.executable, "-m", "champion_cli", "serve", NAME, "--config", str(config),
                          "--port", str(port)]  # fmt: skip
 
 
@@ -153,13 +153,13 @@ def test_graceful_shutdown_writes_every_answered_prediction(tmp_path, home, serv
 def test_champion_predict_cli_talks_to_the_server_and_to_the_registry(tmp_path, home, served_versions):
     config = write_yaml(tmp_path / "serve.yaml")
     with http_process(serve_command(config), tmp_path / "serve.log", ready="/readyz") as url:
-        command = [sys.executable, "-m", "champion.cli", "predict", NAME, "where is my order", "--json"]
+        command = [sys.executable, "-m", "champion_cli", "predict", NAME, "where is my order", "--json"]
         out = subprocess.run([*command, "--url", url], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         answer = json.loads(out.stdout)[0]
         assert answer["version"] == "1" and answer["label"] in TINY_INTENTS
     local = subprocess.run(
-        [sys.executable, "-m", "champion.cli", "predict", NAME, "where is my order", "--json"],
+        [sys.executable, "-m", "champion_cli", "predict", NAME, "where is my order", "--json"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert local.returncode == 0, local.stderr
@@ -167,7 +167,7 @@ def test_champion_predict_cli_talks_to_the_server_and_to_the_registry(tmp_path, 
     assert (mine["label"], mine["version"]) == (answer["label"], "1")
     assert abs(mine["score"] - answer["score"]) < 1e-5
     gone = subprocess.run(
-        [sys.executable, "-m", "champion.cli", "predict", NAME, "x", "--url", "http://127.0.0.1:9"],
+        [sys.executable, "-m", "champion_cli", "predict", NAME, "x", "--url", "http://127.0.0.1:9"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert gone.returncode == 2 and "no server answers at http://127.0.0.1:9" in gone.stderr

@@ -196,7 +196,7 @@ def cmd_reject(args: argparse.Namespace) -> int:
 
 def cmd_review(args: argparse.Namespace) -> int:
     from champion.config import load_config
-    from champion.review import ReviewConfig, ReviewQueue
+    from monitoring.review import ReviewConfig, ReviewQueue
 
     queue = ReviewQueue(args.log_url)
     try:
@@ -232,7 +232,7 @@ def _actor() -> str:
 
 
 def cmd_console(args: argparse.Namespace) -> int:
-    from champion.console import serve
+    from champion_cli.console import serve
 
     serve(args.host, args.port, allowed_hosts=args.allowed_host, trusted_proxies=args.trusted_proxy,
           log_url=args.log_url, review_config=args.review_config, mlflow_ui=args.mlflow_ui)  # fmt: skip
@@ -242,7 +242,7 @@ def cmd_console(args: argparse.Namespace) -> int:
 def cmd_console_user(args: argparse.Namespace) -> int:
     import getpass
 
-    from champion.console import role_of_account, set_role, set_user, users_path
+    from champion_cli.console import role_of_account, set_role, set_user, users_path
 
     if args.role and not args.password_stdin and role_of_account(args.name) is not None:
         set_role(args.name, args.role)  # an existing account: its role only, no password prompt
@@ -260,7 +260,7 @@ def cmd_console_user(args: argparse.Namespace) -> int:
 
 
 def cmd_console_token(args: argparse.Namespace) -> int:
-    from champion.console import new_token, revoke_token
+    from champion_cli.console import new_token, revoke_token
 
     if args.revoke:
         had = revoke_token(args.name)
@@ -418,7 +418,7 @@ def _champion_version(reg, name: str) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from champion.demo import run_demo
+    from champion_cli.demo import run_demo
 
     run_demo(rows=args.rows, epochs=args.epochs, base=args.base)
     return 0
@@ -426,8 +426,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_drift(args: argparse.Namespace) -> int:
     from champion.config import load_config
+    from monitoring.check import EXIT_CODES, drift, format_decision
     from monitoring.config import MonitorConfig
-    from monitoring.job import EXIT_CODES, drift, format_decision
 
     cfg = load_config(MonitorConfig, args.config, []) if args.config else MonitorConfig()
     if args.no_mlflow:

@@ -34,8 +34,8 @@ def run_demo(
 ) -> dict:
     """Run the loop; returns what happened and how long the loop took (for tests and benchmarks/gate.py)."""
     from champion.registry import connect, promote, served_version, story
+    from monitoring.check import drift, format_decision
     from monitoring.config import MonitorConfig
-    from monitoring.job import drift, format_decision
     from pipelines.compare import compare
     from pipelines.finetune import FinetuneConfig, finetune
     from pipelines.fresh import FreshConfig, fresh_data
@@ -160,7 +160,7 @@ def run_demo(
         f"     the inference log holds {len(logged)} predictions ({counts}), {labelled} with a reviewer's"
         " label"
     )
-    from champion.review import ReviewConfig, ReviewQueue
+    from monitoring.review import ReviewConfig, ReviewQueue
 
     queue = ReviewQueue(inference_log_url(load_serve_config(SERVE_CONFIG, name)))
     selection = queue.select(name, ReviewConfig(**REVIEW))  # the demo's budget: its reviewer used today's
@@ -235,7 +235,7 @@ def _review(name: str, truth: dict[str, str]) -> int:
     """The demo's reviewer, who knows the truth, answers what the review queue offers: its unbiased sample
     (LABELLED of the traffic), which the fresh holdout may take, and the rows its rules picked, which only
     teach a retrain. Returns how many it labelled."""
-    from champion.review import ReviewConfig, ReviewQueue
+    from monitoring.review import ReviewConfig, ReviewQueue
 
     queue = ReviewQueue()
     try:

@@ -39,7 +39,7 @@ from urllib.parse import quote, urlsplit
 from champion.config import redact_uri
 from champion.errors import ChampionError
 
-log = logging.getLogger("champion.console")
+log = logging.getLogger("champion_cli.console")
 
 USERS_FILE = "console-users.json"
 KEYS_DIR = "keys"  # under CHAMPION_HOME: console tokens are written here, one 0600 file per account
@@ -479,7 +479,7 @@ def create_app(
 
     from champion.config import load_config
     from champion.registry import connect, list_models
-    from champion.review import ReviewConfig, ReviewQueue
+    from monitoring.review import ReviewConfig, ReviewQueue
     from serving.config import default_log_url
 
     log_url = log_url or default_log_url()
