@@ -26,7 +26,10 @@ demo: $(STAMP)
 # Two workers, one test file each at a time (module fixtures stay in one process): most of the suite waits on
 # servers, subprocesses and databases, so two share 2 cores well (the whole suite in 15 min on 2 cores; a
 # fresh clone's serial run took 24.5 min before issue 24 added its tests).
+# lint-imports first: the floors' contracts in pyproject.toml (faces > pipelines > monitoring > serving >
+# champion, no circles), in a quarter of a second.
 test: $(STAMP) tools
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 # Debian's chromium (the console's browser test) and prometheus (promtool checks the alerting rules), where
