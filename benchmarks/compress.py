@@ -1,7 +1,7 @@
 """Compression benchmark (not a test): the banking77 teacher against its distilled 3-layer student and its
 int8, ONNX and ONNX-int8 variants, on the official test split, every figure measured in this run.
 
-    .venv/bin/python benchmarks/compress.py --home DIR [--teacher-version V] [--threads 2]
+    .venv/bin/python -m benchmarks.compress --home DIR [--teacher-version V] [--threads 2]
 
 1. Teacher: `banking77-intents` in DIR (its champion, or --teacher-version), else fine-tuned there with
    configs/minilm_full_banking77.yaml (25-35 min on 2 cores) and promoted.
@@ -32,15 +32,13 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-# Run as a script, this folder comes first on sys.path, and its serving.py would shadow the serving package.
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
+from benchmarks.common import ROOT, code_state, machine
+
 DATA = ROOT.parent / "shared" / "data" / "banking77"
 RESULTS = ROOT / "benchmarks" / "results"
 NAME = "banking77-intents"
 CHAMPION = [sys.executable, "-m", "champion_cli"]
-
-from benchmarks.drift import code_state, machine  # noqa: E402 (after the sys.path fix above)
+CODE = ("pipelines", "serving", "champion", "benchmarks/compress.py")  # what this benchmark measures
 
 
 def _run(args: list[str], env: dict[str, str], log: Path) -> float:
@@ -193,7 +191,9 @@ def verdicts(rows: dict[str, dict]) -> list[tuple[str, bool]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.compress", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--home", type=Path, required=True, help="CHAMPION_HOME to build in (or reuse)")
     parser.add_argument("--teacher-version", help="use this version of banking77-intents as the teacher")
     parser.add_argument("--threads", type=int, default=2)
@@ -214,7 +214,7 @@ def main() -> None:
     rows = measure(prepared, args)
     report = {
         "machine": machine(),
-        "code": code_state(),
+        "code": code_state(CODE),
         "started": started,
         "threads": args.threads,
         "test_rows": int(sum(1 for _ in (DATA / "test.csv").open()) - 1),

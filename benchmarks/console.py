@@ -13,8 +13,8 @@ answers, a spread of confidences) straight into the sqlite inference log, then
 Target (issue 11): under 50 ms per review on 2 cores. Results are appended to
 benchmarks/results/console_cpu.json. Run:
 
-    .venv/bin/python benchmarks/console.py                      # 1M rows, 300 reviews
-    .venv/bin/python benchmarks/console.py --rows 100000 --reviews 50   # a quick look
+    .venv/bin/python -m benchmarks.console                      # 1M rows, 300 reviews
+    .venv/bin/python -m benchmarks.console --rows 100000 --reviews 50   # a quick look
 """
 
 from __future__ import annotations
@@ -35,9 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-# Run as a script, this folder comes first on sys.path, and its serving.py would shadow the serving package.
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
+from benchmarks.common import ROOT
+
 RESULTS = ROOT / "benchmarks" / "results" / "console_cpu.json"
 LABELS = [f"intent_{i:02d}" for i in range(15)]
 MODEL = "bench-intents"
@@ -95,8 +94,7 @@ def time_selection(url: str, budget: int) -> dict:
 def time_reviews(home: Path, url: str, reviews: int) -> dict:
     import httpx
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from helpers import launch_http, stop_process_group
+    from tests.helpers import launch_http, stop_process_group
 
     champion = str(Path(sys.executable).parent / "champion")
     subprocess.run([champion, "console-user", "bench", "--password-stdin"], input=PASSWORD + "\n", text=True,
@@ -136,7 +134,7 @@ def time_reviews(home: Path, url: str, reviews: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.console", description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--reviews", type=int, default=300)
     parser.add_argument("--budget", type=int, default=2_000, help="the day's review budget for the benchmark")
@@ -171,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         "review_round_trip": review,
         "target_ms": 50,
         "cpus": os.cpu_count(),
-        "command": "benchmarks/console.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m benchmarks.console " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     history = json.loads(RESULTS.read_text()) if RESULTS.exists() else []

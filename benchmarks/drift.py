@@ -20,8 +20,8 @@
    (target <= 1.5x); the embedding and text checks on their bounded samples are timed apart.
    Goal: the whole check <= 30 s at 1M rows on 2 cores.
 
-    .venv/bin/python benchmarks/drift.py                 # everything, about 20 minutes on 2 CPU cores
-    .venv/bin/python benchmarks/drift.py --windows 10 --sizes 10000   # a quick look
+    .venv/bin/python -m benchmarks.drift                 # everything, about 20 minutes on 2 CPU cores
+    .venv/bin/python -m benchmarks.drift --windows 10 --sizes 10000   # a quick look
 
 Results go to benchmarks/results/drift_cpu.json with the machine and the commit.
 """
@@ -31,48 +31,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-# Run as a script, this folder comes first on sys.path, and its serving.py would shadow the serving package.
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
+from benchmarks.common import ROOT, child_json, code_state, machine, module_command
+
 DATA = ROOT.parent / "shared" / "data" / "banking77"
 RESULTS = ROOT / "benchmarks" / "results"
 NAME = "bench-banking77"
 HELD_OUT_EVERY = 6  # every 6th intent (sorted) is held out: 13 of 77
 TARGETS = {"detection_at_500": 0.95, "false_alarms_per_window": 0.01, "seconds_at_1m": 30.0, "ratio": 1.5}
-
-
-def code_state(paths=("monitoring", "serving", "benchmarks/drift.py")) -> dict:
-    """The commit, and what is uncommitted in the code a benchmark measures."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    return {"commit": git("rev-parse", "HEAD"), "uncommitted": git("status", "--porcelain", *paths)}
-
-
-def machine() -> dict:
-    import torch
-
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "")
-    except OSError:
-        pass
-    return {
-        "cpus": os.cpu_count(),
-        "cpu_model": model,
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-    }
+CODE = ("monitoring", "serving", "benchmarks/drift.py")  # what this benchmark measures
 
 
 # --- 1: the model, its reference, and the scored pools ------------------------------------------------------
@@ -269,7 +240,7 @@ def run_job_child(home: Path, rows: int) -> dict:
     from champion.registry import CHAMPION, connect
     from monitoring import drift as d
     from monitoring import stats
-    from monitoring.check import _clean, _read_log, drift
+    from monitoring.check import clean_window, drift, read_log
     from monitoring.config import MonitorConfig
     from monitoring.reference import load_reference
     from serving.model import load_version
@@ -291,8 +262,8 @@ def run_job_child(home: Path, rows: int) -> dict:
     # The same again, phase by phase, with the nulls of that run already cached on `ref`... so a fresh copy.
     ref = load_reference(reg, NAME, version)
     t = time.perf_counter()
-    frame, _ = _read_log(NAME, version, None, None, None, None, None)
-    frame, _ = _clean(frame)
+    frame, _ = read_log(NAME, version, None, None, None, None, None)
+    frame, _ = clean_window(frame)
     window = d.window_from_frame(frame)
     phases["read_log"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -368,7 +339,9 @@ def _baseline(window, ref, cfg, stats) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks.drift",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--threads", type=int, default=2)
@@ -396,7 +369,7 @@ def main() -> None:
     home.mkdir(parents=True, exist_ok=True)
     os.environ["CHAMPION_HOME"] = str(home)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    report: dict = {"machine": machine(), "code": code_state(), "targets": TARGETS,
+    report: dict = {"machine": machine(), "code": code_state(CODE), "targets": TARGETS,
                     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
 
     print("1. fine-tuning on the known intents", flush=True)
@@ -454,11 +427,8 @@ def main() -> None:
     for rows in sorted(args.sizes):
         seconds = write_log(url, all_pool, split["version"], rows - written, seed=rows, first=written)
         written = rows
-        command = [sys.executable, __file__, "--child", str(rows), "--threads", str(args.threads)]
-        proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ}, cwd=ROOT)
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr[-4000:])
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        command = module_command("benchmarks.drift", "--child", str(rows), "--threads", str(args.threads))
+        result = child_json(command, {**os.environ}, f"the drift job on {rows:,} rows")
         result["log_write_s"] = seconds
         report["scale"].append(result)
         line = (f"   {rows:>9,} rows: job {result['phases_s']['drift_job_total']:.1f} s, "

@@ -12,11 +12,11 @@ Each case runs in its own process (clean peak memory, pinned threads). The resul
 and the commit (with any local changes to the code it measures); the summary prints met / NOT met per target.
 Run:
 
-    .venv/bin/python benchmarks/finetune.py                 # everything (about an hour on 2 CPU cores)
-    .venv/bin/python benchmarks/finetune.py --skip-quality  # overhead and LoRA vs full only
-    .venv/bin/python benchmarks/finetune.py --skip-speed    # quality only (keeps the speed part of a result
+    .venv/bin/python -m benchmarks.finetune                 # everything (about an hour on 2 CPU cores)
+    .venv/bin/python -m benchmarks.finetune --skip-quality  # overhead and LoRA vs full only
+    .venv/bin/python -m benchmarks.finetune --skip-speed    # quality only (keeps the speed part of a result
                                                             # file from the same commit, and vice versa)
-    .venv/bin/python benchmarks/finetune.py --device cuda   # on a GPU: bf16 autocast, adds MFU
+    .venv/bin/python -m benchmarks.finetune --device cuda   # on a GPU: bf16 autocast, adds MFU
 """
 
 from __future__ import annotations
@@ -24,18 +24,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-# Run as a script, this folder comes first on sys.path, and its serving.py would shadow the serving package.
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
+from benchmarks.common import ROOT, child_json, code_state, machine, module_command
+
 DATA = ROOT.parent / "shared" / "data" / "banking77"
 RESULTS = ROOT / "benchmarks" / "results"
+CODE = ("pipelines", "champion", "benchmarks/finetune.py")  # what this benchmark measures
 
 LORA = {"r": 16, "alpha": 32, "dropout": 0.1, "target_modules": ["query", "key", "value"]}
 SETTINGS = {  # shared by our pipeline and the Trainer baseline
@@ -178,16 +175,7 @@ def _child(case: str, cfg: dict) -> dict:
     with tempfile.TemporaryDirectory() as home:
         env["CHAMPION_HOME"] = home
         env.pop("MLFLOW_TRACKING_URI", None)
-        proc = subprocess.run(
-            [sys.executable, __file__, "--child", case, json.dumps(cfg)],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        )
-    if proc.returncode != 0:
-        raise RuntimeError(f"{case} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        return child_json(module_command("benchmarks.finetune", "--child", case, json.dumps(cfg)), env, case)
 
 
 def _mfu(samples_per_s: float, method: str, device: str) -> float | None:
@@ -210,20 +198,6 @@ def _mfu(samples_per_s: float, method: str, device: str) -> float | None:
 TARGETS = {"overhead_ratio": 0.97, "full_test_accuracy": 0.92, "lora_test_accuracy": 0.90}
 
 
-def _code_state() -> dict:
-    """The commit the measured code came from, and its local changes (others may edit the tree)."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    paths = ("pipelines", "champion", "benchmarks/finetune.py")
-    return {
-        "commit": git("rev-parse", "HEAD"),
-        "uncommitted": git("status", "--porcelain", *paths),
-        "diff": git("diff", "HEAD", "--", *paths),
-    }
-
-
 def _carry_over(report: dict, path: Path, skipped: list[str]) -> None:
     """Keep a skipped section from the previous result file, only if the same clean commit measured it."""
     if not skipped or not path.exists():
@@ -235,14 +209,6 @@ def _carry_over(report: dict, path: Path, skipped: list[str]) -> None:
         for section in skipped:
             report[section] = previous.get(section, {})
             report.setdefault("sections_from", {})[section] = previous.get("started")
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            return next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "")
-    except OSError:
-        return platform.processor()
 
 
 def _verdicts(report: dict) -> list[tuple[str, float, str, bool]]:
@@ -260,7 +226,9 @@ def _verdicts(report: dict) -> list[tuple[str, float, str, bool]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks.finetune",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -282,15 +250,9 @@ def main() -> None:
     import torch
 
     train_csv, test_csv = args.data / "train.csv", args.data / "test.csv"
-    machine = {
-        "cpus": os.cpu_count(),
-        "cpu_model": _cpu_model(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-    }
     report: dict = {
-        "machine": machine,
-        "code": _code_state(),
+        "machine": machine(gpu=torch.cuda.get_device_name()) if args.device == "cuda" else machine(),
+        "code": code_state(CODE, diff=True),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "targets": TARGETS,
         "device": args.device,
@@ -302,8 +264,6 @@ def main() -> None:
         "speed": {},
         "quality": {},
     }
-    if args.device == "cuda":
-        machine["gpu"] = torch.cuda.get_device_name()
 
     # 1 + 2: throughput and memory, ours and the Trainer alternating so drift in machine load hits both.
     for method in () if args.skip_speed else ("lora", "full"):

@@ -3,7 +3,7 @@ challenger that is no better, and how often one that is better. Every figure is 
 
 The population is real: the official banking77 test split, restricted to the 64 intents the drift
 benchmark's model was fine-tuned on (2,560 rows), with that model's predictions (all-MiniLM-L6-v2, LoRA;
-trained by benchmarks/drift.py's `train`, or reused from `--home DIR` when DIR/split.json exists).
+trained by benchmarks.drift's `train`, or reused from `--home DIR` when DIR/split.json exists).
 Challengers are built from the champion's real errors:
 - `null_shuffled`: within each true class, the champion's predictions are permuted among its rows (a
   model of the very same per-class quality, wrong on different rows): population macro-F1 difference 0;
@@ -19,7 +19,7 @@ for every kind) and decide_gate runs with the default GateConfig (bootstrap resa
 the refusals split (interval, per-class floor), and the mean time per decision.
 Goal: a no-better challenger is promoted in <= 5% of holdouts at the default margin.
 
-    .venv/bin/python benchmarks/gate.py [--home DIR] [--holdouts 200] [--sizes 300 1000] [--loop]
+    .venv/bin/python -m benchmarks.gate [--home DIR] [--holdouts 200] [--sizes 300 1000] [--loop]
 
 With --loop it also runs the whole loop (`make demo`'s defaults, in a scratch home) and records the wall
 time from the drift alarm to the service answering from the new version.
@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,17 +39,14 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-# Run as a script, this folder comes first on sys.path, and its serving.py would shadow the serving package.
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
+from benchmarks.common import ROOT, child_json, code_state, machine
+
 DATA = ROOT.parent / "shared" / "data" / "banking77"
 RESULTS = ROOT / "benchmarks" / "results"
 NAME = "bench-banking77"
 KINDS = ("null_shuffled", "null_swapped", "better_2pt", "better_5pt", "better_2pt_shuffled")
 NULLS = ("null_shuffled", "null_swapped")
 TARGET_NULL_RATE = 0.05
-
-from benchmarks.drift import code_state, machine  # noqa: E402 (after the sys.path fix above)
 
 # --- the population: the real model's predictions on the known intents' test rows -------------------------
 
@@ -62,7 +58,7 @@ def model_split(args) -> dict:
         return json.loads(saved.read_text())
     from benchmarks.drift import train
 
-    print("   no split.json there: fine-tuning (benchmarks/drift.py's train)", flush=True)
+    print("   no split.json there: fine-tuning (benchmarks.drift's train)", flush=True)
     split = train(args.data, args.home, args.train_rows, args.epochs, args.threads)
     saved.write_text(json.dumps(split))
     return split
@@ -202,17 +198,16 @@ def run_loop() -> dict:
     with tempfile.TemporaryDirectory(prefix="champion-gate-loop-") as home:
         env = {**os.environ, "CHAMPION_HOME": home}
         started = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+        summary = child_json([sys.executable, "-c", code], env, "the demo", prefix="LOOP ")
         wall = time.perf_counter() - started
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("LOOP ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"the demo failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    return {**json.loads(lines[-1][5:]), "demo_wall_s": wall}
+    return {**summary, "demo_wall_s": wall}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks.gate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--home", type=Path, help="reuse a scratch home (keeps the trained model)")

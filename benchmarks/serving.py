@@ -19,8 +19,8 @@ Every server and the ceiling process run with pinned torch/OpenMP/MKL threads. C
 generator, the server and the whole machine is recorded per level, so other load on the machine shows.
 Results are appended to benchmarks/results/serving_cpu.json (every run kept). Run:
 
-    .venv/bin/python benchmarks/serving.py                      # everything, about 10 minutes on 2 cores
-    .venv/bin/python benchmarks/serving.py --seconds 3 --skip-mlflow --skip-swap   # a quick look
+    .venv/bin/python -m benchmarks.serving                      # everything, about 10 minutes on 2 cores
+    .venv/bin/python -m benchmarks.serving --seconds 3 --skip-mlflow --skip-swap   # a quick look
 """
 
 from __future__ import annotations
@@ -46,9 +46,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.common import ROOT, child_json, code_state, machine, module_command
+
 RESULTS = ROOT / "benchmarks" / "results"
 SERVE_CONFIG = ROOT / "configs" / "serve_cpu.yaml"
+CODE = ("serving", "configs/serve_cpu.yaml")  # what this benchmark measures
 NAME = "bench-intents"
 VERSIONS = 3
 SWAP_CLIENTS = 16
@@ -96,15 +98,15 @@ def register_versions(count: int) -> list[str]:
     return versions
 
 
-IN_FLIGHT: dict[str, int | None] = {"value": None}  # --in-flight, for _ours_config
-SERVE_SET: list[str] = []  # --set key=value on our service's config, for _ours_config
+IN_FLIGHT: dict[str, int | None] = {"value": None}  # --in-flight, for ours_config
+SERVE_SET: list[str] = []  # --set key=value on our service's config, for ours_config
 
 
 def compress_v1(to: str) -> dict[str, Any]:
     """`champion compress` of v1 (judged on generated tickets; the random head's agreement is reported, not
     gated), promoted to champion with --force. `student-onnx-int8` first cuts v1 to the 3-layer student that
     `champion distil` starts from (layers 0, 2, 4, weights copied; not trained further here: its speed does
-    not depend on its weights, its quality is what benchmarks/compress.py measures on banking77), registers it
+    not depend on its weights, its quality is what benchmarks.compress measures on banking77), registers it
     as v1's student and compresses that."""
     from champion.registry import connect, promote
     from pipelines.compress import CompressConfig, compress
@@ -283,7 +285,7 @@ def _percentile(values: list[float], q: float) -> float:
 # --- servers, one at a time, each in its own process group ----------------------------------------------
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -326,7 +328,7 @@ def server(command: list[str], env: dict[str, str], ready: str, port: int, log: 
         _stop(proc)
 
 
-def _server_env(home: Path, threads: int) -> dict[str, str]:
+def server_env(home: Path, threads: int) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         {
@@ -351,7 +353,7 @@ def _shipped_config() -> dict[str, Any]:
     return yaml.safe_load(SERVE_CONFIG.read_text())
 
 
-def _ours_config(home: Path, port: int, max_batch_size: int | None) -> tuple[Path, dict]:
+def ours_config(home: Path, port: int, max_batch_size: int | None) -> tuple[Path, dict]:
     """configs/serve_cpu.yaml with only the port (and, when tuning, the batch cap) changed."""
     import yaml
 
@@ -370,7 +372,7 @@ def _ours_config(home: Path, port: int, max_batch_size: int | None) -> tuple[Pat
     return path, data
 
 
-def _ours_command(config: Path, port: int) -> list[str]:
+def ours_command(config: Path, port: int) -> list[str]:
     return [sys.executable, "-m", "champion_cli", "serve", NAME, "--config", str(config), "--port", str(port)]
 
 
@@ -651,55 +653,17 @@ def run_swaps(target: Target, server_pid: int, warmup: float, settle: float, pol
 
 def _child(task: str, home: Path, threads: int, payload: dict) -> Any:
     """Run `task` in a fresh process with pinned threads and the scratch home; returns its JSON answer."""
-    env = _server_env(home, threads)
+    env = server_env(home, threads)
     request = home / f"{task}.json"  # a file: the texts are too long for a command line
     request.write_text(json.dumps(payload))
-    proc = subprocess.run(
-        [sys.executable, __file__, "--child", task, str(request)],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    return child_json(module_command("benchmarks.serving", "--child", task, str(request)), env, task)
+
+
+def server_machine(threads: int) -> dict[str, Any]:
+    """The machine, with the Python version, the torch threads pinned in each process and the load average."""
+    return machine(
+        python=platform.python_version(), torch_threads=threads, load_average_at_start=os.getloadavg()
     )
-    if proc.returncode != 0:
-        raise RuntimeError(f"{task} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _machine(threads: int) -> dict[str, Any]:
-    import torch
-
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    return {
-        "cpus": os.cpu_count(),
-        "cpu_model": model,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": threads,
-        "load_average_at_start": os.getloadavg(),
-    }
-
-
-def _code_state() -> dict[str, Any]:
-    """The commit the serving code and config came from, and their local changes (others edit the tree)."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    paths = ("serving", "configs/serve_cpu.yaml")
-    return {
-        "commit": git("rev-parse", "HEAD"),
-        "uncommitted": git("status", "--porcelain", *paths),
-        "diff": git("diff", "HEAD", "--", *paths),
-    }
 
 
 def _targets(report: dict[str, Any]) -> dict[str, Any]:
@@ -810,7 +774,9 @@ def _interrupt(signum, frame) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks.serving",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--seconds", type=float, default=15, help="measured seconds per client level")
     parser.add_argument("--warmup", type=float, default=3, help="seconds of load before each measurement")
@@ -844,11 +810,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "serving_cpu.json", help="results (appended)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    # Run as a script, this file's folder comes first on sys.path and the file would shadow `serving`;
-    # the repository root takes its place, as it does for the servers, which run from there.
-    here = Path(__file__).resolve().parent
-    sys.path[:] = [str(ROOT), *(p for p in sys.path if Path(p or ".").resolve() != here)]
-
     if args.child:
         task, payload = args.child[0], json.loads(Path(args.child[1]).read_text())
         if task == "register":
@@ -876,10 +837,10 @@ def main() -> None:
     for var in ("MLFLOW_TRACKING_URI", "CHAMPION_AUDIT_URL"):
         os.environ.pop(var, None)
     report: dict[str, Any] = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.serving", *sys.argv[1:]]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": _machine(threads),
-        "code": _code_state(),
+        "machine": server_machine(threads),
+        "code": code_state(CODE, diff=True),
         "home": str(home),
         "seconds": args.seconds,
         "warmup": args.warmup,
@@ -901,10 +862,10 @@ def main() -> None:
             how = f" in chunks of {r['chunk']}" if r["chunk"] else ""
             print(f"  batch {r['batch_size']:3d}{how}: {r['texts_per_s']:7.1f} texts/s", flush=True)
 
-    env = _server_env(home, threads)
+    env = server_env(home, threads)
     bodies = [json.dumps({"texts": [t]}).encode() for t in texts]
     if not args.skip_mlflow:  # right before ours, so that drift in the machine's speed hits both alike
-        port = _free_port()
+        port = free_port()
         inputs = [json.dumps({"inputs": [t]}).encode() for t in texts]
         target = Target(f"http://127.0.0.1:{port}/invocations", inputs)
         mlflow_env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}"}
@@ -912,23 +873,23 @@ def main() -> None:
         with server(_mlflow_command(port), mlflow_env, "/ping", port, home / "mlflow.log") as pid:
             report["mlflow"] = {
                 "command": " ".join(_mlflow_command(port)),
-                "code": _code_state(),
+                "code": code_state(CODE, diff=True),
                 "levels": run_levels(target, levels, args.warmup, args.seconds, pid, "mlflow"),
             }
 
     if args.in_flight:
         IN_FLIGHT["value"] = args.in_flight
     SERVE_SET[:] = args.set
-    port = _free_port()
-    config, data = _ours_config(home, port, None)
+    port = free_port()
+    config, data = ours_config(home, port, None)
     changed = ["port", *(s.partition("=")[0] for s in args.set)]
     report["config"] = {"file": str(SERVE_CONFIG.relative_to(ROOT)), "changed": changed, "values": data}
     ours = _ours_target(port, bodies)
-    print(f"ours: {' '.join(_ours_command(config, port)[1:])}", flush=True)
-    with server(_ours_command(config, port), env, "/readyz", port, home / "ours.log") as pid:
+    print(f"ours: {' '.join(ours_command(config, port)[1:])}", flush=True)
+    with server(ours_command(config, port), env, "/readyz", port, home / "ours.log") as pid:
         report["ours"] = {
-            "command": " ".join(_ours_command(config, port)),
-            "code": _code_state(),  # per server: others may edit serving/ while a run goes on
+            "command": " ".join(ours_command(config, port)),
+            "code": code_state(CODE, diff=True),  # per server: others may edit serving/ while a run goes on
             "levels": run_levels(ours, levels, args.warmup, args.seconds, pid, "ours"),
         }
         if not args.skip_swap:
@@ -944,13 +905,13 @@ def main() -> None:
 
     if args.variant:  # the same service and config, serving a compressed copy of v1
         variant = _child("compress", home, threads, {"to": args.variant})
-        port = _free_port()
-        config, _ = _ours_config(home, port, None)
+        port = free_port()
+        config, _ = ours_config(home, port, None)
         print(f"ours serving v{variant['version']} ({args.variant} of v1)", flush=True)
-        with server(_ours_command(config, port), env, "/readyz", port, home / "ours-variant.log") as pid:
+        with server(ours_command(config, port), env, "/readyz", port, home / "ours-variant.log") as pid:
             report["ours_variant"] = {
                 **variant,
-                "code": _code_state(),
+                "code": code_state(CODE, diff=True),
                 "levels": run_levels(
                     _ours_target(port, bodies), levels, args.warmup, args.seconds, pid, "variant"
                 ),
@@ -963,15 +924,15 @@ def main() -> None:
 
     report["tuning"] = []
     for size in [int(s) for s in args.tune_batch_sizes.split(",") if s]:
-        port = _free_port()
-        config, _ = _ours_config(home, port, size)
+        port = free_port()
+        config, _ = ours_config(home, port, size)
         print(f"ours with batching.max_batch_size={size}", flush=True)
-        with server(_ours_command(config, port), env, "/readyz", port, home / f"ours-{size}.log") as pid:
+        with server(ours_command(config, port), env, "/readyz", port, home / f"ours-{size}.log") as pid:
             label = f"ours mbs={size}"
             for row in run_levels(
                 _ours_target(port, bodies), [max(levels)], args.warmup, args.seconds, pid, label
             ):
-                report["tuning"].append({"max_batch_size": size, "code": _code_state(), **row})
+                report["tuning"].append({"max_batch_size": size, "code": code_state(CODE, diff=True), **row})
 
     report["targets"] = _targets(report)
     report["load_average_at_end"] = os.getloadavg()

@@ -1,7 +1,7 @@
 """Soak benchmark (not a test): a real `champion serve` under steady load for 10 minutes, with the champion
 alias moved every minute and the inference log's PostgreSQL restarted once.
 
-Registers all-MiniLM-L6-v2 with three random 19-intent heads (as benchmarks/serving.py does) in a scratch
+Registers all-MiniLM-L6-v2 with three random 19-intent heads (as benchmarks.serving does) in a scratch
 CHAMPION_HOME, starts a throwaway PostgreSQL cluster for the inference log (tests/pgserver.py: initdb and
 pg_ctl, so the machine's own server is never touched), then runs `champion serve` with configs/serve_cpu.yaml
 and `clients` closed-loop clients. Every minute the champion moves to the next version; at the middle of the
@@ -12,8 +12,8 @@ resident memory (all its processes; a leak shows as steady growth), and at the e
 request ids missing from the inference log after a graceful stop (target 0). Results are appended to
 benchmarks/results/soak_cpu.json. Run:
 
-    .venv/bin/python benchmarks/soak.py                  # 10 minutes
-    .venv/bin/python benchmarks/soak.py --minutes 2 --outage 10    # a quick look
+    .venv/bin/python -m benchmarks.soak                  # 10 minutes
+    .venv/bin/python -m benchmarks.soak --minutes 2 --outage 10    # a quick look
 """
 
 from __future__ import annotations
@@ -21,17 +21,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.client
-import importlib.util
 import json
 import os
-import sys
 import tempfile
 import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks import serving as bench
+from benchmarks.common import ROOT
+
 RESULTS = ROOT / "benchmarks" / "results" / "soak_cpu.json"
 TEXTS = [
     "where is my order, it was due on monday",
@@ -39,15 +39,6 @@ TEXTS = [
     "my card was declined at the shop",
     "please send me the invoice for last month",
 ]
-
-
-def _bench_serving():
-    """benchmarks/serving.py, loaded by path: its module name would shadow the `serving` package."""
-    spec = importlib.util.spec_from_file_location("bench_serving", ROOT / "benchmarks" / "serving.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_serving"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 class Load:
@@ -111,47 +102,43 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--outage", type=float, default=30.0, help="seconds PostgreSQL is down")
     args = parser.parse_args()
 
-    # This script's folder holds benchmarks/serving.py, which would shadow the `serving` package.
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
-    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-    from pgserver import find_binaries, start_throwaway
+    from tests.pgserver import find_binaries, start_throwaway
 
     binaries = find_binaries()
     if binaries is None:
         raise SystemExit("the soak needs PostgreSQL's server binaries (initdb, pg_ctl) for its log database.")
     home = Path(tempfile.mkdtemp(prefix="champion-soak-"))
     os.environ["CHAMPION_HOME"] = str(home)
-    bench = _bench_serving()
-    env = bench._server_env(home, threads=2)
+    env = bench.server_env(home, threads=2)
     print(f"registering three MiniLM versions in {home} ...", flush=True)
     versions = bench.register_versions(3)
     pg = start_throwaway(binaries)
     log_url = pg.url("postgres")
     try:
-        port = bench._free_port()
-        config, _ = bench._ours_config(home, port, None)
+        port = bench.free_port()
+        config, _ = bench.ours_config(home, port, None)
         import yaml
 
         data = yaml.safe_load(config.read_text())
         data["log"] = {**data.get("log", {}), "url": log_url}
         config.write_text(yaml.safe_dump(data, sort_keys=False))
-        report = _soak(bench, env, config, port, versions, pg, args)
+        report = _soak(env, config, port, versions, pg, args)
     finally:
         pg.stop()
-    report.update({"at": datetime.now(UTC).isoformat(timespec="seconds"), "machine": bench._machine(2)})
+    report.update({"at": datetime.now(UTC).isoformat(timespec="seconds"), "machine": bench.server_machine(2)})
     runs = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps([*runs, report], indent=2) + "\n")
     _print(report)
 
 
-def _soak(bench, env, config: Path, port: int, versions: list[str], pg, args) -> dict:
+def _soak(env, config: Path, port: int, versions: list[str], pg, args) -> dict:
     from champion.registry import connect, promote
     from serving.inference_log import InferenceLog
 
@@ -159,7 +146,7 @@ def _soak(bench, env, config: Path, port: int, versions: list[str], pg, args) ->
     total = args.minutes * 60
     moves, outage, rss = [], {}, []
     log_file = Path(env["CHAMPION_HOME"]) / "soak-serve.log"
-    with bench.server(bench._ours_command(config, port), env, "/readyz", port, log_file) as pid:
+    with bench.server(bench.ours_command(config, port), env, "/readyz", port, log_file) as pid:
         load = Load(port, args.clients)
         started = time.monotonic()
         next_move, next_sample, step = started + 60, started, 0

@@ -1,0 +1,1 @@
+"""Speed and accuracy measurements (not tests), run from the repository root as `python -m benchmarks.X`."""
