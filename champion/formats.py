@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from champion.errors import ChampionError
+from champion.safety import INT8_FILE, transformers_folders
 
 FORMAT_TAG = "format"
 VARIANT_TAG = "variant"  # student | int8 | onnx | onnx-int8
 SOURCE_TAG = "source_version"
 FORMATS = ("safetensors", "int8", "onnx", "onnx-int8")
 COMPRESSED = ("int8", "onnx", "onnx-int8")
-INT8_FILE = "model.int8.safetensors"
 FORMAT_FILE = "champion_format.json"
 ONNX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 ONNX_OUTPUTS = ("logits", "pooled")
@@ -66,8 +66,6 @@ def load_transformers(folder, where: str):
     """(model, tokenizer) of a checked transformers-flavour folder: transformers' own classes only, from
     local safetensors files, never remote code."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from champion.safety import transformers_folders
 
     weights, tokens = transformers_folders(folder, where)
     tokenizer = AutoTokenizer.from_pretrained(str(tokens), **LOCAL_ONLY)

@@ -19,7 +19,16 @@ from champion.audit import AliasEvent, AuditLog, LoopEvent, current_actor
 from champion.config import artifact_root, audit_url, champion_home, prepare_environment, tracking_uri
 from champion.errors import ChampionError
 from champion.formats import SOURCE_TAG, VARIANT_TAG
-from champion.repair import REGISTRATION_TAG, crash_point, settle_model, settle_runs
+from champion.repair import (
+    REGISTRATION_TAG,
+    Finding,
+    crash_point,
+    mirror_tags,
+    name_filter,
+    settle_model,
+    settle_runs,
+    version_label,
+)
 from champion.safety import DIGEST_TAG
 from champion.signals import signals_deferred
 
@@ -229,11 +238,12 @@ def served_version(reg: Registry, name: str, alias: str) -> str | None:
 
 def _alias_version(reg: Registry, name: str, alias: str) -> str | None:
     """Where MLflow's alias is now (only to compare with, or restore, what the audit history names)."""
-    version = _registered_model(reg, name).aliases.get(alias)
+    version = registered_model(reg, name).aliases.get(alias)
     return None if version is None else str(version)
 
 
-def _registered_model(reg: Registry, name: str):
+def registered_model(reg: Registry, name: str):
+    """MLflow's registered model `name`; an unknown name is a ChampionError that lists where to look."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -245,10 +255,11 @@ def _registered_model(reg: Registry, name: str):
         ) from None
 
 
-def _version(reg: Registry, name: str, version: str):
+def model_version(reg: Registry, name: str, version: str):
+    """MLflow's version `version` of model `name`; an unknown model or version is a ChampionError."""
     from mlflow.exceptions import MlflowException
 
-    _registered_model(reg, name)
+    registered_model(reg, name)
     try:
         return reg.client.get_model_version(name, str(version))
     except MlflowException:
@@ -285,13 +296,13 @@ def _move_alias(
         settle_model(reg, name, history)  # what a killed process left, before anything new
         if history.fresh:
             settle_runs_quietly(reg)
-        in_mlflow = {k: str(v) for k, v in _registered_model(reg, name).aliases.items()}
+        in_mlflow = {k: str(v) for k, v in registered_model(reg, name).aliases.items()}
         audited = reg.audit.aliases(name)
         for other, (was, now) in alias_disagreements(audited, in_mlflow).items():
             _log.warning(
                 "'%s' of '%s' is on %s in MLflow but %s in the audit history (moved outside Champion); "
                 "decided on the history. Adopt it with `champion adopt %s %s VERSION --reason ...`.",
-                other, name, _v(now), _v(was), name, other,
+                other, name, version_label(now), version_label(was), name, other,
             )  # fmt: skip
         current = audited.get(alias)
         decision = decide(current, history.events())
@@ -321,7 +332,7 @@ def _move_alias(
                 else:
                     reg.client.set_registered_model_alias(name, a, to)
                 crash_point("alias:moved")
-                _mirror_tags(reg, event)
+                mirror_tags(reg, event)
         except BaseException as err:
             for a, _was, _to in moves:
                 _restore_alias(reg, name, a, in_mlflow.get(a), err)
@@ -347,7 +358,7 @@ def alias_disagreements(
 
 def unaudited_aliases(reg: Registry, name: str) -> dict[str, tuple[str | None, str | None]]:
     """The model's aliases that MLflow shows elsewhere than the audit history (moved outside Champion)."""
-    in_mlflow = {k: str(v) for k, v in _registered_model(reg, name).aliases.items()}
+    in_mlflow = {k: str(v) for k, v in registered_model(reg, name).aliases.items()}
     return alias_disagreements(reg.audit.aliases(name), in_mlflow)
 
 
@@ -366,10 +377,6 @@ def _settle_quietly(history, event_id: int, status: str) -> None:
         _log.warning("could not mark audit row %s %s (the next operation will): %s", event_id, status, err)
 
 
-def _v(version: str | None) -> str:
-    return "no version" if version is None else f"v{version}"
-
-
 def _restore_alias(reg: Registry, name: str, alias: str, version: str | None, err: BaseException) -> None:
     """Put `alias` back on `version` after a failed move; if that fails too, say on `err` what is left."""
     try:
@@ -381,40 +388,17 @@ def _restore_alias(reg: Registry, name: str, alias: str, version: str | None, er
     except Exception as restore_err:
         problem = f"{type(restore_err).__name__}: {restore_err}"
     try:
-        left = _v(_alias_version(reg, name, alias))
+        left = version_label(_alias_version(reg, name, alias))
     except Exception:
         left = "an unknown version (the registry did not answer)"
     note = (
-        f"restoring alias '{alias}' of model '{name}' to {_v(version)} failed as well ({problem}); "
+        f"restoring alias '{alias}' of model '{name}' to {version_label(version)} failed as well "
+        f"({problem}); "
         f"it is left on {left} with no audit record of the change; servers keep serving what the history "
         f"names. Check with `champion doctor {name}`."
     )
     err.add_note(note)
     _log.error(note)
-
-
-def _mirror_tags(reg: Registry, event: AliasEvent) -> None:
-    """Copy the audit event onto the version tags, so the MLflow UI shows who moved the alias and why."""
-    at = event.at.isoformat(timespec="seconds")
-    if event.to_version is not None:
-        for key, value in {
-            "event_id": event.id,
-            "action": event.action,
-            "by": event.actor,
-            "at": at,
-            "reason": event.reason[:4000],
-            "from_version": event.from_version,
-        }.items():
-            reg.client.set_model_version_tag(
-                event.model_name, event.to_version, f"audit.{event.alias}.{key}", str(value)
-            )
-    if event.from_version is not None:
-        reg.client.set_model_version_tag(
-            event.model_name,
-            event.from_version,
-            f"audit.{event.alias}.replaced",
-            f"{at} by {_v(event.to_version)}",
-        )
 
 
 # --- the operations the CLI and pipelines call -----------------------------------------------------
@@ -430,7 +414,7 @@ def assign_alias(
     actor: str | None = None,
 ) -> Decision:
     """Point `alias` at `version` unconditionally (used for `challenger` after training)."""
-    _version(reg, name, version)
+    model_version(reg, name, version)
     version = str(version)
 
     def decide(current: str | None, _events: list[AliasEvent]) -> Decision:
@@ -451,7 +435,7 @@ def promote(
     actor: str | None = None,
 ) -> Decision:
     """Point `champion` at `version` if it is at least as good as the current champion (or forced)."""
-    candidate = _version(reg, name, version)
+    candidate = model_version(reg, name, version)
     version = str(candidate.version)
 
     def decide(current: str | None, _events: list[AliasEvent]) -> Decision:
@@ -469,7 +453,8 @@ def decide_gate_promotion(
     if current != compared_with:
         return Decision(
             False,
-            f"the champion moved from {_v(compared_with)} to {_v(current)} after the gate compared "
+            f"the champion moved from {version_label(compared_with)} to {version_label(current)} after "
+            "the gate compared "
             f"v{version} with it; the verdict is void, so nothing moved (retrain or compare again).",
             evidence=evidence,
         )
@@ -487,7 +472,7 @@ def promote_on_gate(
     actor: str | None = None,
 ) -> Decision:
     """Point `champion` at `version`, which passed the champion/challenger gate against `compared_with`."""
-    _version(reg, name, version)
+    model_version(reg, name, version)
 
     def decide(current: str | None, _events: list[AliasEvent]) -> Decision:
         return decide_gate_promotion(str(version), compared_with, current, gate_reason, evidence)
@@ -506,7 +491,7 @@ def assign_challenger_on_gate(
     actor: str | None = None,
 ) -> Decision:
     """Make `version` the canary's challenger, if the champion is still the one the gate compared it with."""
-    _version(reg, name, version)
+    model_version(reg, name, version)
     version = str(version)
 
     def decide(current: str | None, _events: list[AliasEvent]) -> Decision:
@@ -523,12 +508,12 @@ def assign_challenger_on_gate(
 
 def rollback(reg: Registry, name: str, reason: str, actor: str | None = None) -> Decision:
     """Return `champion` to the champion before the current one, as the history records it."""
-    _registered_model(reg, name)
+    registered_model(reg, name)
 
     def decide(current: str | None, events: list[AliasEvent]) -> Decision:
         decision = decide_rollback(events, current)
         if decision.allowed:
-            _version(reg, name, decision.target_version)  # deleted since? say so instead of failing later
+            model_version(reg, name, decision.target_version)  # deleted since? say so, not fail later
         return decision
 
     return _move_alias(reg, name, CHAMPION, "rollback", reason, decide, actor)
@@ -548,8 +533,8 @@ def decide_canary_outcome(
     if current_champion != champion or current_challenger != challenger:
         return Decision(
             False,
-            f"the aliases moved while the canary ran (champion {_v(current_champion)}, "
-            f"challenger {_v(current_challenger)}); its verdict on v{challenger} is void.",
+            f"the aliases moved while the canary ran (champion {version_label(current_champion)}, "
+            f"challenger {version_label(current_challenger)}); its verdict on v{challenger} is void.",
             evidence=evidence,
         )
     return Decision(True, reason, challenger if promote_it else None, evidence)
@@ -606,7 +591,7 @@ def adopt(
     follow it: `version` must be where MLflow's alias is now (None: the alias was deleted there). The
     version's files are checked like any promotion's."""
     if version is not None:
-        version = str(_version(reg, name, version).version)
+        version = str(model_version(reg, name, version).version)
 
     def decide(current: str | None, _events: list[AliasEvent]) -> Decision:
         in_mlflow = _alias_version(reg, name, alias)
@@ -614,19 +599,21 @@ def adopt(
         if in_mlflow != version:
             return Decision(
                 False,
-                f"'{alias}' of '{name}' is on {_v(in_mlflow)} in MLflow, not {_v(version)}; adopt the "
+                f"'{alias}' of '{name}' is on {version_label(in_mlflow)} in MLflow, not "
+                f"{version_label(version)}; adopt the "
                 f"version the outside move set (see `champion doctor {name}`).",
                 evidence=evidence,
             )
         if current == version:
             return Decision(
-                False, f"'{alias}' on {_v(version)} is in the audit history already: nothing to adopt.",
+                False,
+                f"'{alias}' on {version_label(version)} is in the audit history already: nothing to adopt.",
                 evidence=evidence,
             )  # fmt: skip
         return Decision(
             True,
-            f"'{alias}' was moved to {_v(version)} outside Champion (the history had {_v(current)}): "
-            "adopted.",
+            f"'{alias}' was moved to {version_label(version)} outside Champion (the history had "
+            f"{version_label(current)}): adopted.",
             version,
             evidence,
         )
@@ -704,7 +691,7 @@ def version_refusal(reg: Registry, name: str, version: str) -> str | None:
     from champion.formats import format_of
     from champion.safety import UnsafeModelError, check_version_folder
 
-    mv = _version(reg, name, version)
+    mv = model_version(reg, name, version)
     tags = dict(mv.tags)
     try:
         with _model_files(f"models:/{name}/{version}", "champion-check-") as folder:
@@ -736,7 +723,7 @@ def _unregister(reg: Registry, name: str, version: str, created_model: bool, err
 
 
 def history(reg: Registry, name: str) -> list[AliasEvent]:
-    _registered_model(reg, name)
+    registered_model(reg, name)
     return reg.audit.events(name)
 
 
@@ -762,20 +749,6 @@ def story(reg: Registry, name: str) -> list[dict[str, Any]]:
     return [entry for _, entry in sorted(entries, key=lambda pair: pair[0])]
 
 
-def name_filter(name: str) -> str:
-    """An MLflow search filter for the versions of model `name`, quoted so a `'` in it cannot end the string.
-
-    MLflow's filter strings know no escapes: a name with `'` is quoted with `"` and the other way round."""
-    if "'" not in name:
-        return f"name = '{name}'"
-    if '"' not in name:
-        return f'name = "{name}"'
-    raise ChampionError(
-        f"model {name!r} has both kinds of quote in its name, which MLflow's search cannot express; "
-        "register it under a name without one of them."
-    )
-
-
 def list_models(reg: Registry) -> list[dict[str, Any]]:
     out = []
     for model in reg.client.search_registered_models(order_by=["name ASC"]):
@@ -798,7 +771,7 @@ def list_models(reg: Registry) -> list[dict[str, Any]]:
 
 
 def show_model(reg: Registry, name: str) -> dict[str, Any]:
-    model = _registered_model(reg, name)
+    model = registered_model(reg, name)
     by_version: dict[str, list[str]] = {}
     for alias, version in model.aliases.items():  # search results carry no aliases (sqlite store)
         by_version.setdefault(str(version), []).append(alias)
@@ -829,3 +802,40 @@ def show_model(reg: Registry, name: str) -> dict[str, Any]:
 
 def _ms_to_iso(ms: int | None) -> str | None:
     return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds")
+
+
+# --- `champion doctor` -----------------------------------------------------------------------------
+
+
+def doctor(reg: Registry, name: str | None = None, fix: bool = False) -> list[Finding]:
+    """What killed processes left, for one model or all; with `fix`, settled as the next operation would."""
+    names = (
+        [name]
+        if name
+        else sorted({m["name"] for m in list_models(reg)} | set(reg.audit.models_with_pending()))
+    )
+    found: list[Finding] = []
+    for model in names:
+        with reg.audit.lock(model) as history:
+            found += settle_model(reg, model, history, fix)
+            found += _unaudited(reg, model)
+    return found + settle_runs(reg, fix)
+
+
+def _unaudited(reg: Registry, name: str) -> list[Finding]:
+    """Aliases moved outside Champion: reported, never fixed here (adopting one is a person's decision)."""
+    try:
+        disagreements = unaudited_aliases(reg, name)
+    except ChampionError:  # not in MLflow (a pending registration rolled back, or deleted there)
+        return []
+    found = []
+    for alias, (audited, in_mlflow) in disagreements.items():
+        mlflow_has, history_has = version_label(in_mlflow), version_label(audited)
+        subject = f"'{alias}' is on {mlflow_has} in MLflow, {history_has} in the audit history"
+        adopt = f"`champion adopt {name} {alias} {in_mlflow or 'none'} --reason ...`"
+        action = (
+            f"moved outside Champion: servers keep serving {history_has}; a person adopts the move with "
+            f"{adopt}, or sets the alias back in MLflow."
+        )
+        found.append(Finding(name, "unaudited_alias", subject, action, False))
+    return found

@@ -1,5 +1,5 @@
 """Settle what a killed process left half-done in the registry: called first by every registry operation
-(under the model's lock) and by `champion doctor`.
+(under the model's lock) and by `champion doctor` (`registry.doctor`).
 
 What can be left, and what is done about it:
 - an alias move announced (a pending audit row) but never marked done: if MLflow shows the alias on the
@@ -24,8 +24,10 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from champion.errors import ChampionError
+
 if TYPE_CHECKING:
-    from champion.audit import LockedHistory
+    from champion.audit import AliasEvent, LockedHistory
     from champion.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -94,6 +96,52 @@ def _process_start_time(pid: int) -> float | None:
         return None
 
 
+# --- MLflow helpers the registry shares (here, below it, so settling needs nothing from it) ------
+
+
+def version_label(version: str | None) -> str:
+    """`v3`, or `no version` for None: how messages name a version that may be absent."""
+    return "no version" if version is None else f"v{version}"
+
+
+def name_filter(name: str) -> str:
+    """An MLflow search filter for the versions of model `name`, quoted so a `'` in it cannot end the string.
+
+    MLflow's filter strings know no escapes: a name with `'` is quoted with `"` and the other way round."""
+    if "'" not in name:
+        return f"name = '{name}'"
+    if '"' not in name:
+        return f'name = "{name}"'
+    raise ChampionError(
+        f"model {name!r} has both kinds of quote in its name, which MLflow's search cannot express; "
+        "register it under a name without one of them."
+    )
+
+
+def mirror_tags(reg: Registry, event: AliasEvent) -> None:
+    """Copy the audit event onto the version tags, so the MLflow UI shows who moved the alias and why."""
+    at = event.at.isoformat(timespec="seconds")
+    if event.to_version is not None:
+        for key, value in {
+            "event_id": event.id,
+            "action": event.action,
+            "by": event.actor,
+            "at": at,
+            "reason": event.reason[:4000],
+            "from_version": event.from_version,
+        }.items():
+            reg.client.set_model_version_tag(
+                event.model_name, event.to_version, f"audit.{event.alias}.{key}", str(value)
+            )
+    if event.from_version is not None:
+        reg.client.set_model_version_tag(
+            event.model_name,
+            event.from_version,
+            f"audit.{event.alias}.replaced",
+            f"{at} by {version_label(event.to_version)}",
+        )
+
+
 # --- settling under the model's lock ---------------------------------------------------------------
 
 
@@ -105,8 +153,6 @@ def settle_model(reg: Registry, name: str, history: LockedHistory, fix: bool = T
 
 
 def _settle_alias_intents(reg: Registry, name: str, history: LockedHistory, fix: bool) -> list[Finding]:
-    from champion.registry import _mirror_tags, _v
-
     found = []
     pending = history.pending()
     if not pending:
@@ -114,20 +160,22 @@ def _settle_alias_intents(reg: Registry, name: str, history: LockedHistory, fix:
     aliases = _aliases(reg, name)
     for event in pending:
         happened = aliases.get(event.alias) == event.to_version
-        subject = f"'{event.alias}' {_v(event.from_version)} -> {_v(event.to_version)} (audit row {event.id})"
+        moved = f"{version_label(event.from_version)} -> {version_label(event.to_version)}"
+        subject = f"'{event.alias}' {moved} (audit row {event.id})"
         if happened:
             action = (
-                f"the alias is on {_v(event.to_version)}, so the move happened: the row by "
+                f"the alias is on {version_label(event.to_version)}, so the move happened: the row by "
                 f"{event.actor} is marked done."
             )
         else:
             action = (
-                f"the alias is not on {_v(event.to_version)}, so the move did not happen: marked aborted."
+                f"the alias is not on {version_label(event.to_version)}, so the move did not happen: "
+                "marked aborted."
             )
         if fix:
             if happened:
                 try:
-                    _mirror_tags(reg, event)
+                    mirror_tags(reg, event)
                 except Exception as err:  # cosmetic: the audit row is what counts
                     log.warning("could not copy audit row %s onto the version tags: %s", event.id, err)
             history.settle(event.id, "done" if happened else "aborted")
@@ -181,8 +229,6 @@ def _aliases(reg: Registry, name: str) -> dict[str, str]:
 def _versions_of_registration(reg: Registry, name: str, registration_id: int) -> list[str]:
     from mlflow.exceptions import MlflowException
 
-    from champion.registry import name_filter
-
     try:
         versions = reg.client.search_model_versions(name_filter(name))
     except MlflowException:
@@ -194,8 +240,6 @@ def _versions_of_registration(reg: Registry, name: str, registration_id: int) ->
 
 
 def _has_versions(reg: Registry, name: str) -> bool:
-    from champion.registry import name_filter
-
     return bool(reg.client.search_model_versions(name_filter(name), max_results=1))
 
 
@@ -231,44 +275,3 @@ def _running_runs(reg: Registry) -> list[Any]:
     if not experiments:
         return []
     return list(reg.client.search_runs(experiments, "attributes.status = 'RUNNING'", max_results=1000))
-
-
-# --- `champion doctor` -----------------------------------------------------------------------------
-
-
-def doctor(reg: Registry, name: str | None = None, fix: bool = False) -> list[Finding]:
-    """What killed processes left, for one model or all; with `fix`, settled as the next operation would."""
-    from champion.registry import list_models
-
-    names = (
-        [name]
-        if name
-        else sorted({m["name"] for m in list_models(reg)} | set(reg.audit.models_with_pending()))
-    )
-    found: list[Finding] = []
-    for model in names:
-        with reg.audit.lock(model) as history:
-            found += settle_model(reg, model, history, fix)
-            found += _unaudited(reg, model)
-    return found + settle_runs(reg, fix)
-
-
-def _unaudited(reg: Registry, name: str) -> list[Finding]:
-    """Aliases moved outside Champion: reported, never fixed here (adopting one is a person's decision)."""
-    from champion.errors import ChampionError
-    from champion.registry import _v, unaudited_aliases
-
-    try:
-        disagreements = unaudited_aliases(reg, name)
-    except ChampionError:  # not in MLflow (a pending registration rolled back, or deleted there)
-        return []
-    found = []
-    for alias, (audited, in_mlflow) in disagreements.items():
-        subject = f"'{alias}' is on {_v(in_mlflow)} in MLflow, {_v(audited)} in the audit history"
-        adopt = f"`champion adopt {name} {alias} {in_mlflow or 'none'} --reason ...`"
-        action = (
-            f"moved outside Champion: servers keep serving {_v(audited)}; a person adopts the move with "
-            f"{adopt}, or sets the alias back in MLflow."
-        )
-        found.append(Finding(name, "unaudited_alias", subject, action, False))
-    return found

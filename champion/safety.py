@@ -42,6 +42,7 @@ SAFE_NAMES = frozenset({"MLmodel", "registered_model_meta"})  # MLflow's own YAM
 UNHASHED = frozenset({"registered_model_meta", ".complete"})
 _LOADERS = {"safetensors": "mlflow.transformers", "onnx": "mlflow.onnx", "onnx-int8": "mlflow.onnx"}
 LEGACY_ENV = "CHAMPION_ALLOW_LEGACY_VERSIONS"
+INT8_FILE = "model.int8.safetensors"  # Champion's int8 format (champion/formats.py): the file a version needs
 # Fields whose value transformers looks up as a class by name (AutoTokenizer, AutoProcessor, ...).
 _CLASS_FIELDS = frozenset(
     {"feature_extractor_type", "image_processor_type", "video_processor_type", "processor_type"}
@@ -173,8 +174,6 @@ def _inside(value: Any) -> bool:
 def _check_flavours(folder: Path, fmt: str, where: str) -> None:
     mlmodel = folder / "MLmodel"
     if fmt == "int8" and not mlmodel.is_file():  # Champion's own format: a flavourless logged model
-        from champion.formats import INT8_FILE
-
         if not (folder / INT8_FILE).is_file():
             raise UnsafeModelError(f"{where}: an int8 version needs its {INT8_FILE}; refused.")
         return

@@ -295,8 +295,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from champion.registry import connect
-    from champion.repair import doctor
+    from champion.registry import connect, doctor
 
     findings = doctor(connect(), args.name, fix=args.fix)
     if args.json:
@@ -864,9 +863,11 @@ def _table(rows: list[list[str]], header: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from champion.config import redact_uri, secure_home
+    from champion.progress import quiet_third_party_bars
 
     args = build_parser().parse_args(argv)
     secure_home()  # umask 077: stores, keys, spools and logs are the user's alone
+    quiet_third_party_bars()  # before transformers is imported: it reads the setting once
     if hasattr(signal, "SIGTERM"):
         signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:

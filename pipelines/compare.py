@@ -79,11 +79,11 @@ def compare(
     if champion_version == challenger_version:
         raise ChampionError(f"compare: both sides are v{champion_version}; give two different versions.")
     models = dict(models or {})
-    from champion.registry import _version
+    from champion.registry import model_version
 
     for version in (champion_version, challenger_version):  # both exist, before loading either
         if version not in models:
-            _version(reg, name, version)
+            model_version(reg, name, version)
     for version in (champion_version, challenger_version):
         if version not in models:
             models[version] = load_version(reg.client, name, version)

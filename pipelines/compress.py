@@ -76,14 +76,14 @@ def compress(name: str, version: str, cfg: CompressConfig | None = None, registr
     import torch
 
     from champion import tracking
-    from champion.registry import _version, connect, promote, register_version
+    from champion.registry import connect, model_version, promote, register_version
     from monitoring.reference import REFERENCE_TAG
     from serving.model import load_variant, load_version
 
     cfg = cfg or CompressConfig()
     reg = registry or connect()
     version = str(version)
-    source_mv = _version(reg, name, version)
+    source_mv = model_version(reg, name, version)
     source_tags = dict(source_mv.tags)
     if format_of(source_tags) != "safetensors":
         raise ChampionError(

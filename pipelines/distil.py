@@ -33,12 +33,19 @@ from champion.config import StrictModel, prepare_environment
 from champion.errors import ChampionError, InterruptedRun
 from champion.formats import FORMAT_TAG, SOURCE_TAG, VARIANT_TAG, format_of
 from champion.gate import GateDecision, VariantBudget, decide_variant
+from champion.progress import progress_bar
 from champion.repair import process_tags
 from champion.signals import graceful_stop
 from pipelines import distributed
 from pipelines.compress import CANDIDATE, CostConfig, cost_tags, gate_tags, measure_pair
 from pipelines.evaluate import evaluate, log_evaluation
-from pipelines.finetune import TrainConfig, _optimizer, _trainable_state, log_held_out_reference, make_loader
+from pipelines.finetune import (
+    TrainConfig,
+    build_optimizer,
+    log_held_out_reference,
+    make_loader,
+    trainable_state,
+)
 from pipelines.model import MemoryTracker, count_parameters, resolve_device
 
 if TYPE_CHECKING:
@@ -97,7 +104,7 @@ def distil(cfg: DistilConfig, registry=None) -> DistilResult:
     import torch
     from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup, set_seed
 
-    from champion.registry import METRIC_TAG, _version, connect, promote, register_version
+    from champion.registry import METRIC_TAG, connect, model_version, promote, register_version
     from monitoring.reference import REFERENCE_TAG
     from pipelines.retrain import RetrainConfig, champion_recipe
     from serving.model import LoadedModel, load_version
@@ -105,7 +112,7 @@ def distil(cfg: DistilConfig, registry=None) -> DistilResult:
     reg = registry or connect()
     name = cfg.model_name
     teacher_version = _resolve(reg, name, cfg.teacher)
-    teacher_tags = dict(_version(reg, name, teacher_version).tags)
+    teacher_tags = dict(model_version(reg, name, teacher_version).tags)
     if format_of(teacher_tags) != "safetensors":
         raise ChampionError(
             f"teacher: v{teacher_version} of '{name}' is a {format_of(teacher_tags)} variant; distil from "
@@ -158,7 +165,7 @@ def distil(cfg: DistilConfig, registry=None) -> DistilResult:
     train_loader = loader(splits.train, shuffle=True, with_row=True, train=per_rank, dist=dist)
     val_loader = loader(splits.validation, shuffle=False)
     test_loader = loader(splits.test, shuffle=False)
-    optimizer = _optimizer(student, cfg.train)
+    optimizer = build_optimizer(student, cfg.train)
     steps = len(train_loader) * cfg.train.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, int(steps * cfg.train.warmup_ratio), steps)
     trained = distributed.wrap(student, dist, device.type)  # `student` itself when run as one process
@@ -287,11 +294,11 @@ def distil(cfg: DistilConfig, registry=None) -> DistilResult:
 
 
 def _resolve(reg, name: str, teacher: str) -> str:
-    from champion.registry import _registered_model
+    from champion.registry import registered_model
 
     if teacher.isdigit():
         return teacher
-    _registered_model(reg, name)  # an unknown model gets its own sentence
+    registered_model(reg, name)  # an unknown model gets its own sentence
     aliases = reg.audit.aliases(name)  # what the loop approved, not an alias set only in MLflow
     if teacher not in aliases:
         raise ChampionError(
@@ -318,13 +325,11 @@ def teacher_outputs(teacher: LoadedModel, splits: Splits, progress: bool = False
             "pooled": np.load(folder / "pooled.npy"),
             "seconds": 0.0,
         }
-    from tqdm.auto import tqdm
-
     texts = splits.train["text"].astype(str).tolist()
     started = time.perf_counter()
     logits, pooled = [], []
     step = 128
-    for start in tqdm(range(0, len(texts), step), desc="teacher logits", disable=not progress, leave=False):
+    for start in progress_bar(range(0, len(texts), step), "teacher logits", disable=not progress):
         seen = teacher.describe(texts[start : start + step], batch_size=32)  # one forward pass for both
         logits.append(seen["logits"])
         pooled.append(seen["embeddings"])
@@ -428,7 +433,6 @@ def _fit(
     """Train, evaluating after every epoch; keep the best epoch by `cfg.train.metric`."""
     import mlflow
     import torch
-    from tqdm.auto import tqdm
 
     net = getattr(student, "module", student)  # `student` may be DDP-wrapped: it trains, `net` is evaluated
     log = mlflow.active_run() is not None  # only rank 0 holds a run
@@ -443,12 +447,7 @@ def _fit(
             train_loader.sampler.set_epoch(epoch)
         started, cpu_started = time.perf_counter(), time.process_time()
         totals = torch.zeros(3)
-        bar = tqdm(
-            train_loader,
-            desc=f"distil {epoch}/{cfg.train.epochs}",
-            disable=not cfg.train.progress,
-            leave=False,
-        )
+        bar = progress_bar(train_loader, f"distil {epoch}/{cfg.train.epochs}", disable=not cfg.train.progress)
         with memory if epoch == 1 else contextlib.nullcontext():
             for batch in bar:
                 rows = batch.pop("row")
@@ -492,7 +491,7 @@ def _fit(
                 flush=True,
             )
         if best_val is None or getattr(val, cfg.train.metric) > getattr(best_val, cfg.train.metric):
-            best_val, best_epoch, best_state = val, epoch, _trainable_state(net)
+            best_val, best_epoch, best_state = val, epoch, trainable_state(net)
         elif cfg.train.early_stopping_patience and epoch - best_epoch >= cfg.train.early_stopping_patience:
             break
         stop.check()

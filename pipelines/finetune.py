@@ -22,6 +22,7 @@ from pydantic import Field, field_validator
 from champion import tracking
 from champion.config import StrictModel, prepare_environment
 from champion.errors import InterruptedRun
+from champion.progress import progress_bar
 from champion.registry import CHALLENGER, CHAMPION, METRIC_TAG, Registry, connect, register_version
 from champion.repair import crash_point, process_tags
 from champion.signals import StopRequest, graceful_stop
@@ -155,7 +156,7 @@ def finetune(
     val_loader = _loader(splits.validation, tokenizer, label_ids, cfg, collate, shuffle=False)
     test_loader = _loader(splits.test, tokenizer, label_ids, cfg, collate, shuffle=False)
 
-    optimizer = _optimizer(model, cfg.train)
+    optimizer = build_optimizer(model, cfg.train)
     steps = len(train_loader) * cfg.train.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, int(steps * cfg.train.warmup_ratio), steps)
     trained = distributed.wrap(model, dist, device.type)  # `model` itself when run as one process
@@ -326,7 +327,7 @@ def _fit(
                 flush=True,
             )
         if best_val is None or getattr(val, cfg.train.metric) > getattr(best_val, cfg.train.metric):
-            best_val, best_epoch, best_state = val, epoch, _trainable_state(net)
+            best_val, best_epoch, best_state = val, epoch, trainable_state(net)
         elif cfg.train.early_stopping_patience and epoch - best_epoch >= cfg.train.early_stopping_patience:
             if cfg.train.progress:
                 print(
@@ -406,7 +407,7 @@ def _loader(frame, tokenizer, label_ids: dict[str, int], cfg: FinetuneConfig, co
     return make_loader(frame, tokenizer, label_ids, cfg.train, cfg.model.max_length, collate, shuffle)
 
 
-def _optimizer(model, train: TrainConfig):
+def build_optimizer(model, train: TrainConfig):
     """AdamW without weight decay on biases and LayerNorm weights (as the HF Trainer does), fused kernels."""
     import torch
 
@@ -433,12 +434,11 @@ def _train_epoch(
 ) -> tuple[float, int]:
     """One pass over `loader`; returns the mean training loss and the number of samples seen."""
     import torch
-    from tqdm.auto import tqdm
 
     model.train()
     total_loss = torch.zeros((), device=device.type)
     seen = 0
-    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.train.epochs}", disable=not cfg.train.progress, leave=False)
+    bar = progress_bar(loader, f"epoch {epoch}/{cfg.train.epochs}", disable=not cfg.train.progress)
     for step, batch in enumerate(bar, start=1):
         batch = {k: v.to(device.type, non_blocking=True) for k, v in batch.items()}
         with torch.autocast(
@@ -461,6 +461,7 @@ def _train_epoch(
     return total_loss.item() / max(1, len(loader)), seen
 
 
-def _trainable_state(model) -> dict:
+def trainable_state(model) -> dict:
+    """A CPU copy of the trainable weights (the best epoch's, kept to restore after training)."""
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if k in names}

@@ -76,11 +76,11 @@ def retrain(
 ) -> RetrainResult:
     """One retrain attempt, recorded under `trigger_key` (unique: a key already used is refused, unless
     `claimed`: the scheduler that launched this process claimed it already)."""
-    from champion.registry import _registered_model, connect
+    from champion.registry import connect, registered_model
 
     reg = registry or connect()
     name = cfg.model_name
-    _registered_model(reg, name)  # clear sentences for an unknown model or a missing file, before any record
+    registered_model(reg, name)  # clear sentences for an unknown model or a missing file, before any record
     for i, path in enumerate(cfg.fresh.files):
         if not os.path.isfile(path):
             raise ChampionError(

@@ -12,8 +12,8 @@ import signal
 import pytest
 from helpers import crash_child, make_versions
 
-from champion.registry import assign_alias, promote
-from champion.repair import REGISTRATION_TAG, doctor
+from champion.registry import assign_alias, doctor, promote
+from champion.repair import REGISTRATION_TAG
 from champion_cli.cli import main
 
 NAME = "tiny-intents"

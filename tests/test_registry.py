@@ -98,7 +98,7 @@ def test_promote_rollback_and_audit(registry):
 def test_an_alias_moved_outside_champion_counts_only_once_adopted(registry):
     """A move in the MLflow UI or API is not the history's: the next operations decide on the audited
     champion (a refused one records nothing), `doctor` reports it, and `adopt` makes it a person's move."""
-    from champion.repair import doctor
+    from champion.registry import doctor
 
     v1, v2 = make_versions(registry, "clf", [0.8, 0.9])
     promote(registry, "clf", v1, reason="first")
@@ -266,7 +266,7 @@ def test_a_failed_restore_says_which_version_the_alias_is_left_on(registry, monk
 
 
 def test_cli_prints_the_notes_of_a_failed_clean_up(capsys, monkeypatch):
-    from champion import cli
+    from champion_cli import cli
 
     def fail(args):
         err = ChampionError("the move failed.")
