@@ -61,7 +61,8 @@ def seed_console_data(registry, home, texts: int = 12) -> dict:
 def console(registry, home, tmp_path, monkeypatch):
     from starlette.testclient import TestClient
 
-    from champion_cli.console import create_app, set_user
+    from champion_cli.console import create_app
+    from champion_cli.console_auth import set_user
 
     data = seed_console_data(registry, home)
     users = tmp_path / "users.json"
@@ -233,10 +234,10 @@ def test_hostile_requests_get_a_clear_4xx(console):
 
 
 def test_guessing_many_names_keeps_the_lockout_table_bounded(monkeypatch):
-    import champion_cli.console as console_module
+    import champion_cli.console_auth as console_auth
 
-    monkeypatch.setattr(console_module, "MAX_TRACKED_NAMES", 50)
-    sessions = console_module.Sessions()
+    monkeypatch.setattr(console_auth, "MAX_TRACKED_NAMES", 50)
+    sessions = console_auth.Sessions()
     for i in range(500):
         sessions.failed(f"name-{i}" + "x" * 1000)
     assert len(sessions.failures) <= 50 and all(len(k) <= 129 for k in sessions.failures)  # address, name
@@ -245,7 +246,8 @@ def test_guessing_many_names_keeps_the_lockout_table_bounded(monkeypatch):
 def test_a_database_that_does_not_answer_is_a_503_with_a_sentence(registry, tmp_path):
     from starlette.testclient import TestClient
 
-    from champion_cli.console import create_app, set_user
+    from champion_cli.console import create_app
+    from champion_cli.console_auth import set_user
 
     users = tmp_path / "users.json"
     set_user("ana", "correct horse battery", users)

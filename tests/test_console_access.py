@@ -17,7 +17,8 @@ from test_console import seed_console_data
 from champion.approval import pending_promotions
 from champion.registry import connect, story
 from champion_cli.cli import main
-from champion_cli.console import create_app, set_user
+from champion_cli.console import create_app
+from champion_cli.console_auth import set_user
 
 KEY = "feedback-key-" + "k" * 20
 PASSWORD = "correct horse battery"
@@ -209,10 +210,10 @@ def test_five_wrong_passwords_from_one_client_do_not_lock_the_user_out_elsewhere
 
 
 def test_one_client_cannot_run_many_password_checks(monkeypatch):
-    import champion_cli.console as console_module
+    import champion_cli.console_auth as console_auth
 
-    monkeypatch.setattr(console_module, "LOGINS_PER_MINUTE_PER_CLIENT", 3)
-    sessions = console_module.Sessions()
+    monkeypatch.setattr(console_auth, "LOGINS_PER_MINUTE_PER_CLIENT", 3)
+    sessions = console_auth.Sessions()
     assert sessions.admit("a") is None and sessions.admit("a") is None
     assert "at once" in sessions.admit("a")  # two in flight already
     assert sessions.admit("b") is None  # another client is not held up
@@ -327,7 +328,7 @@ def test_an_error_shows_a_store_uri_without_its_password(app, monkeypatch):
 
     with _client(app) as client:
         _login(client)
-        monkeypatch.setattr(registry_module, "_registered_model", missing)
+        monkeypatch.setattr(registry_module, "registered_model", missing)
         page = client.get("/models/other")
     assert (
         page.status_code == 404
