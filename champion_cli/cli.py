@@ -242,7 +242,7 @@ def cmd_console(args: argparse.Namespace) -> int:
 def cmd_console_user(args: argparse.Namespace) -> int:
     import getpass
 
-    from champion_cli.console import role_of_account, set_role, set_user, users_path
+    from champion_cli.console_auth import role_of_account, set_role, set_user, users_path
 
     if args.role and not args.password_stdin and role_of_account(args.name) is not None:
         set_role(args.name, args.role)  # an existing account: its role only, no password prompt
@@ -260,7 +260,7 @@ def cmd_console_user(args: argparse.Namespace) -> int:
 
 
 def cmd_console_token(args: argparse.Namespace) -> int:
-    from champion_cli.console import new_token, revoke_token
+    from champion_cli.console_auth import new_token, revoke_token
 
     if args.revoke:
         had = revoke_token(args.name)
