@@ -21,6 +21,7 @@ from typing import Any, Literal
 import sqlalchemy as sa
 
 from champion.audit import LoopEvent, current_actor
+from champion.db import create_tables
 from champion.errors import ChampionError
 
 PENDING, APPROVED, REJECTED, EXPIRED, VOID = "pending", "approved", "rejected", "expired", "void"
@@ -76,7 +77,7 @@ _PREPARED: weakref.WeakSet = weakref.WeakSet()  # engines whose pending-promotio
 def _tables(reg) -> sa.Engine:
     engine = reg.audit.engine
     if engine not in _PREPARED:
-        _metadata.create_all(engine, checkfirst=True)
+        create_tables(engine, _metadata)
         _PREPARED.add(engine)
     return engine
 

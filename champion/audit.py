@@ -18,10 +18,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+
+from champion.db import create_tables, engine_for, sqlite_path
 
 _metadata = sa.MetaData()
 alias_events = sa.Table(
@@ -146,19 +147,10 @@ class AuditLog:
 
     def __init__(self, url: str):
         self.url = url
-        self.engine = sa.create_engine(url, future=True, pool_pre_ping=True)
-        self._sqlite_path = None
-        if self.engine.dialect.name == "sqlite" and self.engine.url.database not in (None, "", ":memory:"):
-            self._sqlite_path = Path(self.engine.url.database)
-            self._sqlite_path.parent.mkdir(parents=True, exist_ok=True)
+        self.engine = engine_for(url)
+        self._sqlite_path = sqlite_path(self.engine)
         self._held = threading.local()
-        with self.engine.begin() as conn:
-            if self.engine.dialect.name == "postgresql":  # two processes creating the table at once collide
-                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key("create")})
-            _metadata.create_all(conn, checkfirst=True)
-            have = {c["name"] for c in sa.inspect(conn).get_columns(alias_events.name)}
-            if "status" not in have:  # a history written before intents: every row in it is done
-                conn.execute(sa.text(f"ALTER TABLE {alias_events.name} ADD COLUMN {_STATUS_COLUMN}"))
+        create_tables(self.engine, _metadata, upgrade=_add_status_column)
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -398,6 +390,12 @@ def _event_rows(rows) -> list[AliasEvent]:
 
 def _aware(at: datetime) -> datetime:
     return at if at.tzinfo else at.replace(tzinfo=UTC)  # sqlite hands back naive UTC
+
+
+def _add_status_column(conn: sa.Connection) -> None:
+    """A history written before intents lacks `status`: every row in it is done."""
+    if "status" not in {c["name"] for c in sa.inspect(conn).get_columns(alias_events.name)}:
+        conn.execute(sa.text(f"ALTER TABLE {alias_events.name} ADD COLUMN {_STATUS_COLUMN}"))
 
 
 def _lock_key(name: str) -> int:

@@ -21,6 +21,8 @@ OFFLINE_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 
+LOG_URL_ENV = "CHAMPION_INFERENCE_LOG_URL"  # the inference log's URL when no config names one
+
 T = TypeVar("T", bound="StrictModel")
 
 
@@ -121,6 +123,17 @@ def audit_url(override: str | None = None) -> str:
     if url:
         return url
     return f"sqlite:///{champion_home() / 'audit.db'}"
+
+
+def default_log_url() -> str:
+    """The inference log when no config names one: $CHAMPION_INFERENCE_LOG_URL, else sqlite in the home."""
+    return os.environ.get(LOG_URL_ENV) or f"sqlite:///{champion_home() / 'inference.db'}"
+
+
+def drift_store_url(store_url: str | None = None, log_url: str | None = None) -> str:
+    """Where drift checks are kept: the configured store, else beside the inference log (`log_url`, else
+    `default_log_url()`)."""
+    return store_url or log_url or default_log_url()
 
 
 def prepare_environment() -> None:

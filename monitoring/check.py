@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from champion.config import default_log_url, drift_store_url, redact_uri
 from champion.errors import ChampionError
 from monitoring.config import MonitorConfig
 from monitoring.drift import DriftDecision, check_drift, describe_window, window_from_frame
@@ -66,8 +67,8 @@ def drift(
     if file is not None:
         frame, about = _score_file(model, Path(file))
     else:
-        frame, about = _read_log(name, version, last, since, until, arms, log_url)
-    frame, dropped = _clean(frame)
+        frame, about = read_log(name, version, last, since, until, arms, log_url)
+    frame, dropped = clean_window(frame)
     about["dropped_rows"] = dropped
     if len(frame) > cfg.max_rows:
         frame = frame.sample(cfg.max_rows, random_state=cfg.calibration.seed).sort_index()
@@ -93,7 +94,7 @@ def drift(
     if store:
         from monitoring.store import DriftStore
 
-        drift_store = DriftStore(cfg.store_url or _default_store_url(log_url))
+        drift_store = DriftStore(drift_store_url(cfg.store_url, log_url))
         try:
             # A file's check is kept apart: only windows of the log (what production saw) move the alarm.
             source = "file" if file is not None else "log"
@@ -113,17 +114,12 @@ def _alias(reg, name: str, alias: str) -> str:
     return version
 
 
-def _default_store_url(log_url: str | None) -> str:
-    from serving.config import default_log_url
-
-    return log_url or default_log_url()
-
-
-def _read_log(name, version, last, since, until, arms, log_url) -> tuple[pd.DataFrame, dict[str, Any]]:
-    from champion.config import redact_uri
+def read_log(name, version, last, since, until, arms, log_url) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The window of the inference log (`log_url`, else the default one): the version's rows of `arms`
+    between `since` and `until`, the `last` of them if given, and what was read."""
     from serving.inference_log import InferenceLog
 
-    url = log_url or _default_store_url(None)
+    url = log_url or default_log_url()
     try:
         log = InferenceLog(url)
     except Exception as err:
@@ -159,7 +155,7 @@ def _score_file(model, path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     """A file of texts (and optionally true labels) scored by the version, as the server would."""
     import pandas as pd
 
-    from pipelines.data import read_table
+    from champion.tables import read_table
 
     raw = read_table(str(path), "auto", "train", "--file")
     if "text" not in raw.columns:
@@ -194,7 +190,7 @@ def _score_file(model, path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     }
 
 
-def _clean(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+def clean_window(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     """Drop rows that cannot be judged (no text, no prediction, no confidence); returns how many went."""
     if frame.empty:
         return frame, 0

@@ -33,7 +33,8 @@ from typing import Any
 import sqlalchemy as sa
 from pydantic import Field
 
-from champion.config import StrictModel
+from champion.config import StrictModel, default_log_url, drift_store_url
+from champion.db import create_tables, engine_for
 from champion.errors import ChampionError
 
 log = logging.getLogger(__name__)
@@ -164,27 +165,13 @@ class ReviewQueue:
     """The queue's tables in the inference log's database."""
 
     def __init__(self, url: str | None = None):
-        from serving.config import default_log_url
-
-        self.url = url or default_log_url()
-        self.engine = sa.create_engine(self.url, pool_pre_ping=True)
-        if self.engine.dialect.name == "sqlite":
-            from pathlib import Path
-
-            Path(self.engine.url.database).parent.mkdir(parents=True, exist_ok=True)
-
-            @sa.event.listens_for(self.engine, "connect")
-            def _pragmas(dbapi_connection, _record) -> None:
-                cursor = dbapi_connection.cursor()
-                cursor.execute("PRAGMA busy_timeout=5000")
-                cursor.close()
-
         from serving.inference_log import InferenceLog
 
-        # The predictions and feedback tables, created by the log's own code (its locking included).
+        self.url = url or default_log_url()
+        self.engine = engine_for(self.url)
+        # The predictions and feedback tables, created by the log's own code (its upgrades included).
         InferenceLog(self.url, retention_days=None).engine.dispose()
-        with self.engine.begin() as conn:
-            _metadata.create_all(conn, checkfirst=True)
+        create_tables(self.engine, _metadata)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -339,7 +326,7 @@ class ReviewQueue:
         from monitoring.store import DriftStore
 
         try:
-            store = DriftStore(cfg.drift_store_url or self.url)
+            store = DriftStore(drift_store_url(cfg.drift_store_url, self.url))
         except sa.exc.SQLAlchemyError as err:
             log.warning("review: the drift history is unreadable (%s); drift windows are not used.", err)
             return []

@@ -45,6 +45,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from pydantic import Field, field_validator, model_validator
 
 from champion.config import StrictModel, champion_home, redact_uri
+from champion.db import create_tables, engine_for
 from champion.errors import ChampionError
 
 log = logging.getLogger(__name__)
@@ -168,13 +169,6 @@ job_state = sa.Table(
 )
 
 
-def _engine(url: str) -> sa.Engine:
-    engine = sa.create_engine(url, pool_pre_ping=True)
-    if engine.dialect.name == "sqlite" and engine.url.database:
-        Path(engine.url.database).parent.mkdir(parents=True, exist_ok=True)
-    return engine
-
-
 def _aware(value: datetime | None) -> datetime | None:
     """sqlite gives back naive datetimes; every time in these tables is UTC."""
     if value is None:
@@ -184,11 +178,11 @@ def _aware(value: datetime | None) -> datetime | None:
 
 def run_job(job_id: str, func: str, kwargs: dict[str, Any], runs_url: str, how: str = "scheduled") -> None:
     """What APScheduler calls: run `func(**kwargs)`, record the run, never raise into the scheduler."""
-    engine = _engine(runs_url)
+    engine = engine_for(runs_url)
     started = datetime.now(UTC)
     try:
+        create_tables(engine, _metadata)
         with engine.begin() as conn:
-            _metadata.create_all(conn, checkfirst=True)
             run_id = conn.execute(
                 job_runs.insert().values(
                     job_id=job_id, started=started, outcome="running", host=socket.gethostname(),
@@ -234,10 +228,10 @@ def _observe_run(job_id: str, outcome: str, seconds: float) -> None:
 
 
 def job_history(url: str, job_id: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
-    engine = _engine(url)
+    engine = engine_for(url)
     try:
-        with engine.begin() as conn:
-            _metadata.create_all(conn, checkfirst=True)
+        create_tables(engine, _metadata)
+        with engine.connect() as conn:
             query = sa.select(job_runs).order_by(job_runs.c.id.desc()).limit(limit)
             if job_id is not None:
                 query = query.where(job_runs.c.job_id == job_id)
@@ -507,11 +501,10 @@ def start(cfg: ScheduleConfig, standby: bool = False, poll_seconds: float = 2.0,
         _sleep(poll_seconds)
     stop_event = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop_event.set())
-    engine = _engine(url)
+    engine = engine_for(url)
     sched = _scheduler(engine, cfg.workers)
     try:
-        with engine.begin() as conn:
-            _metadata.create_all(conn, checkfirst=True)
+        create_tables(engine, _metadata)
         sched.start(paused=True)  # add the jobs with their stored next runs before anything runs
         changes = sync_jobs(sched, cfg, url, engine)
         sched.resume()
@@ -571,10 +564,10 @@ def _set_leader(value: int) -> None:
 
 
 def _states(url: str) -> list[dict[str, Any]]:
-    engine = _engine(url)
+    engine = engine_for(url)
     try:
-        with engine.begin() as conn:
-            _metadata.create_all(conn, checkfirst=True)
+        create_tables(engine, _metadata)
+        with engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(sa.select(job_state).order_by(job_state.c.job_id))]
     finally:
         engine.dispose()
@@ -604,11 +597,11 @@ def list_jobs(cfg: ScheduleConfig) -> list[dict[str, Any]]:
 
 def _set_state(cfg: ScheduleConfig, job_id: str, values: dict[str, Any], *where) -> None:
     """Write a job's state row; the active scheduler applies it at its next look (every 2 s)."""
-    engine = _engine(cfg.url())
+    engine = engine_for(cfg.url())
     c = job_state.c
     try:
+        create_tables(engine, _metadata)
         with engine.begin() as conn:
-            _metadata.create_all(conn, checkfirst=True)
             known = [r[0] for r in conn.execute(sa.select(c.job_id).order_by(c.job_id))]
             if job_id not in known:
                 raise ChampionError(

@@ -1,20 +1,22 @@
 """Every drift decision and check result, kept beside the inference log (sqlite, or PostgreSQL by URL).
 
 The alarm has memory: `alarm_state` says whether at least k of the last n stored windows of a version
-drifted, so one odd hour does not launch a retrain. Only windows of the inference log count (`source`
-"log"): a check of a file someone brings (`champion drift --file what-if.csv`) is stored, marked "file",
-and never moves the alarm, a retrain or the served version's gauges.
+drifted (`k_of_n`, the one alarm rule, which the drift-triggered retrain applies too), so one odd hour does
+not launch a retrain. Only windows of the inference log count (`source` "log"): a check of a file someone
+brings (`champion drift --file what-if.csv`) is stored, marked "file", and never moves the alarm, a retrain
+or the served version's gauges.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 
 import sqlalchemy as sa
 
+from champion.db import create_tables, engine_for
 from monitoring.drift import DRIFT, DriftDecision
 
 LOG, FILE = "log", "file"  # a window of the inference log (what production saw) | a file checked ad hoc
@@ -57,12 +59,8 @@ class AlarmState:
 
 class DriftStore:
     def __init__(self, url: str):
-        self.engine = sa.create_engine(url, pool_pre_ping=True)
-        if self.engine.dialect.name == "sqlite" and self.engine.url.database:
-            Path(self.engine.url.database).parent.mkdir(parents=True, exist_ok=True)
-        with self.engine.begin() as conn:
-            _metadata.create_all(conn, checkfirst=True)
-        _add_source_column(self.engine)
+        self.engine = engine_for(url)
+        create_tables(self.engine, _metadata, upgrade=_add_source_column)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -120,23 +118,17 @@ class DriftStore:
             .limit(n)
         )
         with self.engine.connect() as conn:
-            statuses = [r[0] for r in conn.execute(query)]
-        drifted = sum(s == DRIFT for s in statuses)
-        return AlarmState(drifted >= k, drifted, len(statuses), k, n)
+            drifted = [r[0] == DRIFT for r in conn.execute(query)][::-1]  # oldest first
+        return AlarmState(k_of_n(drifted, k, n), sum(drifted), len(drifted), k, n)
 
 
-def _add_source_column(engine: sa.Engine) -> None:
+def k_of_n(drifted: Sequence[bool], k: int, n: int) -> bool:
+    """The alarm rule: at least `k` of the last `n` judged windows drifted (`drifted`: oldest first)."""
+    return sum(drifted[-n:]) >= k
+
+
+def _add_source_column(conn: sa.Connection) -> None:
     """Tables made before `source` existed get it; their rows were all windows of the log."""
-    if "source" in {col["name"] for col in sa.inspect(engine).get_columns(drift_checks.name)}:
-        return
-    exists = "IF NOT EXISTS " if engine.dialect.name == "postgresql" else ""
-    try:
-        with engine.begin() as conn:
-            conn.execute(
-                sa.text(
-                    f"ALTER TABLE drift_checks ADD COLUMN {exists}source VARCHAR(16) NOT NULL DEFAULT '{LOG}'"
-                )
-            )
-    except sa.exc.OperationalError:  # another process added it between our look and our change (sqlite)
-        if "source" not in {col["name"] for col in sa.inspect(engine).get_columns(drift_checks.name)}:
-            raise
+    if "source" not in {col["name"] for col in sa.inspect(conn).get_columns(drift_checks.name)}:
+        column = f"source VARCHAR(16) NOT NULL DEFAULT '{LOG}'"
+        conn.execute(sa.text(f"ALTER TABLE {drift_checks.name} ADD COLUMN {column}"))

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
-from champion.config import StrictModel, champion_home, home_secret, redact_uri
+from champion.config import StrictModel, champion_home, default_log_url, home_secret, redact_uri
+from champion.db import engine_for
 from champion.errors import ChampionError
 
 if TYPE_CHECKING:
@@ -107,7 +108,6 @@ def labelled_log_rows(model_name: str, log_url: str | None = None) -> pd.DataFra
     row keeps the reviewer's answer (feedback sent later for the same request does not replace it)."""
     import pandas as pd
 
-    from serving.config import default_log_url
     from serving.inference_log import InferenceLog
 
     url = log_url or default_log_url()
@@ -140,7 +140,7 @@ def _reviewed(model_name: str, url: str) -> dict[str, tuple[str, str]]:
 
     from monitoring.review import review_items
 
-    engine = sa.create_engine(url)
+    engine = engine_for(url)
     try:
         if not sa.inspect(engine).has_table(review_items.name):
             return {}

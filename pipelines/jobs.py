@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from champion.errors import ChampionError
+from monitoring.store import k_of_n
 
 
 def retrain_on_drift(
@@ -31,9 +32,8 @@ def retrain_on_drift(
 ) -> dict[str, Any]:
     """Retrain `model` if its champion's drift alarm is on. `checks`: only windows where one of these
     checks fired count (e.g. ["concept", "estimated_accuracy"] for a performance-based trigger)."""
-    from champion.config import load_config
+    from champion.config import drift_store_url, load_config
     from champion.registry import CHAMPION, connect, served_version
-    from monitoring.check import _default_store_url
     from monitoring.config import MonitorConfig
     from monitoring.store import DriftStore
 
@@ -43,7 +43,7 @@ def retrain_on_drift(
         version = served_version(reg, model, CHAMPION)
         if version is None:
             return {"started": False, "reason": f"model '{model}' has no champion to retrain."}
-        store = DriftStore(monitor.store_url or _default_store_url(None))
+        store = DriftStore(drift_store_url(monitor.store_url))
         try:
             windows = store.history(model, version, limit=500, source="log")  # never a file checked ad hoc
         finally:
@@ -88,7 +88,8 @@ def drift_episode(windows: list[dict], k: int, n: int, checks: list[str] | None 
         fired = [c["name"] for c in w["checks"] if c.get("drifted")]
         counts = w["status"] == "drift" and (checks is None or any(c in checks for c in fired))
         flags.append((w["id"], bool(counts), fired))
-    alarm = [sum(f[1] for f in flags[max(0, i - n + 1) : i + 1]) >= k for i in range(len(flags))]
+    drifted = [f[1] for f in flags]
+    alarm = [k_of_n(drifted[: i + 1], k, n) for i in range(len(drifted))]  # the alarm after each window
     if not alarm or not alarm[-1]:
         return None
     start = len(alarm) - 1

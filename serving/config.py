@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from champion.config import StrictModel, champion_home, load_config, parse_config
+from champion.config import StrictModel, champion_home, default_log_url, load_config, parse_config
 from champion.errors import ChampionError
 
 CONFIG_ENV = "CHAMPION_SERVE_CONFIG"  # how `champion serve` hands the resolved config to `bentoml serve`
@@ -19,7 +19,6 @@ FEEDBACK_KEY_ENV = "CHAMPION_FEEDBACK_KEY"
 FEEDBACK_KEY_FILE = "keys/feedback.key"  # under CHAMPION_HOME, read when the environment has no key; 0600
 LEGACY_API_KEY_ENV = "CHAMPION_API_KEY"  # the ingest key's deprecated name, read for one more release
 API_KEY_ENV = FEEDBACK_KEY_ENV  # the variable `champion serve` and the client pass the key in
-LOG_URL_ENV = "CHAMPION_INFERENCE_LOG_URL"
 HostName = Annotated[str, Field(pattern=r"^(\*|[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\])$")]  # no port, no scheme
 
 
@@ -166,11 +165,6 @@ def ensure_feedback_key() -> Path | None:
 
 def inference_log_url(cfg: ServeConfig) -> str:
     return cfg.log.url or default_log_url()
-
-
-def default_log_url() -> str:
-    """The inference log when no config names one: $CHAMPION_INFERENCE_LOG_URL, else sqlite in the home."""
-    return os.environ.get(LOG_URL_ENV) or f"sqlite:///{champion_home() / 'inference.db'}"
 
 
 def load_serve_config(path: str | os.PathLike[str] | None, model: str | None = None, **fields) -> ServeConfig:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import atexit
 import base64
-import fcntl
 import hashlib
 import json
 import logging
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING
 import sqlalchemy as sa
 
 from champion.audit import current_actor
+from champion.db import create_tables, engine_for
 from champion.errors import ChampionError
 from serving.spool import Spool, SpoolWriteError
 from serving.traffic import CanaryStats
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ARMS = ("champion", "challenger", "canary", "shadow")
-_SQLITE_BUSY_TIMEOUT_MS = 5_000
 _RETENTION_EVERY_S = 3600.0
 _BACKOFF_FIRST_S, _BACKOFF_MAX_S = 0.1, 5.0
 
@@ -199,9 +198,11 @@ class InferenceLog:
         self.url = url
         self.max_spool_bytes, self.batch_size, self.flush_seconds = max_spool_bytes, batch_size, flush_seconds
         self.retention_days, self.adopt_seconds = retention_days, adopt_seconds
-        self.engine = sa.create_engine(url, pool_pre_ping=True)
-        if backend == "sqlite":
-            self._prepare_sqlite()
+        if backend == "sqlite" and sa.engine.make_url(url).database in (None, "", ":memory:"):
+            raise ValueError(
+                "The inference log needs a sqlite file (sqlite:///path/inference.db), not memory."
+            )
+        self.engine = engine_for(url)
         self.spool = Spool(spool_dir or default_spool_dir(url))
         self._tables_ready = False
         try:  # a database that is down at start must not stop a server from answering
@@ -230,41 +231,10 @@ class InferenceLog:
 
     # --- setup ----------------------------------------------------------------------------------------
 
-    def _prepare_sqlite(self) -> None:
-        database = self.engine.url.database
-        if database in (None, "", ":memory:"):
-            raise ValueError(
-                "The inference log needs a sqlite file (sqlite:///path/inference.db), not memory."
-            )
-        self._sqlite_path = Path(database)
-        self._sqlite_path.parent.mkdir(parents=True, exist_ok=True)
-
-        @sa.event.listens_for(self.engine, "connect")
-        def _pragmas(dbapi_connection, _record) -> None:
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
-            cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")  # workers wait for each other
-            cursor.close()
-
     def _ensure_tables(self) -> None:
         if self._tables_ready:
             return
-        # Several server workers start at once; checking and creating the tables must not interleave.
-        if self.engine.dialect.name == "sqlite":
-            with open(self._sqlite_path.with_suffix(".lock"), "a") as fh:
-                fcntl.flock(fh, fcntl.LOCK_EX)
-                try:
-                    with self.engine.begin() as conn:
-                        _metadata.create_all(conn, checkfirst=True)
-                        _add_missing_columns(conn)
-                finally:
-                    fcntl.flock(fh, fcntl.LOCK_UN)
-        else:
-            key = int.from_bytes(hashlib.sha256(b"champion:inference-log").digest()[:8], "big", signed=True)
-            with self.engine.begin() as conn:
-                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
-                _metadata.create_all(conn, checkfirst=True)
-                _add_missing_columns(conn)
+        create_tables(self.engine, _metadata, upgrade=_add_missing_columns)  # workers start at once
         self._tables_ready = True
 
     def start(self) -> InferenceLog:

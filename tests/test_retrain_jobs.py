@@ -62,9 +62,9 @@ def loop(registry, tiny_model_dir, tickets_csv, tmp_path, home):
 
 
 def _store_windows(version: str, statuses: list[str]) -> list[int]:
+    from champion.config import default_log_url
     from monitoring.drift import CheckResult, DriftDecision
     from monitoring.store import DriftStore
-    from serving.config import default_log_url
 
     store = DriftStore(default_log_url())
     ids = []
