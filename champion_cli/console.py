@@ -30,7 +30,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from champion.approval import approve, reject
-from champion.config import load_config, redact_uri
+from champion.config import default_log_url, drift_store_url, load_config, redact_uri
 from champion.errors import ChampionError
 from champion.registry import connect, list_models
 from champion_cli.console_auth import (
@@ -45,8 +45,8 @@ from champion_cli.console_auth import (
     users_path,
     wants_json,
 )
+from monitoring.config import MonitorConfig
 from monitoring.review import ReviewConfig, ReviewQueue
-from serving.config import default_log_url
 
 log = logging.getLogger("champion_cli.console")
 
@@ -60,7 +60,7 @@ TEMPLATES = Path(__file__).parent / "console_templates"
 # --- what the pages show ----------------------------------------------------------------------------------
 
 
-def model_page_data(reg, name: str, log_url: str, mlflow_ui: str | None) -> dict[str, Any]:
+def model_page_data(reg, name: str, drift_url: str, mlflow_ui: str | None) -> dict[str, Any]:
     """Everything the model page shows, as plain values (the template only lays it out)."""
     from champion.approval import pending_promotions
     from champion.registry import CHALLENGER, CHAMPION, story, unaudited_aliases
@@ -87,7 +87,7 @@ def model_page_data(reg, name: str, log_url: str, mlflow_ui: str | None) -> dict
         run_id = (e.get("evidence") or {}).get("run_id")
         e["run_url"] = _run_url(reg, mlflow_ui, run_id) if run_id else None
         e["when"] = datetime.fromisoformat(e["at"]).strftime("%Y-%m-%d %H:%M:%S")
-    checks = sorted(_drift_history(name, log_url), key=lambda c: c["at"], reverse=True)  # newest first
+    checks = sorted(_drift_history(name, drift_url), key=lambda c: c["at"], reverse=True)  # newest first
     for c in checks:
         c["when"] = _fmt_at(c["at"])
     return {
@@ -120,20 +120,16 @@ def _run_url(reg, mlflow_ui: str | None, run_id: str | None) -> str | None:
     return f"{mlflow_ui.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
 
 
-def _drift_history(name: str, log_url: str) -> list[dict[str, Any]]:
+def _drift_history(name: str, store_url: str) -> list[dict[str, Any]]:
     """The model's windows of production traffic, newest first: checks of files (`champion drift --file`)
     are left out, as they are from the alarm."""
     from monitoring.store import LOG, DriftStore
 
-    store = DriftStore(_drift_store_url(log_url))
+    store = DriftStore(store_url)
     try:
         return store.history(name, limit=DRIFT_POINTS, source=LOG)
     finally:
         store.close()
-
-
-def _drift_store_url(log_url: str) -> str:
-    return log_url  # where `champion drift` keeps its checks unless a monitor config names another store
 
 
 CHART_WIDTH, CHART_HEIGHT, CHART_PAD = 300, 110, 6
@@ -201,12 +197,16 @@ def create_app(
     mlflow_ui: str | None = None,
     users_file: Path | None = None,
     allowed_hosts: list[str] | tuple[str, ...] = LOOPBACK_HOSTS,
+    monitor_config: str | None = None,
 ):
     """The console as a Starlette app (uvicorn runs it; tests may drive it in-process).
 
-    `allowed_hosts`: the names or addresses the console answers to in the Host header; others get 400."""
+    `allowed_hosts`: the names or addresses the console answers to in the Host header; others get 400.
+    `monitor_config`: the YAML `champion drift` runs with, so the console reads the drift store it writes."""
     # settings, and the stores opened on first use
     log_url = log_url or default_log_url()
+    monitor_cfg = load_config(MonitorConfig, monitor_config) if monitor_config else MonitorConfig()
+    drift_url = drift_store_url(monitor_cfg.store_url, log_url)
     review_cfg = load_config(ReviewConfig, review_config) if review_config else ReviewConfig()
     state: dict[str, Any] = {}
     lock = threading.Lock()
@@ -255,7 +255,7 @@ def create_app(
     async def model(request, who):
         name = request.path_params["name"]
         try:
-            data = await _threaded(lambda: model_page_data(registry(), name, log_url, mlflow_ui))
+            data = await _threaded(lambda: model_page_data(registry(), name, drift_url, mlflow_ui))
         except ChampionError as err:  # not registered
             return refuse(request, 404, str(err))
         return page(request, "model.html", notice=request.query_params.get("notice"),
@@ -341,7 +341,7 @@ def create_app(
 
         from monitoring.store import DriftStore, drift_checks
 
-        store = DriftStore(_drift_store_url(log_url))
+        store = DriftStore(drift_url)
         try:
             with store.engine.connect() as conn:
                 row = conn.execute(

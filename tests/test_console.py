@@ -260,3 +260,35 @@ def test_a_database_that_does_not_answer_is_a_503_with_a_sentence(registry, tmp_
     assert (
         page.status_code == 503 and "the registry or the inference log database did not answer" in page.text
     )
+
+
+def test_a_separate_drift_store_from_the_monitor_config_is_the_one_shown(registry, home, tmp_path):
+    """`champion drift` with a monitor config whose store_url names its own database keeps its checks there;
+    the console given that config shows those windows (before, it read the log's database and showed none)."""
+    from starlette.testclient import TestClient
+
+    from champion_cli.console import create_app
+    from champion_cli.console_auth import set_user
+    from monitoring.drift import CheckResult, DriftDecision
+    from monitoring.store import DriftStore
+
+    data = seed_console_data(registry, home)
+    drift_url = f"sqlite:///{tmp_path / 'drift.db'}"
+    store = DriftStore(drift_url)
+    check = CheckResult("embedding_drift", "domain classifier ROC AUC", 0.4, 0.1, True, 200, "drift", "moved")
+    for hours in (2, 1):
+        at = (datetime.now(UTC) - timedelta(hours=hours)).isoformat()
+        store.record(DriftDecision("drift", "clf", data["v1"], 200, [check], {}, at))
+    store.close()
+    monitor = tmp_path / "monitor.yaml"
+    monitor.write_text(f"store_url: {drift_url}\n")
+    users = tmp_path / "users.json"
+    set_user("ana", "correct horse battery", users, role="approver")
+    pages = {}
+    for label, options in (("log", {}), ("monitor", {"monitor_config": str(monitor)})):
+        app = create_app(log_url=data["url"], users_file=users, **options)
+        with TestClient(app, base_url="http://127.0.0.1:8765") as client:
+            _login(client)
+            pages[label] = client.get("/models/clf").text
+    assert pages["log"].count('class="drifted"') == 1  # the log database's three windows, one drifted
+    assert pages["monitor"].count('class="drifted"') == 2  # the separate store's two drifted windows
