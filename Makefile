@@ -54,7 +54,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 benchmark: $(STAMP)
-	$(BIN)/python benchmarks/finetune.py
+	$(BIN)/python -m benchmarks.finetune
 
 ui: $(STAMP)
 	$(BIN)/champion ui

@@ -91,13 +91,13 @@ def _data_config(source: Path, rows: int) -> dict:
 
 def unused_train_rows(home: Path, rows: int):
     """The known intents' train-split rows that fine-tuning's stratified `max_rows` cut left out."""
-    from pipelines.data import DataConfig, _stratified_cut, load_labelled
+    from pipelines.data import DataConfig, load_labelled, stratified_cut
 
     cfg = DataConfig.model_validate(_data_config(home / "train_known.csv", rows))
     frame = load_labelled(cfg, cfg.source, "data.source")
     if len(frame) <= rows:
         raise SystemExit(f"--train-rows {rows} uses every known-intent row; leave some out for iid windows")
-    return _stratified_cut(frame, [rows / len(frame)], cfg.seed)[0]
+    return stratified_cut(frame, [rows / len(frame)], cfg.seed)[0]
 
 
 def pool_shift(pool: dict, labels: list[str], ref) -> dict:
@@ -273,7 +273,7 @@ def run_job_child(home: Path, rows: int) -> dict:
     per_check = {}
     for name in d.CALIBRATED:
         t = time.perf_counter()
-        d._CHECKS[name](window, ref, cfg, getattr(cfg.checks, name), level)
+        d.CHECKS[name](window, ref, cfg, getattr(cfg.checks, name), level)
         per_check[name] = time.perf_counter() - t
     column_checks = [
         "prediction",

@@ -141,7 +141,7 @@ def check_drift(
     level = cfg.calibration.false_alarm_rate / max(1, len(enabled))
     results = []
     for name in enabled:
-        results.append(_CHECKS[name](window, ref, cfg, getattr(checks, name), level))
+        results.append(CHECKS[name](window, ref, cfg, getattr(checks, name), level))
     if checks.concept.enabled:
         results.append(_concept(window, ref, cfg))
     if any(r.drifted for r in results):
@@ -489,7 +489,7 @@ def _concept(window: Window, ref: Reference, cfg: MonitorConfig) -> CheckResult:
                        reason, details)  # fmt: skip
 
 
-_CHECKS = {
+CHECKS = {
     "prediction": _prediction,
     "confidence": _confidence,
     "estimated_accuracy": _estimated_accuracy,

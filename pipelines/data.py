@@ -73,7 +73,7 @@ def clean_labelled(frame: pd.DataFrame, field: str, source: str) -> pd.DataFrame
     return frame
 
 
-def _stratified_cut(frame: pd.DataFrame, sizes: list[float], seed: int) -> list[pd.DataFrame]:
+def stratified_cut(frame: pd.DataFrame, sizes: list[float], seed: int) -> list[pd.DataFrame]:
     """Cut each class into len(sizes)+1 parts (the first gets the rest), each part at least one row."""
     rng = random.Random(seed)
     parts: list[list[int]] = [[] for _ in range(len(sizes) + 1)]
@@ -109,13 +109,13 @@ def load_splits(cfg: DataConfig) -> Splits:
     """Load `cfg.source` (and `cfg.test_source`) into stratified, seeded train/validation/test splits."""
     frame = load_labelled(cfg, cfg.source, "data.source")
     if cfg.max_rows is not None and len(frame) > cfg.max_rows:
-        frame = _stratified_cut(frame, [cfg.max_rows / len(frame)], cfg.seed)[1]
+        frame = stratified_cut(frame, [cfg.max_rows / len(frame)], cfg.seed)[1]
     if cfg.test_source is None:
         _require_rows_per_class(frame, 3, cfg.source)
-        train, validation, test = _stratified_cut(frame, [cfg.validation_size, cfg.test_size], cfg.seed)
+        train, validation, test = stratified_cut(frame, [cfg.validation_size, cfg.test_size], cfg.seed)
     else:
         _require_rows_per_class(frame, 2, cfg.source)
-        train, validation = _stratified_cut(frame, [cfg.validation_size], cfg.seed)
+        train, validation = stratified_cut(frame, [cfg.validation_size], cfg.seed)
         test = load_labelled(cfg, cfg.test_source, "data.test_source")
         unknown = sorted(set(test["label"]) - set(train["label"]))
         if unknown:
