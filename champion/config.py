@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from champion.errors import ChampionError
+from champion.progress import quiet_third_party_bars
 
 OFFLINE_ENV = {
     "HF_HUB_DISABLE_TELEMETRY": "1",
@@ -141,6 +142,7 @@ def prepare_environment() -> None:
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("BENTOML_HOME", str(champion_home() / "bentoml"))
+    quiet_third_party_bars()  # a log that is not a terminal gets no MLflow / Hugging Face redraws
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:

@@ -235,7 +235,8 @@ def cmd_console(args: argparse.Namespace) -> int:
     from champion_cli.console import serve
 
     serve(args.host, args.port, allowed_hosts=args.allowed_host, trusted_proxies=args.trusted_proxy,
-          log_url=args.log_url, review_config=args.review_config, mlflow_ui=args.mlflow_ui)  # fmt: skip
+          log_url=args.log_url, review_config=args.review_config, mlflow_ui=args.mlflow_ui,
+          monitor_config=args.monitor_config)  # fmt: skip
     return 0
 
 
@@ -704,6 +705,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log-url", help="the inference log database (default: the serving default)")
     p.add_argument("--review-config", help="YAML of the review queue (configs/review.yaml): the day's budget")
+    p.add_argument("--monitor-config", help="the YAML `champion drift` runs with (configs/monitor.yaml): the "
+                   "console reads the drift store it names (default: the log database)")  # fmt: skip
     p.add_argument(
         "--mlflow-ui", help="the MLflow UI's address, for links to runs (e.g. http://127.0.0.1:5000)"
     )

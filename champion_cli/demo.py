@@ -253,7 +253,7 @@ def _review(name: str, truth: dict[str, str]) -> int:
 def _wait_logged(name: str, count: int, timeout: float = 30.0) -> None:
     """The server writes its log in batches off the request path; wait until this traffic is in it."""
 
-    from serving.config import default_log_url
+    from champion.config import default_log_url
     from serving.inference_log import InferenceLog
 
     log = InferenceLog(default_log_url())

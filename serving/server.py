@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from champion.audit import current_actor
+from champion.repair import version_label
 from serving.config import ServeConfig, inference_log_url
 from serving.follower import Follower, Served, Swap
 from serving.inference_log import InferenceLog, PredictionRecord, SpoolFullError, encode_probs
@@ -413,7 +414,8 @@ class ModelServer:
                     "%s: '%s' was moved to %s outside Champion (MLflow UI or API); still serving %s, as the "
                     "audit history says. Adopt the move with `champion adopt %s %s %s --reason ...`, or set "
                     "the alias back in MLflow.",
-                    self.name, alias, _v(in_mlflow), _v(audited), self.name, alias, in_mlflow or "none",
+                    self.name, alias, version_label(in_mlflow), version_label(audited), self.name, alias,
+                    in_mlflow or "none",
                 )  # fmt: skip
         self.unaudited = found
 
@@ -651,10 +653,6 @@ def traffic_secret(home: Path | None = None) -> str:
     from champion.config import home_secret
 
     return home_secret(SECRET_FILE, home)
-
-
-def _v(version: str | None) -> str:
-    return "no version" if version is None else f"v{version}"
 
 
 def _distinct(served: Served) -> bool:

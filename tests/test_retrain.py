@@ -251,9 +251,9 @@ def test_canary_promotion_hands_the_version_to_the_service_as_challenger(registr
 
 
 def test_fresh_labels_come_from_the_inference_log_feedback(registry, champion, tmp_path):
+    from champion.config import default_log_url
     from pipelines.fresh import FreshConfig, fresh_data, holdout_side
     from pipelines.ticketgen import generate_tickets
-    from serving.config import default_log_url
     from serving.inference_log import InferenceLog, PredictionRecord
 
     frame = generate_tickets(300, seed=29, intents=TINY_INTENTS)
