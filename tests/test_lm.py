@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 
@@ -105,3 +106,30 @@ def test_the_packaged_smollm2_is_converted_once_into_allowlisted_safetensors(hom
     assert resolve_base(PACKAGED_SMOLLM2) == folder
     assert time.monotonic() - again < 1 and "converting" not in capsys.readouterr().err  # reused
     print(f"packaged SmolLM2 converted in {seconds:.1f} s")
+
+
+def test_a_hub_id_is_downloaded_once_into_the_bases_cache(home, tiny_llama_dir, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def snapshot_download(repo_id, local_dir, allow_patterns):  # the hub, as an online user would reach it
+        calls.append((repo_id, allow_patterns))
+        shutil.copytree(tiny_llama_dir, local_dir, dirs_exist_ok=True)
+        (Path(local_dir) / ".cache" / "huggingface").mkdir(parents=True)
+        (Path(local_dir) / ".cache" / "huggingface" / "model.safetensors.metadata").write_text("x")
+        if repo_id == "org/no-weights":
+            (Path(local_dir) / "model.safetensors").unlink()
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    folder = resolve_base("org/tiny-llama")
+    assert folder == home.resolve() / "bases" / "hub--org--tiny-llama"
+    assert resolve_base("org/tiny-llama") == folder and len(calls) == 1  # reused, not downloaded again
+    assert "*.safetensors" in calls[0][1] and not any("bin" in p for p in calls[0][1])
+    model, _ = load_causal_lm(folder)
+    assert model.config.num_hidden_layers == 2
+    with pytest.raises(
+        ChampionError, match=r"^model\.base: the hub repository 'org/no-weights' has no config"
+    ):
+        resolve_base("org/no-weights")
+    assert sorted(p.name for p in (home / "bases").iterdir()) == ["hub--org--tiny-llama"]
