@@ -6,6 +6,9 @@
   no pickle, and the quantized modules never go through `torch.save`.
 - `onnx` / `onnx-int8`: an ONNX graph (the MLflow onnx flavour) run by ONNX Runtime with its graph
   optimisations on; `onnx-int8` is ONNX Runtime's own dynamic quantization (int8, per channel).
+- `causal-lm` / `lora` (generative versions): a whole causal language model in safetensors, or a peft LoRA
+  adapter (`adapter_model.safetensors`) put on a base Champion loads itself (`load_causal_lm_files`,
+  `load_lora_adapter`).
 
 Every format gives the same two outputs the service and the drift monitor need: the logits and the
 encoder's last hidden state mean-pooled over real tokens.
@@ -26,12 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from champion.errors import ChampionError
-from champion.safety import INT8_FILE, transformers_folders
+from champion.safety import ADAPTER_CONFIG, INT8_FILE, transformers_folders
 
 FORMAT_TAG = "format"
 VARIANT_TAG = "variant"  # student | int8 | onnx | onnx-int8
 SOURCE_TAG = "source_version"
-FORMATS = ("safetensors", "int8", "onnx", "onnx-int8")
+FORMATS = ("safetensors", "int8", "onnx", "onnx-int8", "causal-lm", "lora")
 COMPRESSED = ("int8", "onnx", "onnx-int8")
 FORMAT_FILE = "champion_format.json"
 ONNX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -73,6 +76,39 @@ def load_transformers(folder, where: str):
         str(weights), use_safetensors=True, **LOCAL_ONLY
     )
     return model, tokenizer
+
+
+# --- causal language models and LoRA adapters -------------------------------------------------------
+
+
+def load_causal_lm_files(folder, where: str, dtype=None):
+    """(model, tokenizer) of a checked causal LM folder (see `champion.safety.check_files` with format
+    `causal-lm`): transformers' own classes only, local safetensors files, never remote code."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ChampionError(
+            f"{where}: '{folder}' has no config.json, so it is not a transformers model folder."
+        )
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), **LOCAL_ONLY)
+    extra = {} if dtype is None else {"dtype": dtype}
+    model = AutoModelForCausalLM.from_pretrained(str(folder), use_safetensors=True, **extra, **LOCAL_ONLY)
+    return model, tokenizer
+
+
+def load_lora_adapter(model, folder, where: str, trainable: bool = False):
+    """`model` (a base Champion loaded itself) with the checked LoRA adapter in `folder` put on it.
+
+    The adapter config's `base_model_name_or_path` is never followed: peft gets the base as an object."""
+    from peft import PeftModel
+
+    folder = Path(folder)
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise ChampionError(
+            f"{where}: '{folder}' has no {ADAPTER_CONFIG}, so it is not a peft adapter folder."
+        )
+    return PeftModel.from_pretrained(model, str(folder), is_trainable=trainable, local_files_only=True)
 
 
 # --- int8 in torch ------------------------------------------------------------------------------------

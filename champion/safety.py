@@ -19,6 +19,12 @@ a transformers class makes MLflow load with `trust_remote_code=True`. So every J
 read as data and refused when a field could name code or a path outside the version (`check_contents`);
 Champion then loads with plain transformers calls (`trust_remote_code=False`, local files only), never
 through MLflow.
+
+A causal language model (format `causal-lm`: config, `generation_config.json`, tokenizer, a chat template in
+`chat_template.jinja`, weights in safetensors) and a peft LoRA adapter (format `lora`: `adapter_config.json`,
+`adapter_model.safetensors`) are data in the same way. An adapter's config must say `peft_type: LORA` and name
+no class or module to import (`auto_mapping`, `megatron_config`); its `base_model_name_or_path` is a label,
+never loaded from it by Champion (the base is loaded by Champion and the adapter put on it).
 """
 
 from __future__ import annotations
@@ -40,7 +46,19 @@ SAFE_SUFFIXES = frozenset({".safetensors", ".onnx", ".json", ".yaml", ".yml", ".
 SAFE_NAMES = frozenset({"MLmodel", "registered_model_meta"})  # MLflow's own YAML files
 # Not part of the digest: MLflow writes it into the model's folder when the version is registered.
 UNHASHED = frozenset({"registered_model_meta", ".complete"})
-_LOADERS = {"safetensors": "mlflow.transformers", "onnx": "mlflow.onnx", "onnx-int8": "mlflow.onnx"}
+_LOADERS = {
+    "safetensors": "mlflow.transformers",
+    "onnx": "mlflow.onnx",
+    "onnx-int8": "mlflow.onnx",
+    "causal-lm": "mlflow.transformers",
+    "lora": "mlflow.transformers",
+}
+GENERATIVE = ("causal-lm", "lora")  # a whole causal LM; a LoRA adapter on a base named beside it
+TEMPLATE_NAME = "chat_template.jinja"  # transformers 5 writes the chat template here, beside tokenizer_config
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# adapter_config.json fields that make peft import a module or class named in them when the adapter loads.
+_ADAPTER_CODE_FIELDS = ("auto_mapping", "megatron_config")
 LEGACY_ENV = "CHAMPION_ALLOW_LEGACY_VERSIONS"
 INT8_FILE = "model.int8.safetensors"  # Champion's int8 format (champion/formats.py): the file a version needs
 # Fields whose value transformers looks up as a class by name (AutoTokenizer, AutoProcessor, ...).
@@ -69,6 +87,8 @@ def check_files(folder: str | Path, fmt: str, where: str) -> None:
             )
         if path.name in SAFE_NAMES or path.name in UNHASHED or path.suffix.lower() in SAFE_SUFFIXES:
             continue
+        if _is_chat_template(path):  # a Jinja template transformers renders in its sandbox: text, not code
+            continue
         if fmt.startswith("onnx") and path.suffix.lower() == ".data":  # an ONNX graph's external tensors:
             continue  # raw bytes that ONNX Runtime maps, never unpickled
         raise UnsafeModelError(
@@ -92,14 +112,57 @@ def check_contents(folder: str | Path, where: str) -> None:
             raise UnsafeModelError(
                 f"{where}: '{rel}' is not valid JSON, so what it would configure cannot be checked; refused."
             ) from None
-        if reason := json_refusal(data):
+        reason = adapter_refusal(data) if path.name == ADAPTER_CONFIG else json_refusal(data)
+        if reason:
             raise UnsafeModelError(f"{where}: '{rel}' {reason}")
+
+
+def _is_chat_template(path: Path) -> bool:
+    """transformers 5's chat template files: `chat_template.jinja` and `additional_chat_templates/*.jinja`."""
+    return path.name == TEMPLATE_NAME or (
+        path.suffix.lower() == ".jinja" and path.parent.name == "additional_chat_templates"
+    )
+
+
+def adapter_refusal(data: Any) -> str | None:
+    """Why a peft `adapter_config.json` could run code or is not a LoRA adapter (a phrase), or None.
+
+    `peft_type` and `task_type` are peft's own enum values (upper case), checked against peft's lists;
+    `base_model_name_or_path` is only a label (Champion loads the base itself)."""
+    if not isinstance(data, dict):
+        return "is not a JSON object, so it is not a peft adapter config; refused."
+    if data.get("peft_type") != "LORA":
+        return (
+            f"says peft_type: {data.get('peft_type')!r}; Champion loads only LoRA adapters (peft_type "
+            "'LORA'), so this version is refused."
+        )
+    for key in _ADAPTER_CODE_FIELDS:
+        if data.get(key) is not None:
+            return (
+                f"has the field '{key}', which makes peft import a module or class named there when the "
+                "adapter loads, so this version is refused; Champion loads only plain LoRA adapters."
+            )
+    task = data.get("task_type")
+    if task is not None and task not in _peft_task_types():
+        return (
+            f"says task_type: {task!r}, which is not a peft task type "
+            f"({', '.join(sorted(_peft_task_types()))}); refused."
+        )
+    rest = {k: v for k, v in data.items() if k not in ("peft_type", "task_type", "base_model_name_or_path")}
+    return json_refusal(rest)
+
+
+@functools.cache
+def _peft_task_types() -> frozenset[str]:
+    from peft import TaskType  # heavy: only when an adapter is checked
+
+    return frozenset(t.value for t in TaskType)
 
 
 def json_refusal(data: Any) -> str | None:
     """Why a model's JSON document could run or fetch code (a phrase to follow its file name), or None."""
     for field, key, value in _fields(data):
-        if key == "auto_map" and not isinstance(value, int | float | bool | type(None)):  # int: a vocab id
+        if key in ("auto_map", "auto_mapping") and not isinstance(value, int | float | bool | type(None)):
             return (
                 f"has the field '{field}', which makes transformers import Python code named there "
                 "(possibly from outside the version), so this version is refused; Champion loads only "
@@ -173,6 +236,10 @@ def _inside(value: Any) -> bool:
 
 def _check_flavours(folder: Path, fmt: str, where: str) -> None:
     mlmodel = folder / "MLmodel"
+    if fmt in GENERATIVE:
+        _check_generative(folder, fmt, where)
+        if not mlmodel.is_file():  # a model folder or Champion's own layout: no MLmodel needed
+            return
     if fmt == "int8" and not mlmodel.is_file():  # Champion's own format: a flavourless logged model
         if not (folder / INT8_FILE).is_file():
             raise UnsafeModelError(f"{where}: an int8 version needs its {INT8_FILE}; refused.")
@@ -188,7 +255,8 @@ def _check_flavours(folder: Path, fmt: str, where: str) -> None:
             f"{where}: its MLmodel file is not valid YAML ({err}), so it is refused."
         ) from None
     flavours = spec.get("flavors") or {}
-    allowed = {"safetensors": {"transformers"}, "onnx": {"onnx"}, "onnx-int8": {"onnx"}, "int8": set()}[fmt]
+    transformers = {"transformers"}
+    allowed = {"onnx": {"onnx"}, "onnx-int8": {"onnx"}, "int8": set()}.get(fmt, transformers)
     unexpected = set(flavours) - allowed - {"python_function"}
     if unexpected:
         raise UnsafeModelError(
@@ -203,30 +271,35 @@ def _check_flavours(folder: Path, fmt: str, where: str) -> None:
                 f"{where}: it is a python_function model with loader '{loader}' and its own code; such a "
                 "model runs code from its files when loaded, so it is refused."
             )
+    paths = (*_PATH_FIELDS, "peft_adaptor") if fmt in GENERATIVE else _PATH_FIELDS
     for flavour, fields in flavours.items():
-        for key in _PATH_FIELDS:
+        for key in paths:
             if isinstance(fields, dict) and key in fields and not _inside(fields[key]):
                 raise UnsafeModelError(
                     f"{where}: 'MLmodel' field flavors.{flavour}.{key} is '{fields[key]}', which is not a "
                     "relative path inside the version; a model is loaded only from its own files: refused."
                 )
-    if fmt == "safetensors":
-        if reason := transformers_flavour_refusal(flavours.get("transformers") or {}):
+    if fmt in GENERATIVE or fmt == "safetensors":
+        flavour = flavours.get("transformers") or {}
+        if reason := transformers_flavour_refusal(flavour, generative=fmt in GENERATIVE):
             raise UnsafeModelError(f"{where}: 'MLmodel' {reason}")
+    if fmt == "safetensors":
         weights, _ = transformers_folders(folder, where)
         if not any(weights.glob("*.safetensors")):
             raise UnsafeModelError(f"{where}: its weights are not in safetensors files; refused.")
 
 
-def transformers_flavour_refusal(flavour: dict[str, Any]) -> str | None:
+def transformers_flavour_refusal(flavour: dict[str, Any], generative: bool = False) -> str | None:
     """Why an MLmodel's transformers flavour could run code or load from elsewhere (a phrase), or None.
 
     MLflow's own loader passes `trust_remote_code=True` when a `*_type` is not a transformers class; Champion
     never uses that loader, and refuses such a flavour all the same. `source_model_name` is only a label for
-    Champion (the weights must be in `model_binary`), so a local path or hub name there is left as it is."""
+    Champion (the weights must be in `model_binary`), so a local path or hub name there is left as it is.
+    A `generative` version's weights or adapter are found by `_check_generative`, not through this flavour
+    (an adapter's base is Champion's to load), so `peft_adaptor` and `model_binary` are not required here."""
     if flavour.get("code"):
         return "field flavors.transformers.code lists code files; refused."
-    if flavour.get("peft_adaptor"):
+    if flavour.get("peft_adaptor") and not generative:
         return (
             "field flavors.transformers.peft_adaptor is set: the base weights would come from the hub, not "
             "the version; register the merged model instead."
@@ -243,9 +316,33 @@ def transformers_flavour_refusal(flavour: dict[str, Any]) -> str | None:
             f"field flavors.transformers.components is {components!r}; only "
             f"{', '.join(sorted(_COMPONENTS))} are components a version may carry, so it is refused."
         )
-    if "model_binary" not in flavour:
+    if "model_binary" not in flavour and not generative:
         return "has no field flavors.transformers.model_binary: the weights are not in the version; refused."
     return None
+
+
+def _check_generative(folder: Path, fmt: str, where: str) -> None:
+    """A `lora` version holds adapters (each `adapter_config.json` beside its `adapter_model.safetensors`);
+    a `causal-lm` version holds a model config beside safetensors weights."""
+    adapters = sorted(p for p in folder.rglob(ADAPTER_CONFIG) if p.is_file())
+    for config in adapters:
+        if not (config.parent / ADAPTER_WEIGHTS).is_file():
+            rel = config.relative_to(folder).as_posix()
+            raise UnsafeModelError(
+                f"{where}: '{rel}' has no {ADAPTER_WEIGHTS} beside it; a LoRA adapter's weights must be in "
+                "safetensors, so this version is refused."
+            )
+    if fmt == "lora" and not adapters:
+        raise UnsafeModelError(
+            f"{where}: it holds no {ADAPTER_CONFIG}, so it is not a LoRA adapter; refused."
+        )
+    if fmt == "causal-lm" and not any(
+        any(c.parent.glob("*.safetensors")) for c in folder.rglob("config.json") if c.is_file()
+    ):
+        raise UnsafeModelError(
+            f"{where}: it has no config.json beside safetensors weights, so it is not a causal language "
+            "model Champion can load; refused."
+        )
 
 
 def transformers_folders(folder: str | Path, where: str) -> tuple[Path, Path]:

@@ -196,3 +196,60 @@ def store_urls(request, home) -> tuple[str, str]:
         url = request.getfixturevalue("pg_url")
         return url, url
     return f"sqlite:///{home / 'mlflow.db'}", f"sqlite:///{home / 'audit.db'}"
+
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide random Llama (4 heads, 2 KV heads, tied embeddings like SmolLM2) and a byte-level
+    BPE tokenizer trained on a few sentences, with a ChatML chat template; eos and pad are `<|im_end|>`."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [
+        *TINY_CORPUS,
+        '{"intent": "track_order", "category": "ORDER", "entities": {"order_number": "A-1234"}}',
+        '{"intent": "reset_password", "category": "ACCOUNT", "entities": {}, "reply": "I can help."}',
+        "system user assistant",
+    ]
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(corpus, trainer)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        model_max_length=256,
+        chat_template=CHATML_TEMPLATE,
+    ).save_pretrained(out)
+    ids = {s: tok.token_to_id(s) for s in specials}
+    config = LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=ids["<|im_start|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|im_end|>"],
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)  # the same tiny model in every session
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out

@@ -201,3 +201,87 @@ def test_a_version_without_a_digest_needs_the_legacy_flag(tmp_path, monkeypatch)
     check_digest(folder, {}, "v9")
     with pytest.raises(UnsafeModelError, match="no longer matches"):  # the flag never excuses a wrong digest
         check_digest(folder, {DIGEST_TAG: "0" * 64}, "v9")
+
+
+@pytest.fixture(scope="module")
+def lora_folder(tiny_llama_dir, tmp_path_factory) -> Path:
+    """What a generative version holds: a peft LoRA adapter on the tiny Llama, its tokenizer and template."""
+    from pipelines.lm import load_causal_lm, lora_for_causal_lm
+
+    model, tokenizer = load_causal_lm(tiny_llama_dir)
+    folder = tmp_path_factory.mktemp("lora-version") / "adapter"
+    lora_for_causal_lm(model, r=4, alpha=8, dropout=0.0).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_causal_lm_folder_and_a_lora_adapter_folder_pass(tiny_llama_dir, lora_folder):
+    assert (tiny_llama_dir / "chat_template.jinja").is_file()  # what transformers 5 writes
+    check_files(tiny_llama_dir, "causal-lm", "v9")
+    assert {p.name for p in lora_folder.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+    check_files(lora_folder, "lora", "v9")
+    with pytest.raises(UnsafeModelError, match=r"^v9: it holds no adapter_config\.json"):
+        check_files(tiny_llama_dir, "lora", "v9")
+    with pytest.raises(UnsafeModelError, match=r"^v9: it has no config\.json beside safetensors weights"):
+        check_files(lora_folder, "causal-lm", "v9")
+
+
+ADAPTER_FLAVOUR = "flavors:\n  transformers:\n    peft_adaptor: "
+
+
+def _adapter_config(**fields):
+    def change(folder: Path) -> None:
+        import json
+
+        path = folder / "adapter_config.json"
+        data = json.loads(path.read_text())
+        path.write_text(json.dumps({**data, **fields}))
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_adapter_config(auto_mapping={"base_model_class": "Evil", "parent_library": "evil.models"}),
+         r"'adapter_config\.json' has the field 'auto_mapping', which makes peft import"),
+        (_adapter_config(megatron_config={"x": 1}, megatron_core="evil"),
+         r"'adapter_config\.json' has the field 'megatron_config'"),
+        (_adapter_config(peft_type="PROMPT_TUNING"),
+         r"'adapter_config\.json' says peft_type: 'PROMPT_TUNING'; Champion loads only LoRA adapters"),
+        (_adapter_config(task_type="evil.Task"), r"'adapter_config\.json' says task_type: 'evil\.Task'"),
+        (_adapter_config(eva_config={"auto_map": {"AutoModel": "x--m.C"}}),
+         r"'adapter_config\.json' has the field 'eva_config\.auto_map'"),
+        (lambda f: (f / "adapter.py").write_text("print(1)"), r"'adapter\.py' is not a safe model file"),
+        (lambda f: (f / "adapter_model.safetensors").rename(f / "adapter_model.bin"),
+         r"'adapter_model\.bin' is not a safe model file"),
+        (lambda f: (f / "adapter_model.safetensors").unlink(),
+         r"'adapter_config\.json' has no adapter_model\.safetensors beside it"),
+        (lambda f: (f / "loader.jinja").write_text("{{ x }}"), r"'loader\.jinja' is not a safe model file"),
+        (lambda f: (f / "MLmodel").write_text(f"{ADAPTER_FLAVOUR}../../elsewhere\n"),
+         r"'MLmodel' field flavors\.transformers\.peft_adaptor is '\.\./\.\./elsewhere'"),
+    ],
+)  # fmt: skip
+def test_adapter_folders_that_could_run_code_are_refused_naming_file_and_field(
+    lora_folder, tmp_path, change, message
+):
+    import shutil
+
+    folder = shutil.copytree(lora_folder, tmp_path / "adapter")
+    (folder / "additional_chat_templates").mkdir()
+    (folder / "additional_chat_templates" / "tool_use.jinja").write_text("{{ messages }}")  # allowed
+    (folder / "MLmodel").write_text(f"{ADAPTER_FLAVOUR}peft\n")  # a path inside the version: allowed
+    check_files(folder, "lora", "v9")
+    change(folder)
+    with pytest.raises(UnsafeModelError, match=message) as err:
+        check_files(folder, "lora", "v9")
+    assert str(err.value).startswith("v9: ") and "\n" not in str(err.value)
+
+
+def test_a_pickle_in_a_causal_lm_folder_is_refused(tiny_llama_dir, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(tiny_llama_dir, tmp_path / "llama")
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(UnsafeModelError, match=r"^v9: 'pytorch_model\.bin' is not a safe model file"):
+        check_files(folder, "causal-lm", "v9")
