@@ -33,6 +33,26 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sft(args: argparse.Namespace) -> int:
+    from champion.config import load_config
+    from pipelines.sft import SFTConfig, sft
+
+    cfg = load_config(SFTConfig, args.config, args.overrides)
+    result = sft(cfg)
+    if not result.version:  # another rank of a torchrun / accelerate launch: rank 0 registers and reports
+        return 0
+    m = result.metrics
+    print(f"registered {result.model_name} v{result.version} as '{cfg.registry.alias}' (run {result.run_id})")
+    for split in ("val", "test"):
+        print(
+            f"  {'validation' if split == 'val' else 'test':<11} valid JSON {m[f'{split}_valid_json']:.3f}, "
+            f"intent accuracy {m[f'{split}_intent_accuracy']:.3f}, entity F1 {m[f'{split}_entity_f1']:.3f}, "
+            f"exact match {m[f'{split}_exact_match']:.3f}"
+        )
+    print(f'  next: champion promote {result.model_name} {result.version} --reason "..."')
+    return 0
+
+
 def cmd_distil(args: argparse.Namespace) -> int:
     from champion.config import load_config
     from pipelines.distil import DistilConfig, distil
@@ -628,6 +648,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("finetune", cmd_finetune, "Fine-tune a model from a YAML config and register it as challenger.")
     p.add_argument("config", help="YAML config, e.g. configs/minilm_lora_cpu.yaml")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="override config values, e.g. train.epochs=1"
+    )
+
+    p = verb("sft", cmd_sft, "LoRA-tune a small causal LM (message -> JSON answer) from a YAML config and "
+             "register it as challenger.")  # fmt: skip
+    p.add_argument("config", help="YAML config, e.g. configs/smollm2_sft_cpu.yaml")
     p.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="override config values, e.g. train.epochs=1"
     )
