@@ -151,7 +151,7 @@ class SFTResult:
     model_uri: str  # models:/NAME/VERSION
     metrics: dict[str, float] = field(default_factory=dict)
     base_run_id: str = ""  # empty for a merged version
-    model: Any = field(default=None, repr=False)  # the trained model in memory (CPU, eval mode)
+    model: Any = field(default=None, repr=False)  # the trained model in memory (CPU, eval; merged if asked)
     tokenizer: Any = field(default=None, repr=False)
 
 
@@ -281,7 +281,9 @@ def sft(cfg: SFTConfig, registry: Registry | None = None) -> SFTResult:
                 mlflow.log_table(reference, "reference/held_out.json")
                 reference_uri = f"runs:/{run.info.run_id}/reference/held_out.json"
 
-                net.eval().to("cpu")
+                net = net.eval().to("cpu")
+                if cfg.registry.merge:  # LoRA folded into the base weights: one plain causal LM
+                    net = net.merge_and_unload()
                 model_uri, fmt = _log_version_files(net, tokenizer, cfg, run.info.run_id)
                 stop.check()
         except KeyboardInterrupt:
@@ -609,14 +611,15 @@ def _held_out_table(tokenizer, parts) -> pd.DataFrame:
 
 def _log_version_files(model, tokenizer, cfg: SFTConfig, run_id: str) -> tuple[str, str]:
     """Log the version's files into the active run as a logged model of no flavour (Champion loads them
-    itself); returns (the URI to register, the format tag): the adapter, or the merged model."""
+    itself); returns (the URI to register, the format tag): the adapter, or the merged model (`model` is
+    then already merged)."""
     import mlflow
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     with tempfile.TemporaryDirectory(prefix="champion-sft-") as tmp:
         folder = Path(tmp)
         if cfg.registry.merge:
-            model.merge_and_unload().save_pretrained(folder)
+            model.save_pretrained(folder)
             tokenizer.save_pretrained(folder)
             fmt = MERGED_FORMAT
         else:

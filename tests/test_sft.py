@@ -27,14 +27,14 @@ def tiny_sft_config(data: Path, base: Path, /, **sections) -> SFTConfig:
     """An SFTConfig that trains the tiny Llama in a few seconds; keyword sections override defaults."""
     cfg = {
         "data": {"source": str(data), "validation_size": 0.2, "test_size": 0.2, "seed": 0},
-        "model": {"base": str(base), "max_length": 240},
+        "model": {"base": str(base), "max_length": 176},
         "lora": {
             "r": 8,
             "alpha": 16,
             "dropout": 0.0,
             "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"],
         },
-        "train": {"epochs": 1, "batch_size": 4, "learning_rate": 1e-2, "device": "cpu", "progress": False},
+        "train": {"epochs": 1, "batch_size": 8, "learning_rate": 1e-2, "device": "cpu", "progress": False},
         "generation": {"max_new_tokens": 6},
         "eval": {"samples": 2},
         "registry": {"model_name": "tiny-replies", "experiment": "tests-sft"},
@@ -59,7 +59,7 @@ def test_batch_labels_are_the_answer_tokens_only(replies_csv, tiny_llama_dir):
     cfg = tiny_sft_config(replies_csv, tiny_llama_dir)
     splits = load_reply_splits(cfg.data)
     _, tokenizer = _tiny_model(tiny_llama_dir, cfg)
-    rows = encode_rows(splits.train.head(4), tokenizer, cfg.model.max_length)
+    rows = encode_rows(splits.train.head(4), tokenizer, 256)  # room for whole answers: rows differ in length
     batch = collate(rows, tokenizer.pad_token_id)
 
     for i, message in enumerate(splits.train.head(4)["instruction"]):
@@ -69,7 +69,7 @@ def test_batch_labels_are_the_answer_tokens_only(replies_csv, tiny_llama_dir):
         masked = [j for j, label in enumerate(labels) if label == -100]
         assert masked == list(range(prompt)) + list(range(length, len(labels)))  # prompt and padding
         assert labels[prompt:length] == ids[prompt:length]  # every answer token (and the end token) counts
-        assert length == cfg.model.max_length or ids[length - 1] == tokenizer.eos_token_id  # unless cut
+        assert length == 256 or ids[length - 1] == tokenizer.eos_token_id  # the end token, unless cut
     assert batch["attention_mask"].sum() < batch["attention_mask"].numel()  # the batch was padded
 
 
@@ -192,3 +192,15 @@ def test_champion_sft_command_registers_a_merged_model(home, replies_csv, tiny_l
     assert mv.tags["task"] == "text-generation" and mv.tags["format"] == "causal-lm"
     assert "base_run_id" not in mv.tags and mv.tags["base_sha256"]
     assert not mlflow.search_runs(experiment_names=["champion-bases"], output_format="list")
+
+
+def test_shipped_config_validates_and_names_its_command():
+    from champion.config import load_config
+    from pipelines.lm import PACKAGED_SMOLLM2
+
+    path = Path(__file__).resolve().parent.parent / "configs" / "smollm2_sft_cpu.yaml"
+    cfg = load_config(SFTConfig, path)
+    assert path.read_text().splitlines()[0] == "# champion sft configs/smollm2_sft_cpu.yaml"
+    assert cfg.model.base == PACKAGED_SMOLLM2 and cfg.model.max_length == 192
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.train.learning_rate) == (16, 32, 3e-4)
+    assert (cfg.train.batch_size, cfg.train.epochs, cfg.data.generate) == (8, 2, 400)
