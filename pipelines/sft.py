@@ -303,7 +303,11 @@ def sft(cfg: SFTConfig, registry: Registry | None = None) -> SFTResult:
             REFERENCE_TAG: reference_uri,
             **({BASE_RUN_TAG: base_run_id} if base_run_id else {}),
             **{f"generation.{k}": str(v).lower() for k, v in generation.items()},
-            **{METRIC_TAG + k: f"{v:.6f}" for k, v in metrics.items() if k.startswith(("val_", "test_"))},
+            **{
+                METRIC_TAG + k: f"{v:.6f}"
+                for k, v in metrics.items()
+                if k.startswith(("val_", "test_")) and not k.endswith("_rows")
+            },
         }
         version = register_version(
             reg,
@@ -335,25 +339,26 @@ def sft(cfg: SFTConfig, registry: Registry | None = None) -> SFTResult:
 def load_reply_splits(cfg: SFTDataConfig) -> ReplySplits:
     """The reply rows (from `cfg.source`, or generated) in seeded train / validation / test splits,
     stratified by intent."""
-    if cfg.generate is not None:
-        folder = Path(tempfile.mkdtemp(prefix="champion-sft-data-"))
-        source = write_replies(folder / "replies.csv", cfg.generate, seed=cfg.seed)
+    files: dict[str, str] = {}
+    if cfg.generate is not None:  # read back as a file is, so generated and shipped data load alike
+        with tempfile.TemporaryDirectory(prefix="champion-sft-data-") as tmp:
+            frame = load_reply_rows(write_replies(Path(tmp) / "replies.csv", cfg.generate, seed=cfg.seed))
     else:
-        source = Path(cfg.source).expanduser()
-    frame = load_reply_rows(source)
+        frame = load_reply_rows(Path(cfg.source).expanduser())
+        files["source"] = file_sha256(Path(cfg.source).expanduser())
     by_intent = frame.assign(label=frame["intent"].astype(str))
     if cfg.max_rows is not None and len(by_intent) > cfg.max_rows:
         by_intent = stratified_cut(by_intent, [cfg.max_rows / len(by_intent)], cfg.seed)[1]
     counts = by_intent["label"].value_counts()
     if counts.min() < 3:
+        field_name = "data.generate" if cfg.generate is not None else "data.source"
         raise ChampionError(
-            f"data: intent '{counts.idxmin()}' has only {int(counts.min())} row(s) but needs at least 3 to "
-            "appear in every split; add rows for it or drop it."
+            f"{field_name}: intent '{counts.idxmin()}' has only {int(counts.min())} row(s) but needs at "
+            "least 3 to appear in every split; add rows for it or drop it."
         )
     parts = stratified_cut(by_intent, [cfg.validation_size, cfg.test_size], cfg.seed)
     train, validation, test = (p.drop(columns="label") for p in parts)
     seen = [_as_seen(p) for p in (train, validation, test)]
-    files = {} if cfg.generate is not None else {"source": file_sha256(source)}
     return ReplySplits(train, validation, test, content_sha256(*seen), files)
 
 
