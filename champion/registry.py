@@ -38,6 +38,8 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 DEFAULT_METRIC = "val_macro_f1"
 METRIC_TAG = "metric."  # version tags "metric.<name>" hold the numbers promotion compares
+TASK_TAG = "task"  # what a version does; one registered before the tag existed is a classifier
+TEXT_CLASSIFICATION, TEXT_GENERATION = "text-classification", "text-generation"
 
 
 @dataclass(frozen=True)
@@ -651,7 +653,12 @@ def register_version(
         digest = _checked_digest(model_uri, tags, f"the model at {model_uri}")
         registration = history.begin_registration(alias, model_uri, created_model, actor)
         crash_point("register:announced")
-        tags = {**tags, REGISTRATION_TAG: str(registration), DIGEST_TAG: digest}
+        tags = {
+            TASK_TAG: TEXT_CLASSIFICATION,
+            **tags,
+            REGISTRATION_TAG: str(registration),
+            DIGEST_TAG: digest,
+        }
         mv = mlflow.register_model(model_uri, name, tags=tags, await_registration_for=300)
         version = str(mv.version)
         crash_point("register:registered")

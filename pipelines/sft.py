@@ -30,7 +30,7 @@ from champion.config import StrictModel, prepare_environment
 from champion.errors import ChampionError, InterruptedRun
 from champion.formats import FORMAT_TAG
 from champion.progress import progress_bar
-from champion.registry import METRIC_TAG, Registry, connect, register_version
+from champion.registry import METRIC_TAG, TASK_TAG, TEXT_GENERATION, Registry, connect, register_version
 from champion.repair import crash_point, process_tags
 from champion.safety import files_digest
 from champion.signals import StopRequest, graceful_stop
@@ -47,8 +47,6 @@ from pipelines.replygen import write_replies
 if TYPE_CHECKING:
     import pandas as pd
 
-TASK_TAG = "task"
-TEXT_GENERATION = "text-generation"
 ADAPTER_FORMAT = "lora"  # the `format` of an adapter version: its base is in the base_run_id run
 MERGED_FORMAT = "causal-lm"  # ... and of a merged one: a whole causal LM
 BASE_EXPERIMENT = "champion-bases"

@@ -11,7 +11,7 @@ from champion.errors import ChampionError
 from pipelines.finetune import FinetuneConfig
 
 ALL_CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
-OTHER = ("serve_", "monitor", "schedule", "retrain", "review", "minilm_distil", "minilm_int8")
+OTHER = ("serve_", "monitor", "schedule", "retrain", "review", "minilm_distil", "minilm_int8", "smollm2_sft")
 CONFIGS = [p for p in ALL_CONFIGS if not p.name.startswith(OTHER)]
 SERVE_CONFIGS = [p for p in ALL_CONFIGS if p.name.startswith("serve_")]
 

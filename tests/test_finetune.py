@@ -43,6 +43,7 @@ def test_full_finetune_learns_logs_and_registers(registry, tickets_csv, tiny_mod
 
     mv = registry.client.get_model_version("tiny-intents", result.version)
     assert mv.tags["data_sha256"] == run.data.tags["data_sha256"] and len(mv.tags["data_sha256"]) == 64
+    assert mv.tags["task"] == "text-classification"  # every version names its task
     assert float(mv.tags["metric.val_macro_f1"]) == pytest.approx(result.metrics["val_macro_f1"], abs=1e-6)
     assert mv.tags["base_model"] == str(tiny_model_dir) and mv.tags["config_sha256"]
     assert show_model(registry, "tiny-intents")["aliases"] == {"challenger": result.version}
