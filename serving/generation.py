@@ -48,8 +48,8 @@ class EngineClosed(ChampionError):
 @dataclass(frozen=True)
 class GenerationRequest:
     """One answer to generate. `prompt_ids` are the token ids of the rendered prompt (chat template applied by
-    the caller); `temperature` 0 is greedy; `seed` makes a sampled answer reproducible whatever else is in the
-    batch."""
+    the caller); `temperature` 0 is greedy (an argmax: no sampler ever sees temperature 0); `seed` makes a
+    sampled answer reproducible whatever else is in the batch."""
 
     prompt_ids: list[int]
     max_tokens: int | None = None  # None: the engine's limit, or what the model's context leaves
@@ -71,7 +71,9 @@ class Delta:
 class Finish:
     """The last event of every stream. `text` is the whole answer as streamed; `finish_reason` is "stop"
     (eos or a stop string), "length" (`max_tokens`), "cancelled" (the client left, or the engine closed) or
-    "error" (`error` says what failed). `version` is None when no token was generated."""
+    "error" (`error` says what failed). `completion_tokens` counts every generated token, eos included;
+    `ttft_s` runs from `submit` (queueing and prefill included) to the first token; `tokens_per_s` is
+    `completion_tokens` over the seconds since `submit`. `version` is None when no token was generated."""
 
     finish_reason: str
     text: str
@@ -397,10 +399,10 @@ class Engine:
     def version(self) -> str:
         return self._version
 
-    def load(self) -> dict[str, int]:
-        """Rows running and requests waiting, for metrics."""
+    def status(self) -> dict[str, Any]:
+        """The version served, rows running and requests waiting (for metrics and health)."""
         with self._cond:
-            return {"running": self._running, "waiting": len(self._pending)}
+            return {"version": self._version, "running": self._running, "waiting": len(self._pending)}
 
     def submit(self, request: GenerationRequest) -> Stream:
         """Queue `request` and return its stream; `InvalidRequest` when it is outside the limits."""

@@ -89,13 +89,14 @@ def reference(lm, ids: list[int], n: int) -> list[int]:
     import torch
 
     model, tokenizer = lm
-    if tuple(ids) not in _REFERENCES:
+    key = (id(model), *ids)
+    if key not in _REFERENCES:
         with torch.inference_mode():
             mask = torch.ones(1, len(ids), dtype=torch.long)
             out = model.generate(torch.tensor([ids]), attention_mask=mask, max_new_tokens=30, do_sample=False)
-        _REFERENCES[tuple(ids)] = out[0, len(ids) :].tolist()
+        _REFERENCES[key] = out[0, len(ids) :].tolist()
     assert n <= 30
-    out = _REFERENCES[tuple(ids)][:n]
+    out = _REFERENCES[key][:n]
     eos = tokenizer.eos_token_id
     return out[: out.index(eos) + 1] if eos in out else out
 
@@ -252,6 +253,41 @@ def test_a_stream_can_be_read_with_async_for(lm, engine):
     text, finish = asyncio.run(read())
     assert finish.finish_reason == "length" and text == finish.text
     assert list(finish.token_ids) == reference(lm, ids, 15)
+
+
+def test_a_lora_version_answers_as_its_generate(lm):
+    """An sft version is a peft model around the base: the engine drives it like any causal LM."""
+    import torch
+
+    from pipelines.lm import lora_for_causal_lm
+
+    base, tokenizer = load_causal_lm(lm[0].name_or_path)
+    base.load_state_dict(lm[0].state_dict())
+    model = lora_for_causal_lm(base, r=4, alpha=8, dropout=0.0).eval()
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if "lora_B" in name:  # zero at init: the adapter would change nothing
+                weight.copy_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)) * 0.3)
+    engine = Engine(model, tokenizer, version="sft-1")
+    ids = prompt(lm, MESSAGES[0])
+    finish = engine.submit(GenerationRequest(ids, max_tokens=12, temperature=0)).result(WAIT)
+    engine.close()
+    assert list(finish.token_ids) == reference((model, tokenizer), ids, 12) != reference(lm, ids, 12)
+
+
+def test_a_failed_forward_ends_its_answers_with_an_error_and_the_engine_goes_on(lm, engine, forwards):
+    def fail():
+        raise RuntimeError("out of memory")
+
+    forwards.actions[2] = fail
+    ids = prompt(lm, MESSAGES[0])
+    finish = engine.submit(GenerationRequest(ids, max_tokens=10, temperature=0)).result(WAIT)
+    assert finish.finish_reason == "error" and finish.error == "RuntimeError: out of memory"
+    assert finish.completion_tokens == 1 and engine.status() == {"version": "1", "running": 0, "waiting": 0}
+    assert (
+        engine.submit(GenerationRequest(ids, max_tokens=4, temperature=0)).result(WAIT).finish_reason
+        == "length"
+    )
 
 
 @pytest.mark.parametrize(
