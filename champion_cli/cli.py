@@ -78,7 +78,7 @@ def cmd_distil(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from champion.config import redact_uri
-    from champion.registry import connect, list_models, show_model
+    from champion.registry import TASK_TAG, TEXT_CLASSIFICATION, connect, list_models, show_model
 
     reg = connect()
     if args.models_verb == "list":
@@ -129,11 +129,12 @@ def cmd_models(args: argparse.Namespace) -> int:
                 t.get("format", "safetensors"),
                 _cost(t),
                 t.get("data_sha256", "-")[:12],
+                t.get(TASK_TAG, TEXT_CLASSIFICATION),  # versions from before the tag are classifiers
                 v["created"],
             ]
         )
     header = ["VERSION", "ALIASES", "VAL_F1", "TEST_ACC", "KIND", "FORMAT", "CPU-S/1K (COST/1M)", "DATA"]
-    _table(rows, [*header, "CREATED"])
+    _table(rows, [*header, "TASK", "CREATED"])
     return 0
 
 

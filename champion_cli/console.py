@@ -63,7 +63,14 @@ TEMPLATES = Path(__file__).parent / "console_templates"
 def model_page_data(reg, name: str, drift_url: str, mlflow_ui: str | None) -> dict[str, Any]:
     """Everything the model page shows, as plain values (the template only lays it out)."""
     from champion.approval import pending_promotions
-    from champion.registry import CHALLENGER, CHAMPION, story, unaudited_aliases
+    from champion.registry import (
+        CHALLENGER,
+        CHAMPION,
+        TASK_TAG,
+        TEXT_CLASSIFICATION,
+        story,
+        unaudited_aliases,
+    )
 
     unaudited = unaudited_aliases(reg, name)  # also refuses an unknown model with its sentence
     aliases = reg.audit.aliases(name)  # what the servers serve: the audited moves, not MLflow's alone
@@ -80,6 +87,7 @@ def model_page_data(reg, name: str, drift_url: str, mlflow_ui: str | None) -> di
                 else None,
                 "metric": mv.tags.get("metric.val_macro_f1"),
                 "variant": mv.tags.get("variant"),
+                "task": mv.tags.get(TASK_TAG, TEXT_CLASSIFICATION),  # versions from before the tag classify
                 "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC),
             }
     entries = story(reg, name)[-STORY_LIMIT:][::-1]

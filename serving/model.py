@@ -224,9 +224,10 @@ def load_version(client, name: str, version: str, device: str = "auto", max_toke
     import torch
 
     from champion.formats import load_transformers
+    from champion.registry import TEXT_CLASSIFICATION
 
     started = time.perf_counter()
-    folder, fmt, mv = checked_folder(client, name, str(version))
+    folder, fmt, mv = checked_folder(client, name, str(version), task=TEXT_CLASSIFICATION)
     if max_tokens is None:
         max_tokens = _trained_max_length(client, mv.run_id)
     if fmt != "safetensors":
@@ -256,13 +257,14 @@ def load_version(client, name: str, version: str, device: str = "auto", max_toke
     return loaded
 
 
-def checked_folder(client, name: str, version: str):
+def checked_folder(client, name: str, version: str, task: str | None = None):
     """(folder, format, model version): the one way to a registered version's files.
 
     Downloaded once into the local cache, then checked on every call before a byte is parsed as a model:
     only safe file types, no JSON or MLmodel field that names code or a path outside the version, and the
     sha256 recorded at registration (champion/safety.py). A refused folder is deleted from the cache, so no
-    later call (or a second version pointing at it) finds its files there.
+    later call (or a second version pointing at it) finds its files there. With `task`, a version of another
+    task (`task_of`) is refused before anything is downloaded.
     """
     from champion.formats import format_of
     from champion.safety import UnsafeModelError, check_version_folder
@@ -270,6 +272,11 @@ def checked_folder(client, name: str, version: str):
     mv = client.get_model_version(name, str(version))
     tags = dict(mv.tags)
     where = f"version {version} of '{name}'"
+    if task is not None and task_of(tags) != task:
+        raise ChampionError(
+            f"{where} is a {task_of(tags)} version; this loader takes only {task} versions, so load it with "
+            f"{_LOADERS.get(task_of(tags), 'the loader of its task')}."
+        )
     try:
         fmt = format_of(tags)
     except ChampionError as err:
@@ -304,16 +311,34 @@ def _cache_folder(name: str, version: str, source: str) -> Path:
     return target
 
 
+def task_of(tags: dict[str, str]) -> str:
+    """What a version does, from its tags: versions registered before the `task` tag are classifiers."""
+    from champion.registry import TASK_TAG, TEXT_CLASSIFICATION
+
+    return tags.get(TASK_TAG, TEXT_CLASSIFICATION)
+
+
+_LOADERS = {
+    "text-classification": "serving.model.load_version",
+    "text-generation": "serving.lm_model.load_generative_version",
+}
+
+
 def _download_into(name: str, version: str, target: Path, check) -> None:
-    """Download into a temporary folder, `check` it there, and only then move it to `target`: a refused
-    download is removed with the temporary folder and never becomes a cached `.complete` folder."""
+    download_checked(f"models:/{name}/{version}", target, check, f"version {version} of '{name}'")
+
+
+def download_checked(uri: str, target: Path, check, where: str) -> None:
+    """Download `uri` into a temporary folder beside `target`, `check` it there, and only then move it to
+    `target`: a refused download is removed with the temporary folder and never becomes a cached
+    `.complete` folder."""
     import mlflow
 
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         try:
-            local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=tmp))
+            local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=tmp))
         except Exception as err:
-            raise ChampionError(f"version {version} of '{name}' could not be downloaded: {err}") from err
+            raise ChampionError(f"{where} could not be downloaded: {err}") from err
         check(local)
         (local / ".complete").touch()
         shutil.rmtree(target, ignore_errors=True)

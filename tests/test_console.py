@@ -109,6 +109,7 @@ def test_the_model_page_shows_aliases_story_drift_and_pending(console):
     assert page.status_code == 200
     html = page.text
     assert 'id="champion"' in html and f"v{console.data['v1']}" in html
+    assert '<p class="task" id="champion-task">text-classification</p>' in html  # no task tag: a classifier
     assert f'id="pending-{console.data["v2"]}"' in html and "asked by scheduler" in html
     assert "<polyline" in html and html.count('class="drifted"') == 1  # one drifted window on the plot
     assert "first release" in html  # the story, from the audit history
