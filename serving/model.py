@@ -275,7 +275,7 @@ def checked_folder(client, name: str, version: str, task: str | None = None):
     if task is not None and task_of(tags) != task:
         raise ChampionError(
             f"{where} is a {task_of(tags)} version; this loader takes only {task} versions, so load it with "
-            f"{_LOADERS.get(task_of(tags), 'the loader of its task')}."
+            f"{_TASK_LOADERS.get(task_of(tags), 'the loader of its task')}."
         )
     try:
         fmt = format_of(tags)
@@ -318,7 +318,7 @@ def task_of(tags: dict[str, str]) -> str:
     return tags.get(TASK_TAG, TEXT_CLASSIFICATION)
 
 
-_LOADERS = {
+_TASK_LOADERS = {
     "text-classification": "serving.model.load_version",
     "text-generation": "serving.lm_model.load_generative_version",
 }
