@@ -40,6 +40,9 @@ DEFAULT_METRIC = "val_macro_f1"
 METRIC_TAG = "metric."  # version tags "metric.<name>" hold the numbers promotion compares
 TASK_TAG = "task"  # what a version does; one registered before the tag existed is a classifier
 TEXT_CLASSIFICATION, TEXT_GENERATION = "text-classification", "text-generation"
+# A LoRA version (text-generation, format `lora`) names its base: the base's files digest, and the MLflow run
+# whose artifacts under BASE_ARTIFACTS/ hold the base (logged once per digest by `champion sft`).
+BASE_SHA_TAG, BASE_RUN_TAG, BASE_ARTIFACTS = "base_sha256", "base_run_id", "base"
 
 
 @dataclass(frozen=True)

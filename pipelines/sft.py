@@ -30,7 +30,17 @@ from champion.config import StrictModel, prepare_environment
 from champion.errors import ChampionError, InterruptedRun
 from champion.formats import FORMAT_TAG
 from champion.progress import progress_bar
-from champion.registry import METRIC_TAG, TASK_TAG, TEXT_GENERATION, Registry, connect, register_version
+from champion.registry import (
+    BASE_ARTIFACTS,
+    BASE_RUN_TAG,
+    BASE_SHA_TAG,
+    METRIC_TAG,
+    TASK_TAG,
+    TEXT_GENERATION,
+    Registry,
+    connect,
+    register_version,
+)
 from champion.repair import crash_point, process_tags
 from champion.safety import files_digest
 from champion.signals import StopRequest, graceful_stop
@@ -50,9 +60,6 @@ if TYPE_CHECKING:
 ADAPTER_FORMAT = "lora"  # the `format` of an adapter version: its base is in the base_run_id run
 MERGED_FORMAT = "causal-lm"  # ... and of a merged one: a whole causal LM
 BASE_EXPERIMENT = "champion-bases"
-BASE_SHA_TAG = "base_sha256"
-BASE_RUN_TAG = "base_run_id"
-BASE_ARTIFACTS = "base"  # runs:/<base_run_id>/base holds the base's config and safetensors
 REFERENCE_TAG = "generation.reference"  # the held-out prompts, outputs and scores (a table artifact)
 
 

@@ -27,12 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from champion.errors import ChampionError
+from champion.registry import BASE_ARTIFACTS, BASE_RUN_TAG, BASE_SHA_TAG
 
 log = logging.getLogger(__name__)
 
-BASE_SHA_TAG = "base_sha256"  # the tags pipelines/sft.py writes on a `lora` version
-BASE_RUN_TAG = "base_run_id"
-BASE_ARTIFACTS = "base"
 GENERATION_PREFIX = "generation."
 _DTYPES = ("auto", "fp32", "bf16")
 
