@@ -33,7 +33,7 @@ demo: $(STAMP)
 # champion, no circles), in a quarter of a second.
 test: $(STAMP) tools
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=25
 
 # Debian's chromium (the console's browser test) and prometheus (promtool checks the alerting rules), where
 # this machine lets us install them; without them those tests skip and say why.
