@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(BIN)/champion demo
 
 # Two workers, one test file each at a time (module fixtures stay in one process): most of the suite waits on
-# servers, subprocesses and databases, so two share 2 cores well (the whole suite in 15 min on 2 cores; a
+# servers, subprocesses and databases, so two share 2 cores well (pytest took 17-18 min on 2 cores on 2026-12-07; a
 # fresh clone's serial run took 24.5 min before issue 24 added its tests).
 # lint-imports first: the floors' contracts in pyproject.toml (faces > pipelines > monitoring > serving >
 # champion, no circles), in a quarter of a second.
