@@ -21,16 +21,6 @@ for _key, _value in {
 # prometheus_client picks its multiprocess mode when first imported; `bentoml serve` sets this itself (B2).
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="champion-prometheus-"))
 
-# The longest files first (seconds on 2 cores under two workers): `--dist loadfile` hands files out in this
-# order, so the 4-minute demo runs beside everything else instead of being left for the end.
-SLOWEST_FIRST = ("test_demo.py", "test_integration_minilm.py", "test_serving_crash.py", "test_notebooks.py")
-
-
-def pytest_collection_modifyitems(items):
-    order = {name: i for i, name in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: order.get(item.path.name, len(order)))  # stable: the rest keep their order
-
-
 TINY_INTENTS = ["track_order", "reset_password", "card_declined", "invoice_request"]
 TINY_CORPUS = [
     "where is my order",
