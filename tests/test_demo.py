@@ -1,7 +1,7 @@
 """`champion demo` end to end on the real packaged all-MiniLM-L6-v2: the loop as `make demo` runs it.
 
-In a file of its own: the suite's slowest test (about 4 minutes), so pytest-xdist's `--dist loadfile` can run
-it beside the other MiniLM tests instead of after them.
+In a file of its own: the suite's slowest test (4-5 minutes), which `--dist loadfile` can then hand to one
+worker while the other MiniLM tests run on the other, instead of queueing it behind them in one file.
 """
 
 from __future__ import annotations
