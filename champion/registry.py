@@ -43,6 +43,8 @@ TEXT_CLASSIFICATION, TEXT_GENERATION = "text-classification", "text-generation"
 # A LoRA version (text-generation, format `lora`) names its base: the base's files digest, and the MLflow run
 # whose artifacts under BASE_ARTIFACTS/ hold the base (logged once per digest by `champion sft`).
 BASE_SHA_TAG, BASE_RUN_TAG, BASE_ARTIFACTS = "base_sha256", "base_run_id", "base"
+# A text-generation version's system prompt: the service puts it first when a request has none.
+SYSTEM_PROMPT_TAG = "system_prompt"
 
 
 @dataclass(frozen=True)

@@ -382,6 +382,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     prepare_environment()
     cfg = load_serve_config(args.config, args.name, port=args.port, host=args.host, workers=args.workers)
+    if cfg.task == "auto":
+        cfg = load_serve_config(
+            args.config, args.name, port=args.port, host=args.host, workers=args.workers,
+            task=_served_task(cfg.model, cfg.tracking_uri),
+        )  # fmt: skip
+    generative = cfg.task == "text-generation"
     env = dict(os.environ)
     env[CONFIG_ENV] = str(write_config(cfg))
     env["HF_HUB_OFFLINE"] = "1"  # the server loads only checked local files; it never reaches the hub
@@ -390,15 +396,100 @@ def cmd_serve(args: argparse.Namespace) -> int:
         env.setdefault(var, str(cfg.threads))
     if (made := ensure_feedback_key()) is not None:
         print(f"{FEEDBACK_KEY_ENV} was not set; this server's key for /feedback and /reload is in {made}")
+    api = "the OpenAI API at /v1" if generative else "/predict"
     print(
-        f"serving {cfg.model}@champion ({cfg.traffic.policy} policy) on http://{cfg.host}:{cfg.port} "
-        f"with {cfg.workers} worker(s); Ctrl-C stops it",
+        f"serving {cfg.model}@champion ({cfg.task}, {cfg.traffic.policy} policy; {api}) on "
+        f"http://{cfg.host}:{cfg.port} with {cfg.workers} worker(s); Ctrl-C stops it",
         flush=True,
     )
-    command = [sys.executable, "-m", "bentoml", "serve", "serving.service:ChampionService",
+    target = "serving.lm_service:ChampionLMService" if generative else "serving.service:ChampionService"
+    command = [sys.executable, "-m", "bentoml", "serve", target,
                "--host", cfg.host, "--port", str(cfg.port)]  # fmt: skip
     os.execve(sys.executable, command, env)
     return 0  # not reached
+
+
+def _served_task(name: str, tracking: str | None) -> str:
+    """What `name` does, from the registry: its champion's `task` tag, else its newest version's (a server
+    started before the first promotion), else a classifier."""
+    from champion.registry import CHAMPION, TEXT_CLASSIFICATION, connect, served_version
+    from serving.model import task_of
+
+    reg = connect(tracking)
+    try:
+        version = served_version(reg, name, CHAMPION)
+        if version is None:
+            versions = reg.client.search_model_versions(f"name = '{name}'")
+            if not versions:
+                return TEXT_CLASSIFICATION
+            version = str(max(int(v.version) for v in versions))
+        return task_of(dict(reg.client.get_model_version(name, version).tags))
+    finally:
+        reg.close()
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.message}
+    ]
+    params = {"max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed}
+    params = {k: v for k, v in params.items() if v is not None}
+    if args.url:
+        from serving.client import ServeClient
+
+        pieces = ServeClient(args.url.rstrip("/")).chat(args.name, messages, **params)
+    else:
+        pieces = _chat_locally(args.name, messages, params)
+    last: dict = {}
+    for piece in pieces:
+        if isinstance(piece, dict):
+            last = piece
+        elif not args.json:
+            print(piece, end="", flush=True)
+    if args.json:
+        print(json.dumps(last, indent=2))
+    else:
+        usage = last.get("usage") or {}
+        tokens = usage.get("completion_tokens")
+        print(f"\n[v{last.get('version')} {last.get('finish_reason')}, {tokens} tokens]", file=sys.stderr)
+    return 0
+
+
+def _chat_locally(name: str, messages: list[dict], params: dict):
+    """An answer from NAME@champion loaded here: the same prompt, engine and limits as the service's."""
+    from champion.registry import connect
+    from serving.config import ServeConfig
+    from serving.generation import Delta, Engine, GenerationRequest, InvalidRequest
+    from serving.lm_model import load_generative_version
+    from serving.lm_server import check_messages, render_prompt
+
+    try:
+        check_messages(messages, ServeConfig(model=name))
+    except InvalidRequest as err:
+        raise ChampionError(str(err)) from None
+    reg = connect()
+    version = _champion_version(reg, name)
+    lm = load_generative_version(reg.client, name, version, device="auto")
+    engine = Engine(lm.model, lm.tokenizer, version, max_batch=1, context=lm.active)
+    temperature = params.get("temperature", 1.0 if lm.generation.get("do_sample") else 0.0)
+    request = GenerationRequest(
+        render_prompt(lm, messages),
+        max_tokens=params.get("max_tokens") or lm.generation.get("max_new_tokens"),
+        temperature=temperature,
+        seed=params.get("seed"),
+    )
+    try:
+        for event in engine.submit(request):
+            if isinstance(event, Delta):
+                yield event.text
+            else:
+                usage = {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens}
+                yield {"finish_reason": event.finish_reason, "usage": usage, "version": version}
+    except InvalidRequest as err:
+        raise ChampionError(str(err)) from None
+    finally:
+        engine.close()
+        reg.close()
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -784,6 +875,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port (default 3000, or the config's)")
     p.add_argument("--host", help="interface (default 127.0.0.1, or the config's)")
     p.add_argument("--workers", type=int, help="server worker processes (default 1, or the config's)")
+
+    p = verb("chat", cmd_chat, "Ask NAME@champion (a text-generation model) one message; streams the answer.")
+    p.add_argument("name", help="registered model name")
+    p.add_argument("message", help="the user's message")
+    p.add_argument("--url", help="ask a running `champion serve` at this URL instead of loading the model")
+    p.add_argument("--system", help="a system message (default: the one the version was trained with)")
+    p.add_argument("--max-tokens", type=int, help="most new tokens (default: the version's setting)")
+    p.add_argument("--temperature", type=float, help="0 is greedy (default: the version's setting)")
+    p.add_argument("--seed", type=int, help="makes a sampled answer reproducible")
+    p.add_argument("--json", action="store_true", help="print the last chunk (usage, version) as JSON only")
 
     p = verb("predict", cmd_predict, "Label texts with NAME@champion, locally or through a running server.")
     p.add_argument("name", help="registered model name")

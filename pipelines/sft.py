@@ -35,6 +35,7 @@ from champion.registry import (
     BASE_RUN_TAG,
     BASE_SHA_TAG,
     METRIC_TAG,
+    SYSTEM_PROMPT_TAG,
     TASK_TAG,
     TEXT_GENERATION,
     Registry,
@@ -46,7 +47,7 @@ from champion.safety import files_digest
 from champion.signals import StopRequest, graceful_stop
 from champion.tables import content_sha256, file_sha256
 from pipelines import distributed
-from pipelines.chat import IGNORE_INDEX, encode_for_training, load_reply_rows, prompt_text, target_json
+from pipelines.chat import IGNORE_INDEX, SYSTEM_PROMPT, encode_for_training, load_reply_rows, prompt_text, target_json
 from pipelines.data import stratified_cut
 from pipelines.finetune import RegistryConfig, build_optimizer
 from pipelines.generation_eval import per_row, score_answers
@@ -304,6 +305,7 @@ def sft(cfg: SFTConfig, registry: Registry | None = None) -> SFTResult:
             **lineage,
             TASK_TAG: TEXT_GENERATION,
             FORMAT_TAG: fmt,
+            SYSTEM_PROMPT_TAG: SYSTEM_PROMPT,
             "run_id": run.info.run_id,
             REFERENCE_TAG: reference_uri,
             **({BASE_RUN_TAG: base_run_id} if base_run_id else {}),

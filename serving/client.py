@@ -23,6 +23,7 @@ from champion.errors import ChampionError
 from serving.config import API_KEY_ENV, feedback_key
 
 KEYED_ROUTES = ("/feedback", "/reload")  # the only routes that take the ingest key; predictions need none
+_LAST = ("usage", "version", "request_id", "arm", "json_valid")  # kept from a stream's last chunk
 
 
 @dataclass
@@ -41,6 +42,36 @@ class ServeClient:
     def feedback(self, request_id: str, label: str) -> dict[str, Any]:
         return self._post("/feedback", {"request_id": request_id, "label": label})
 
+    def chat(
+        self, model: str, messages: list[dict[str, str]], **params: Any
+    ) -> Iterator[str | dict[str, Any]]:
+        """Stream an answer from the OpenAI-compatible API (a text-generation model): yields each piece of
+        text, then the last chunk (a dict with `finish_reason`, `usage`, `version` and `request_id`)."""
+        body = {"model": model, "messages": messages, "stream": True, **params}
+        request = self._request("/v1/chat/completions", body)
+        with self._open(request, "/v1/chat/completions") as response:
+            for line in response:
+                if not line.startswith(b"data: "):
+                    continue
+                data = line[6:].strip()
+                if data == b"[DONE]":
+                    return
+                event = json.loads(data)
+                if "error" in event:
+                    raise ChampionError(f"{self.url} stopped the answer: {event['error'].get('message')}")
+                choice = (event.get("choices") or [{}])[0]
+                if choice.get("finish_reason"):
+                    yield {"finish_reason": choice["finish_reason"], **{k: event.get(k) for k in _LAST}}
+                elif text := choice.get("delta", {}).get("content"):
+                    yield text
+
+    def rate(
+        self, request_id: str, rating: int | None = None, correction: str | None = None
+    ) -> dict[str, Any]:
+        """Feedback on a generated answer: a rating (-1, 0 or 1) and/or the answer it should have given."""
+        body = {"request_id": request_id, "rating": rating, "correction": correction}
+        return self._post("/feedback", {k: v for k, v in body.items() if v is not None})
+
     def reload(self) -> dict[str, Any]:
         """What the server follows now, after checking the registry at once."""
         return self._post("/reload", {})
@@ -53,15 +84,22 @@ class ServeClient:
             return False
 
     def _post(self, route: str, body: dict[str, Any]) -> Any:
+        with self._open(self._request(route, body), route) as response:
+            return json.loads(response.read())
+
+    def _request(self, route: str, body: dict[str, Any]) -> urllib.request.Request:
         headers = {"Content-Type": "application/json"}
         if route in KEYED_ROUTES:
             key = self.api_key or feedback_key()[0]
             if key:
                 headers["X-API-Key"] = key
-        request = urllib.request.Request(self.url + route, data=json.dumps(body).encode(), headers=headers)
+        return urllib.request.Request(self.url + route, data=json.dumps(body).encode(), headers=headers)
+
+    @contextmanager
+    def _open(self, request: urllib.request.Request, route: str):
         try:
             with _OPENER.open(request, timeout=self.timeout) as response:
-                return json.loads(response.read())
+                yield response
         except _Redirected as err:
             raise ChampionError(str(err)) from None
         except urllib.error.HTTPError as err:
@@ -69,6 +107,8 @@ class ServeClient:
                 detail = json.loads(err.read() or b"{}").get("error", err.reason)
             except ValueError:
                 detail = err.reason
+            if isinstance(detail, dict):  # OpenAI's error object (/v1 routes)
+                detail = detail.get("message", detail)
             raise ChampionError(f"{self.url}{route} answered {err.code}: {detail}") from None
         except urllib.error.URLError as err:
             raise ChampionError(

@@ -36,6 +36,20 @@ class LimitsConfig(StrictModel):
     max_items: int = Field(64, ge=1)  # texts per request
 
 
+class GenerationServeConfig(StrictModel):
+    """Limits and batching of a text-generation version's service (the OpenAI-compatible API)."""
+
+    max_batch: int = Field(16, ge=1, le=256)  # answers decoded together, per served version
+    max_tokens: int = Field(512, ge=1, le=32_768)  # the most new tokens a request may ask for
+    max_prompt_tokens: int = Field(2_048, ge=1)  # the rendered conversation, chat template included
+    max_prompt_chars: int = Field(32_000, ge=1)  # all messages' text together
+    max_messages: int = Field(64, ge=1)
+    # response_format {"type": "json_object"}: an answer that is not a JSON object is generated again
+    # (sampled, another seed) up to this many times; a streamed answer is validated only (it was sent).
+    json_retries: int = Field(2, ge=0, le=5)
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+
+
 class FollowConfig(StrictModel):
     # Each poll reads the audit history's newest event id (one indexed query); the aliases are read again
     # (from the history, and from MLflow to compare) only when it changed, or every `full_check_seconds`.
@@ -88,6 +102,9 @@ class LogConfig(StrictModel):
 
 class ServeConfig(StrictModel):
     model: str = ""  # registered model name; `champion serve NAME` fills it
+    # What the model does: `champion serve` reads it from the registry (the champion's `task` tag) when auto.
+    # text-classification serves /predict; text-generation the OpenAI-compatible /v1/chat/completions.
+    task: Literal["auto", "text-classification", "text-generation"] = "auto"
     tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else the embedded sqlite store
     host: str = "127.0.0.1"
     # Host header names answered besides loopback (127.0.0.1, localhost, [::1]) and `host`; a server bound
@@ -106,6 +123,7 @@ class ServeConfig(StrictModel):
     access_log: bool = True
     batching: BatchingConfig = BatchingConfig()
     limits: LimitsConfig = LimitsConfig()
+    generation: GenerationServeConfig = GenerationServeConfig()
     follow: FollowConfig = FollowConfig()
     traffic: TrafficConfig = TrafficConfig()
     log: LogConfig = LogConfig()
@@ -116,6 +134,15 @@ class ServeConfig(StrictModel):
             raise ValueError(
                 f"batching.max_latency_ms ({self.batching.max_latency_ms}) must not exceed "
                 f"timeout_seconds ({self.timeout_seconds} s)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _no_canary_for_generation(self) -> ServeConfig:
+        if self.task == "text-generation" and self.traffic.policy == "canary":
+            raise ValueError(
+                "traffic.policy: a canary needs an agreement measure between two answers, which "
+                "text-generation models do not have yet; use 'shadow' or 'ab' for a generative challenger."
             )
         return self
 

@@ -73,7 +73,9 @@ class Finish:
     (eos or a stop string), "length" (`max_tokens`), "cancelled" (the client left, or the engine closed) or
     "error" (`error` says what failed). `completion_tokens` counts every generated token, eos included;
     `ttft_s` runs from `submit` (queueing and prefill included) to the first token; `tokens_per_s` is
-    `completion_tokens` over the seconds since `submit`. `version` is None when no token was generated."""
+    `completion_tokens` over the seconds since `submit`. `version` is None when no token was generated.
+    `mean_logprob` is the mean log-probability the model gave its own tokens (None without tokens): a
+    label-free signal of how sure it was; `decode_s` runs from the first token to the last."""
 
     finish_reason: str
     text: str
@@ -84,6 +86,8 @@ class Finish:
     tokens_per_s: float
     version: str | None
     error: str | None = None
+    mean_logprob: float | None = None
+    decode_s: float = 0.0
 
 
 class Stream:
@@ -98,6 +102,7 @@ class Stream:
         self._cond = threading.Condition()
         self._events: collections.deque = collections.deque()
         self._wakers: list[tuple[Any, asyncio.Event]] = []
+        self._done: list[Any] = []
         self.finish: Finish | None = None
 
     @property
@@ -107,18 +112,31 @@ class Stream:
     def cancel(self) -> None:
         self._cancelled.set()
 
+    def add_done_callback(self, fn) -> None:
+        """Call `fn(finish)` once the answer has ended, however it ended (at once if it has), on the thread
+        that ended it: for what every answer needs (the inference log) whether or not anyone reads it."""
+        with self._cond:
+            if self.finish is None:
+                self._done.append(fn)
+                return
+        _call_back(fn, self.finish)
+
     def _put(self, event: Delta | Finish) -> None:
         with self._cond:
             if self.finish is not None:
                 return
+            done: list[Any] = []
             if isinstance(event, Finish):
                 self.finish = event
+                done, self._done = self._done, []
             self._events.append(event)
             self._cond.notify_all()
             wakers = list(self._wakers)
         for loop, waker in wakers:
             with contextlib.suppress(RuntimeError):  # a closed event loop: nobody listens there any more
                 loop.call_soon_threadsafe(waker.set)
+        for fn in done:
+            _call_back(fn, event)
 
     def next_event(self, timeout: float | None = None) -> Delta | Finish:
         """The next event, waiting for it; TimeoutError after `timeout` seconds."""
@@ -163,6 +181,13 @@ class Stream:
             event = self.next_event(left)
             if isinstance(event, Finish):
                 return event
+
+
+def _call_back(fn, finish: Finish) -> None:
+    try:
+        fn(finish)
+    except Exception:  # one failing callback must not end the engine's worker or skip the others
+        log.exception("a callback on a finished answer failed")
 
 
 def _check_max_tokens(max_tokens, prompt_tokens: int, limit: int, context: int | None) -> None:
@@ -258,6 +283,7 @@ class _Row:
     ids: list[int] = field(default_factory=list)
     sent: int = 0
     first_at: float | None = None
+    logprob: float = 0.0  # the sum over `ids`
 
     @property
     def request(self) -> GenerationRequest:
@@ -269,6 +295,7 @@ def _finish(stream: Stream, reason: str, row: _Row | None = None, text: str = ""
     ids = tuple(row.ids) if row else ()
     first = row.first_at if row else None
     elapsed = now - stream.submitted_at
+    logprob = row.logprob / len(ids) if row and ids else None
     stream._put(
         Finish(
             finish_reason=reason,
@@ -280,6 +307,8 @@ def _finish(stream: Stream, reason: str, row: _Row | None = None, text: str = ""
             tokens_per_s=len(ids) / elapsed if ids and elapsed > 0 else 0.0,
             version=row.version if row and ids else None,
             error=error,
+            mean_logprob=logprob,
+            decode_s=now - first if first is not None else 0.0,
         )
     )
 
@@ -330,10 +359,22 @@ def _keep_rows(cache, mask, keep: list[int], trim: bool):
 
 def _sample(rows: list[_Row], logits) -> list[int]:
     """One token per row: greedy at temperature 0, else temperature and top-p with the row's generator (on the
-    CPU, so a seed gives the same answer on any device)."""
+    CPU, so a seed gives the same answer on any device). Each row's `logprob` gains its token's
+    log-probability under the model (before temperature and top-p)."""
     import torch
 
     greedy = logits.argmax(-1).tolist()
+    tokens = _pick(rows, logits, greedy)
+    chosen = torch.tensor(tokens, device=logits.device).unsqueeze(-1)
+    logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, chosen).squeeze(-1).tolist()
+    for row, logprob in zip(rows, logprobs, strict=True):
+        row.logprob += logprob
+    return tokens
+
+
+def _pick(rows: list[_Row], logits, greedy: list[int]) -> list[int]:
+    import torch
+
     tokens = []
     for i, row in enumerate(rows):
         request = row.request
@@ -369,7 +410,9 @@ class Engine:
     """Generation for many concurrent requests on one model, by one worker thread that owns the model.
 
     `submit` validates (raises `InvalidRequest`) and queues a request, returning its `Stream`; `swap` puts
-    another version in place between batches; `close` stops the worker and cancels what is still queued."""
+    another version in place between batches; `drain` stops taking requests and lets the worker finish what
+    it has; `close` stops the worker and cancels what is still queued. `context`, when given, is entered
+    around every forward pass (a LoRA version activates its adapter on a base shared with other versions)."""
 
     def __init__(
         self,
@@ -379,6 +422,7 @@ class Engine:
         max_batch: int = 8,
         max_new_tokens_limit: int = 512,
         max_prompt_tokens: int = 2048,
+        context=None,
     ):
         if max_batch < 1:
             raise ChampionError(f"max_batch: {max_batch} must be 1 or more.")
@@ -391,7 +435,9 @@ class Engine:
         self._pending: collections.deque[Stream] = collections.deque()
         self._swaps: list[tuple[Any, Any, str, threading.Event]] = []
         self._closed = False
+        self._draining = False
         self._running = 0
+        self._context = context or contextlib.nullcontext
         self._thread = threading.Thread(target=self._work, name="champion-generate", daemon=True)
         self._thread.start()
 
@@ -411,7 +457,7 @@ class Engine:
         check_request(request, self.max_new_tokens_limit, self.max_prompt_tokens, context)
         stream = Stream(request, request.request_id or uuid.uuid4().hex)
         with self._cond:
-            if self._closed:
+            if self._closed or self._draining:
                 raise EngineClosed("The generation engine is closed; no more requests are taken.")
             self._pending.append(stream)
             self._cond.notify_all()
@@ -431,6 +477,18 @@ class Engine:
         with self._cond:
             if self._version != version and self._closed:
                 raise EngineClosed(f"The generation engine closed before version {version} was in place.")
+
+    def drain(self) -> None:
+        """Take no more requests; the worker ends once every queued and running answer has finished (a
+        version no longer served finishes the answers it started)."""
+        with self._cond:
+            self._draining = True
+            self._cond.notify_all()
+
+    @property
+    def finished(self) -> bool:
+        """True once the worker has ended (closed, or drained with nothing left)."""
+        return not self._thread.is_alive()
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the worker: queued requests end "cancelled" now, running ones at the next step."""
@@ -454,8 +512,10 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    self._cond.wait_for(lambda: self._pending or self._swaps or self._closed)
-                    if self._closed:
+                    self._cond.wait_for(
+                        lambda: self._pending or self._swaps or self._closed or self._draining
+                    )
+                    if self._closed or (self._draining and not self._pending):
                         return
                     while self._swaps:  # nothing runs here: between batches
                         model, tokenizer, version, done = self._swaps.pop(0)
@@ -517,9 +577,10 @@ class Engine:
             mask[i, length - len(prompt) :] = 1
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate: positions count real tokens only
-        out = self._model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
-        )
+        with self._context():
+            out = self._model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+            )
         return out.past_key_values, mask, out.logits[:, -1, :]
 
     def _decode(self, rows: list[_Row], cache, mask):
@@ -531,13 +592,14 @@ class Engine:
         positions = torch.tensor(
             [[len(row.request.prompt_ids) + len(row.ids) - 1] for row in rows], device=device
         )
-        out = self._model(
-            input_ids=tokens,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-        )
+        with self._context():
+            out = self._model(
+                input_ids=tokens,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            )
         return out.past_key_values, mask, out.logits[:, -1, :]
 
     def _text(self, row: _Row) -> str:

@@ -6,6 +6,11 @@ to the database in batches, retrying with backoff while it is down, and whatever
 written by the next log started on the same spool folder. Nothing is dropped: when the spool reaches its
 bound (the database has been down for long), `append` refuses with SpoolFullError and the service
 answers 503. Monitoring reads the log back with `read`, one row per prediction with its latest label.
+
+A text-generation answer is a row too: `text` holds the conversation (the messages as JSON), `output` the
+answer, `label` its finish reason (stop, length, cancelled: the client left, error), `score` the mean
+log-probability of its tokens, with token counts, time to first token and tokens/s; its feedback is a
+`rating` (-1, 0 or 1) and/or a `correction` (the answer it should have given).
 """
 
 from __future__ import annotations
@@ -58,6 +63,12 @@ predictions = sa.Table(
     sa.Column("agrees", sa.Boolean),
     # Every class's probability, float16 in the version's label order (encode_probs): 2 bytes a class.
     sa.Column("probs", sa.LargeBinary),
+    # text-generation answers only (see the module's docstring)
+    sa.Column("output", sa.Text),
+    sa.Column("prompt_tokens", sa.Integer),
+    sa.Column("completion_tokens", sa.Integer),
+    sa.Column("ttft_ms", sa.Float),
+    sa.Column("tokens_per_s", sa.Float),
     # A batch retried after an ambiguous commit must not add its rows twice (inserts skip conflicts).
     sa.UniqueConstraint("request_id", "arm", name="uq_champion_predictions_request_arm"),
 )
@@ -69,6 +80,8 @@ feedback = sa.Table(
     sa.Column("label", sa.String(256), nullable=False),
     sa.Column("at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("actor", sa.String(256), nullable=False),
+    sa.Column("rating", sa.Integer),  # text-generation: -1 bad, 0 neutral, 1 good
+    sa.Column("correction", sa.Text),  # text-generation: the answer it should have given
 )
 # Each server worker's running canary counts for one (champion, challenger) pair, written by the worker
 # (its cumulative totals, so a retried write never counts twice) and summed by every worker to judge the
@@ -91,6 +104,8 @@ canary_tallies = sa.Table(
 )
 _LENGTHS = {"request_id": 64, "model_name": 256, "model_version": 32, "arm": 16, "label": 256, "text": None}
 _COLUMNS = [c.name for c in predictions.columns if c.name != "id"]
+_GENERATION = ("output", "prompt_tokens", "completion_tokens", "ttft_ms", "tokens_per_s")
+_GENERATION_NUMBERS = _GENERATION[1:]
 
 
 @dataclass(frozen=True)
@@ -108,6 +123,11 @@ class PredictionRecord:
     latency_ms: float
     agrees: bool | None = None
     probs: bytes | None = None  # encode_probs(row): the full probability vector, for monitoring
+    output: str | None = None  # a generated answer; the fields below too (text-generation only)
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    ttft_ms: float | None = None
+    tokens_per_s: float | None = None
 
     def __post_init__(self) -> None:
         for name, limit in _LENGTHS.items():
@@ -125,6 +145,12 @@ class PredictionRecord:
                 ) from None
         if self.agrees is not None:
             object.__setattr__(self, "agrees", bool(self.agrees))
+        if self.output is not None:
+            _check_text("PredictionRecord.output", self.output, None)
+        for name in _GENERATION_NUMBERS:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise TypeError(f"PredictionRecord.{name} must be a number or None; got {value!r}.")
         if self.probs is not None and not isinstance(self.probs, bytes):
             raise TypeError(f"PredictionRecord.probs must be bytes from encode_probs(); got {self.probs!r}.")
 
@@ -572,15 +598,29 @@ class InferenceLog:
 
     # --- feedback, retention, reading -----------------------------------------------------------------
 
-    def add_feedback(self, request_id: str, label: str, actor: str | None = None) -> None:
-        """Record the true label of a logged prediction; repeated feedback is kept and the latest wins."""
+    def add_feedback(
+        self,
+        request_id: str,
+        label: str,
+        actor: str | None = None,
+        rating: int | None = None,
+        correction: str | None = None,
+    ) -> None:
+        """Record the true label of a logged prediction (for a generated answer: a rating and/or the corrected
+        answer, with label ""); repeated feedback is kept and the latest wins."""
         _check_text("request_id", request_id, 64)
         _check_text("label", label, 256)
+        if rating is not None and (isinstance(rating, bool) or rating not in (-1, 0, 1)):
+            raise ValueError(f"rating must be -1, 0 or 1; got {rating!r}.")
+        if correction is not None:
+            _check_text("correction", correction, None)
         row = {
             "request_id": request_id,
             "label": label,
             "at": datetime.now(UTC),
             "actor": actor or current_actor(),
+            "rating": rating,
+            "correction": correction,
         }
         _check_text("actor", row["actor"], 256)
         if self._insert_feedback(row):
@@ -674,13 +714,16 @@ class InferenceLog:
         arms: Sequence[str] | None = None,
         with_feedback: bool = True,
         labelled_only: bool = False,
+        generated: bool = False,
     ) -> pandas.DataFrame:
         """Logged predictions in time order (`since` <= at < `until`), with `true_label` from feedback;
-        `labelled_only`: just those that have one (filtered in the database, not after reading them all)."""
+        `labelled_only`: just those that have one (filtered in the database, not after reading them all);
+        `generated`: also the columns of generated answers (output, token counts, time to first token,
+        tokens/s) and the latest feedback's `rating` and `correction`."""
         import pandas as pd
 
         p = predictions.c
-        columns = [p[name] for name in _COLUMNS]
+        columns = [p[name] for name in _COLUMNS if generated or name not in _GENERATION]
         self._ensure_tables()
         if with_feedback:
             latest = (
@@ -691,6 +734,16 @@ class InferenceLog:
                 .scalar_subquery()
             )
             columns.append(latest.label("true_label"))
+        if generated:
+            for name in ("rating", "correction"):
+                newest = (
+                    sa.select(feedback.c[name])
+                    .where(feedback.c.request_id == p.request_id, feedback.c[name].is_not(None))
+                    .order_by(feedback.c.id.desc())
+                    .limit(1)
+                    .scalar_subquery()
+                )
+                columns.append(newest.label(name))
         query = sa.select(*columns).order_by(p.at, p.id)
         if labelled_only:
             query = query.where(sa.exists().where(feedback.c.request_id == p.request_id))
@@ -729,14 +782,17 @@ def _encode(r: PredictionRecord) -> bytes:
     probs = None if r.probs is None else base64.b64encode(r.probs).decode("ascii")
     row = [r.request_id, r.at.isoformat(), r.model_name, r.model_version, r.arm, r.text, r.label,
            r.score, r.latency_ms, r.agrees, probs]  # fmt: skip
+    if r.output is not None:  # a generated answer: its fields as a 12th item (older lines have 11)
+        row.append({name: getattr(r, name) for name in _GENERATION})
     return json.dumps(row, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
 
 def _decode(line: bytes) -> PredictionRecord:
-    rid, at, model, version, arm, text, label, score, latency, agrees, probs = json.loads(line)
+    rid, at, model, version, arm, text, label, score, latency, agrees, probs, *rest = json.loads(line)
+    generated = rest[0] if rest else {}
     return PredictionRecord(
         rid, datetime.fromisoformat(at), model, version, arm, text, label, score, latency, agrees,
-        None if probs is None else base64.b64decode(probs),
+        None if probs is None else base64.b64decode(probs), **{k: generated.get(k) for k in _GENERATION},
     )  # fmt: skip
 
 
@@ -755,7 +811,7 @@ def _decode_lines(lines: list[bytes], folder: Path) -> list[PredictionRecord]:
 
 def _add_missing_columns(conn: sa.Connection) -> None:
     """A log written by an older Champion lacks the newer nullable columns: add them in place."""
-    for table in (predictions, canary_tallies):
+    for table in (predictions, canary_tallies, feedback):
         have = {c["name"] for c in sa.inspect(conn).get_columns(table.name)}
         for column in table.columns:
             if column.name not in have:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from champion.errors import ChampionError
-from champion.registry import BASE_ARTIFACTS, BASE_RUN_TAG, BASE_SHA_TAG
+from champion.registry import BASE_ARTIFACTS, BASE_RUN_TAG, BASE_SHA_TAG, SYSTEM_PROMPT_TAG
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,9 @@ class LoadedLM:
     load_seconds: float
     adapter_name: str | None = None  # this version's adapter in `model` (lora)
     lock: Any = field(default_factory=threading.RLock, repr=False, compare=False)
+    system_prompt: str = (
+        ""  # what the version was trained with; put first when a request has no system message
+    )
 
     @contextlib.contextmanager
     def active(self):
@@ -139,6 +142,7 @@ def load_generative_version(
         time.perf_counter() - started,
         adapter,
         shared_lock,
+        tags.get(SYSTEM_PROMPT_TAG, ""),
     )
 
 

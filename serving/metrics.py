@@ -12,6 +12,8 @@ from functools import cache
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0)
+ITL_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,10 @@ class Metrics:
     log_writer_errors: object
     shadow_skipped: object
     routes: object
+    tokens: object
+    generations: object
+    ttft: object
+    inter_token: object
 
 
 @cache
@@ -108,5 +114,25 @@ def metrics() -> Metrics:
         ),
         shadow_skipped=Counter(
             "champion_shadow_skipped", "Shadow copies skipped because the shadow queue was full", ["model"]
+        ),
+        tokens=Counter(
+            "champion_tokens", "Tokens of generated answers: prompt (in) and completion (out)", [*mv, "kind"]
+        ),
+        generations=Counter(
+            "champion_generations",
+            "Generated answers by how they ended: stop, length, cancelled (the client left), error",
+            [*mv, "finish_reason"],
+        ),
+        ttft=Histogram(
+            "champion_time_to_first_token_seconds",
+            "From the request to its first generated token (queueing and prefill included)",
+            mv,
+            buckets=TTFT_BUCKETS,
+        ),
+        inter_token=Histogram(
+            "champion_inter_token_latency_seconds",
+            "Mean time between the tokens of one answer, after the first",
+            mv,
+            buckets=ITL_BUCKETS,
         ),
     )

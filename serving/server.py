@@ -167,7 +167,7 @@ class ModelServer:
             exit_when_orphaned(lambda: self.log.flush(timeout=2.0))
 
         torch.set_num_threads(self.cfg.threads)
-        serve_forwards_from_one_thread(self.cfg.threads)  # one OpenMP team: see serving/model.py
+        self._prepare_forwards()
         self.log.start()
         self.follower.start()
         try:  # load the champion before taking traffic: no worker says "not ready" once /readyz said ok
@@ -180,6 +180,13 @@ class ModelServer:
         if self.cfg.traffic.policy == "canary":
             self._spawn(self._canary_loop, "canary")
         return self
+
+    def _prepare_forwards(self) -> None:
+        serve_forwards_from_one_thread(self.cfg.threads)  # one OpenMP team: see serving/model.py
+
+    def _read_version(self, version: str):
+        """Load and warm one version (the language-model server loads its own kind)."""
+        return load_version(self.registry.client, self.name, version, self.cfg.device, self.cfg.max_tokens)
 
     def ready(self) -> bool:
         return self.follower.served.champion is not None
@@ -217,7 +224,7 @@ class ModelServer:
         champion = served.champion
         if champion is None:
             raise NotReadyError(self.not_ready_reason())
-        challenger = served.challenger if _distinct(served) else None
+        challenger = served.challenger if distinct_challenger(served) else None
         salt = f"{self._secret}:{challenger.version}" if challenger is not None else ""  # never guessable
         arms = choose_arms(self.cfg.traffic, len(texts), challenger is not None, self._rng, keys, salt)
 
@@ -424,9 +431,7 @@ class ModelServer:
         from champion.safety import UnsafeModelError
 
         try:
-            loaded = load_version(
-                self.registry.client, self.name, version, self.cfg.device, self.cfg.max_tokens
-            )
+            loaded = self._read_version(version)
             if not self._heap_settled:  # the first load, before the worker is ready: off every request
                 self._heap_settled = True
                 log.info("v%s loaded; the heap settled in %.0f ms", version, settle_heap() * 1000)
@@ -655,7 +660,7 @@ def traffic_secret(home: Path | None = None) -> str:
     return home_secret(SECRET_FILE, home)
 
 
-def _distinct(served: Served) -> bool:
+def distinct_challenger(served: Served) -> bool:
     """A challenger that is also the champion adds nothing to route to."""
     return served.challenger is not None and served.challenger.version != served.champion.version
 

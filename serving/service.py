@@ -37,6 +37,7 @@ from serving.config import (
 from serving.server import Answer, AnswerWithProbabilities
 
 PREDICT_PATHS = ("/predict", "/predict_proba")
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/models")  # a text-generation model's (serving/lm_service.py)
 MUTATING_PATHS = ("/feedback", "/reload")
 PROBE_PATHS = ("/healthz", "/livez", "/readyz")  # answered whatever the Host: orchestrators probe by IP
 ROUTES = frozenset((*PREDICT_PATHS, *MUTATING_PATHS, *PROBE_PATHS, "/metrics", "/", "/docs.json"))
@@ -166,18 +167,34 @@ def build_service(cfg: ServeConfig):
         # BentoML picks a response's media type from the output model's JSON schema, which pydantic builds
         # again for every response: a tenth of the event loop's work under load (py-spy). Ours is JSON.
         ChampionService.apis[name].output_spec.media_type = "application/json"
-    routes = ROUTES | _static_routes()
-    ChampionService.add_asgi_middleware(
+    return guard_service(ChampionService, cfg, holder)
+
+
+def guard_service(service, cfg: ServeConfig, holder: dict[str, Any]):
+    """`service` behind ChampionMiddleware (Host, paths, keys, JSON bodies, readiness, one-sentence errors)
+    and BentoML's request timers and path metrics fixed; a text-generation service's routes are the OpenAI
+    API's (serving/lm_service.py), answered with OpenAI's error object."""
+    generative = cfg.task == "text-generation"
+    if generative:
+        g = cfg.generation
+        core = frozenset((*OPENAI_PATHS, *MUTATING_PATHS, *PROBE_PATHS, "/metrics", "/", "/docs.json"))
+        predict_paths, max_body = (OPENAI_PATHS[0],), g.max_prompt_chars * 12 + g.max_messages * 256 + 65_536
+    else:
+        core, predict_paths, max_body = ROUTES, PREDICT_PATHS, _max_body_bytes(cfg.limits)
+    routes = core | _static_routes()
+    service.add_asgi_middleware(
         ChampionMiddleware,
         holder=holder,
         model=cfg.model,
-        max_body=_max_body_bytes(limits),
+        max_body=max_body,
         routes=routes,
         allowed_hosts=allowed_hosts(cfg),
+        predict_paths=predict_paths,
+        buffered=not generative,
     )
     _cancel_request_timers()
     _label_other_paths_once(routes)
-    return ChampionService
+    return service
 
 
 def _cancel_request_timers() -> None:
@@ -341,9 +358,14 @@ class ChampionMiddleware:
         max_body: int,
         routes: frozenset[str] = ROUTES,
         allowed_hosts: frozenset[str] = frozenset(("*",)),
+        predict_paths: tuple[str, ...] = PREDICT_PATHS,
+        buffered: bool = True,
     ):
         self.app, self.holder, self.model, self.max_body = app, holder, model, max_body
         self.routes, self.allowed_hosts = routes, allowed_hosts
+        # buffered: the answers of predict_paths are read here for metrics and version headers (/predict);
+        # the OpenAI routes stream, and their app sets its own headers and metrics.
+        self.predict_paths, self.buffered = predict_paths, buffered
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -359,7 +381,7 @@ class ChampionMiddleware:
         if path not in self.routes:
             await self._refuse(send, path, _Refusal(404, "path", _UNKNOWN_PATH))
             return
-        if path not in PREDICT_PATHS and path not in MUTATING_PATHS:
+        if path not in self.predict_paths and path not in MUTATING_PATHS:
             await self.app(scope, receive, send)
             return
         if path in MUTATING_PATHS:
@@ -374,17 +396,22 @@ class ChampionMiddleware:
                 receive, refusal = await _read_body(receive, self.max_body)
             if refusal is not None:
                 self._error_metric("bad_request")
-                await _send_json(send, refusal.status, {"error": refusal.error, "field": refusal.field})
+                await _send_json(
+                    send, refusal.status, _shaped(path, refusal.error, refusal.field, refusal.status)
+                )
                 return
-        if path in PREDICT_PATHS:
+        if path in self.predict_paths:
             server = self.holder.get("server")
             if server is not None and not server.ready():
                 self._error_metric("not_ready")
-                await _send_json(send, 503, {"error": server.not_ready_reason(), "field": None})
+                await _send_json(send, 503, _shaped(path, server.not_ready_reason(), None, 503))
                 return
             if server is not None and (full := server.log_full_reason()):
                 self._error_metric("log_full")
-                await _send_json(send, 503, {"error": full, "field": None})
+                await _send_json(send, 503, _shaped(path, full, None, 503))
+                return
+            if not self.buffered:
+                await self.app(scope, receive, send)
                 return
         started = time.perf_counter()
         start_message: dict[str, Any] = {}
@@ -445,7 +472,21 @@ class ChampionMiddleware:
 
         route = path if path in self.routes else OTHER_ROUTE
         metrics().routes.labels(route, str(refusal.status)).inc()
-        await _send_json(send, refusal.status, {"error": refusal.error, "field": refusal.field})
+        await _send_json(send, refusal.status, _shaped(path, refusal.error, refusal.field, refusal.status))
+
+
+def _shaped(path: str, error: str, field: str | None, status: int) -> dict[str, Any]:
+    """A refusal's body: {"error", "field"}, or OpenAI's error object on the OpenAI routes (its clients read
+    `error.message`)."""
+    if path.startswith("/v1/"):
+        return openai_error(error, field, status)
+    return {"error": error, "field": field}
+
+
+def openai_error(message: str, param: str | None, status: int, code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object: {"error": {"message", "type", "param", "code"}}."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def _version_key(version: str) -> tuple[int, str]:

@@ -8,11 +8,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from lm_world import sft_tiny, write_tiny_replies
 
 from champion.errors import ChampionError
 from serving.lm_model import forget_bases, load_generative_version, shared_bases
 
-INTENTS = ["track_order", "cancel_order", "get_refund", "reset_password"]
 TEXTS = ["where is my order 123", "please reset my password"]
 
 
@@ -27,8 +27,6 @@ def lm(tmp_path_factory, tiny_llama_dir):
     """One CHAMPION_HOME for the module: tiny-replies v1 and v2 (two adapters on one base, trained with
     different seeds), tiny-merged v1 (a merged model) and clf v1 (a version without a task tag)."""
     from champion.registry import connect
-    from pipelines.replygen import write_replies
-    from pipelines.sft import SFTConfig, sft
 
     home = tmp_path_factory.mktemp("lm-home")
     with pytest.MonkeyPatch.context() as mp:
@@ -36,21 +34,11 @@ def lm(tmp_path_factory, tiny_llama_dir):
         mp.setenv("CHAMPION_ACTOR", "pytest")
         for shared_store in ("MLFLOW_TRACKING_URI", "CHAMPION_AUDIT_URL"):  # the module's own sqlite stores
             mp.delenv(shared_store, raising=False)
-        data = write_replies(home / "replies.csv", 24, seed=1, intents=INTENTS)
+        data = write_tiny_replies(home)
         reg = connect()
 
         def run(seed: int, **registry):
-            cfg = {
-                "data": {"source": str(data), "validation_size": 0.2, "test_size": 0.2, "max_eval_rows": 2},
-                "model": {"base": str(tiny_llama_dir), "max_length": 176},
-                "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-                "train": {"epochs": 1, "batch_size": 8, "learning_rate": 5e-2, "device": "cpu",
-                          "progress": False, "seed": seed},
-                "generation": {"max_new_tokens": 4},
-                "eval": {"samples": 1, "reply_similarity": False},
-                "registry": {"model_name": "tiny-replies", "experiment": "tests-lm", **registry},
-            }  # fmt: skip
-            return sft(SFTConfig.model_validate(cfg), registry=reg)
+            return sft_tiny(reg, data, tiny_llama_dir, seed, **registry)
 
         first, second = run(0), run(1)
         merged = run(0, model_name="tiny-merged", merge=True)
