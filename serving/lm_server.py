@@ -214,9 +214,15 @@ class LMServer(ModelServer):
         return call
 
     def _submit(
-        self, model: ServedLM, arm: str, params: ChatParams, compare_to: str | None = None
+        self,
+        model: ServedLM,
+        arm: str,
+        params: ChatParams,
+        compare_to: str | None = None,
+        request_id: str | None = None,
     ) -> ChatCall:
-        """Submit to `model`'s engine; the answer is logged when it ends (`agrees`: is it `compare_to`)."""
+        """Submit to `model`'s engine; the answer is logged when it ends (`agrees`: is it `compare_to`). A
+        shadow copy has its champion answer's request id (the log's key is request id and arm)."""
         lm = model.lm
         temperature = params.temperature
         if temperature is None:  # the version's recorded setting: `champion sft` records greedy decoding
@@ -228,7 +234,7 @@ class LMServer(ModelServer):
             top_p=params.top_p,
             stop=list(params.stop),
             seed=params.seed,
-            request_id=uuid.uuid4().hex,
+            request_id=request_id or uuid.uuid4().hex,
         )
         stream = model.engine.submit(request)
         call = ChatCall(stream, model, arm, _conversation(params.messages), int(time.time()))
@@ -295,7 +301,7 @@ class LMServer(ModelServer):
             return
         try:  # greedy: the comparison is of what each version answers, not of two samples
             copy = replace(params, temperature=0.0, seed=0)
-            shadow = self._submit(served.challenger, SHADOW_ARM, copy, compare_to=finish.text)
+            shadow = self._submit(served.challenger, SHADOW_ARM, copy, finish.text, call.request_id)
         except Exception:
             self._shadows.release()
             log.exception("shadow copy for %s failed", call.request_id)

@@ -207,7 +207,7 @@ def openai_app(holder: dict[str, Any], cfg: ServeConfig):
             )
         finish = await _finish_of(call)
         for attempt in range(cfg.generation.json_retries if params.json_object else 0):
-            if finish.finish_reason != "stop" or _json_object(finish.text):
+            if finish.finish_reason not in ("stop", "length") or _json_object(finish.text):
                 break
             again = _submit(server, _resampled(params, attempt))
             call, finish = again, await _finish_of(again)

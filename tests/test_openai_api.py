@@ -219,6 +219,26 @@ def test_metrics_count_tokens_and_time_to_first_token(world, client):
     assert "champion_inter_token_latency_seconds_bucket" in text
 
 
+def test_champion_chat_answers_locally_and_through_the_server_alike(world, capsys):
+    from champion_cli.cli import main
+
+    answers = []
+    for where in ([], ["--url", world["url"]]):
+        assert (
+            main(["chat", NAME, "where is my order 123", "--max-tokens", "5", "--temperature", "0", *where])
+            == 0
+        )
+        out = capsys.readouterr()
+        assert f"[v{world['v1']} " in out.err
+        answers.append(out.out.rstrip("\n"))
+    assert answers[0] == answers[1]  # the same prompt, engine and greedy decoding in both places
+    assert (
+        main(["chat", NAME, "where is my order", "--max-tokens", "2", "--json", "--url", world["url"]]) == 0
+    )
+    last = json.loads(capsys.readouterr().out)
+    assert last["version"] == world["v1"] and last["usage"]["completion_tokens"] <= 2
+
+
 def test_an_alias_move_during_8_open_streams_breaks_none_and_each_ends_on_its_version(world, client):
     """Runs last in the module: it moves the champion to v2."""
     from champion.registry import promote
