@@ -530,9 +530,12 @@ def _champion_version(reg, name: str) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from champion_cli.demo import run_demo
+    from champion_cli.demo import run_demo, run_slm_demo
 
-    run_demo(rows=args.rows, epochs=args.epochs, base=args.base)
+    if args.slm:
+        run_slm_demo(**{k: v for k, v in (("rows", args.rows), ("epochs", args.epochs)) if v}, base=args.base)
+    else:
+        run_demo(rows=args.rows or 2400, epochs=args.epochs or 3, base=args.base)
     return 0
 
 
@@ -981,9 +984,10 @@ def build_parser() -> argparse.ArgumentParser:
         action.add_argument("--config", help="schedule YAML, e.g. configs/schedule.yaml (defaults otherwise)")
 
     p = verb("demo", cmd_demo, "Run the loop end to end on generated data: fine-tune, register, promote.")
-    p.add_argument("--rows", type=int, default=2400)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--base", help="base model instead of all-MiniLM-L6-v2 (a local folder or hub id)")
+    p.add_argument("--slm", action="store_true", help="the language-model loop: SmolLM2 LoRA SFT, OpenAI API")
+    p.add_argument("--rows", type=int, help="generated rows (default 2400; 240 with --slm)")
+    p.add_argument("--epochs", type=int, help="training epochs (default 3; 2 with --slm)")
+    p.add_argument("--base", help="base model instead of all-MiniLM-L6-v2 or SmolLM2 (a folder or hub id)")
     return parser
 
 

@@ -267,3 +267,187 @@ def _wait_logged(name: str, count: int, timeout: float = 30.0) -> None:
 
 def _indent(text: str) -> str:
     return "\n".join(f"    {line}" for line in text.splitlines())
+
+
+# --- `champion demo --slm`: the language-model loop --------------------------------------------------------
+
+SLM_CONFIG = CONFIGS / "smollm2_sft_cpu.yaml"
+SLM_SERVE_CONFIG = CONFIGS / "serve_cpu.yaml"
+SLM_STEPS = 8
+SLM_METRIC = "val_intent_accuracy"  # a text-generation version has no macro-F1: promote on its intents
+
+
+def run_slm_demo(
+    rows: int = 240,
+    epochs: int = 2,
+    base: str | None = None,
+    eval_rows: int = 16,
+    answers: int = 3,
+    config: Path = SLM_CONFIG,
+    serve_config: Path = SLM_SERVE_CONFIG,
+    overrides: list[str] | None = None,
+) -> dict:
+    """The language-model loop on generated support messages: the base zero-shot, LoRA SFT, register,
+    promote, serve (OpenAI API, streamed), feedback, the inference log. Returns what happened (for tests).
+
+    `config`'s recipe with fewer rows, epochs and held-out rows, so it takes minutes on a laptop's CPU;
+    `overrides` go last (tests pass a tiny base's settings)."""
+    from champion.registry import connect, promote
+    from pipelines.chat import target_json
+    from pipelines.replygen import INTENTS, write_replies
+    from pipelines.sft import SFTConfig, load_reply_splits, sft
+    from serving.client import start_server
+    from serving.config import inference_log_url, load_serve_config
+    from serving.inference_log import InferenceLog
+
+    started = time.monotonic()
+    home = champion_home()
+    data = write_replies(home / "data" / "replies.csv", rows, seed=0)
+    print(
+        f"1/{SLM_STEPS} generated {rows} support messages with JSON answers across {len(INTENTS)} "
+        f"intents -> {data}"
+    )
+
+    settings = [f"data.source={data}", "data.generate=null", f"data.max_eval_rows={eval_rows}",
+                f"train.epochs={epochs}"] + ([f"model.base={base}"] if base else [])  # fmt: skip
+    cfg = load_config(SFTConfig, config, settings + list(overrides or []))
+    held_out = load_reply_splits(cfg.data).test.head(eval_rows)  # the rows sft() scores as test_*
+    clock = time.monotonic()
+    zero_shot = _score_base(cfg, held_out)
+    print(
+        f"2/{SLM_STEPS} the base {cfg.model.base}, zero-shot on {len(held_out)} held-out messages: "
+        f"{_scores(zero_shot)} ({time.monotonic() - clock:.0f} s)"
+    )
+
+    print(
+        f"3/{SLM_STEPS} LoRA SFT of {cfg.model.base} on {cfg.train.device} ({config.name}: "
+        f"r={cfg.lora.r}, {epochs} epoch(s), answer-only loss, a held-out evaluation each epoch)"
+    )
+    reg = connect()
+    clock = time.monotonic()
+    result = sft(cfg, registry=reg)
+    train_s = time.monotonic() - clock
+    name, version = result.model_name, result.version
+    tuned = {k[5:]: v for k, v in result.metrics.items() if k.startswith("test_")}
+    print(
+        f"     registered {name} v{version} as '{cfg.registry.alias}' after {train_s:.0f} s; on the same "
+        f"held-out messages: {_scores(tuned)}"
+    )
+
+    decision = promote(
+        reg, name, version, reason="demo: promote the freshly fine-tuned challenger", metric=SLM_METRIC
+    )
+    print(
+        f"4/{SLM_STEPS} {'promoted' if decision.allowed else 'kept the current champion'}: {decision.reason}"
+    )
+
+    served = load_serve_config(serve_config, name)
+    print(f"5/{SLM_STEPS} serving {name}@champion with the OpenAI-compatible API ({serve_config.name})")
+    summary: dict = {"model": name, "version": version, "zero_shot": zero_shot, "tuned": tuned}
+    with start_server(name, config=serve_config) as client:
+        print(f"     {client.url}/v1/chat/completions")
+        print(f"6/{SLM_STEPS} {answers} held-out messages answered through the API, streamed (greedy):")
+        calls = [
+            _stream(client, name, message, cfg.generation.max_new_tokens)
+            for message in held_out["instruction"].head(answers)
+        ]
+        good, bad = calls[0], calls[-1]
+        correction = target_json(held_out.iloc[len(calls) - 1].to_dict())
+        _wait_for_requests(InferenceLog(inference_log_url(served)), name, [c["request_id"] for c in calls])
+        client.rate(good["request_id"], rating=1)
+        client.rate(bad["request_id"], rating=-1, correction=correction)
+        print(
+            f"7/{SLM_STEPS} feedback: +1 for {good['request_id']}, -1 and the answer it should have given "
+            f"for {bad['request_id']}"
+        )
+
+    log = InferenceLog(inference_log_url(served))
+    logged = log.read(name, generated=True)
+    log.close()
+    mine = logged[logged.request_id.isin([c["request_id"] for c in calls])]
+    print(
+        f"8/{SLM_STEPS} the inference log's rows for these answers (InferenceLog.read(name, generated=True)):"
+    )
+    print("       request_id                        version  ttft_ms  tokens  tokens/s  rating  correction")
+    for row in mine.itertuples():
+        rating = "" if row.rating is None or row.rating != row.rating else f"{int(row.rating):+d}"
+        fixed = (row.correction or "")[:40]
+        print(
+            f"       {row.request_id:<33} v{row.model_version:<6}  {row.ttft_ms:>7.0f}  "
+            f"{row.completion_tokens:>6}  {row.tokens_per_s:>8.1f}  {rating:>6}  {fixed}"
+        )
+    total_s = time.monotonic() - started
+    print(f"     the whole loop took {total_s / 60:.1f} min ({total_s:.0f} s)")
+    print(f"""
+Where to look:
+  champion models show {name}      the version, its held-out scores, base digest and data hash
+  champion history {name}          the promotion, with its reason
+  champion serve {name} --config configs/serve_cpu.yaml   the OpenAI API on http://127.0.0.1:3000/v1
+  champion chat {name} "where is my order 123"            one answer, streamed (add --url to ask a server)
+  state lives in {home}""")
+    reg.close()
+    return {**summary, "answers": calls, "logged": mine, "seconds": total_s, "train_seconds": train_s}
+
+
+def _score_base(cfg, rows) -> dict[str, float]:
+    """The base model's scores on `rows`, answering zero-shot with the same prompt and decoding as sft()."""
+    import gc
+
+    from pipelines.generation_eval import score_answers
+    from pipelines.lm import load_causal_lm, resolve_base
+    from pipelines.model import resolve_device
+    from pipelines.sft import generate_answers
+
+    device = resolve_device(cfg.train.device, cfg.train.precision)
+    model, tokenizer = load_causal_lm(resolve_base(cfg.model.base), device=device.type, dtype="fp32")
+    answers = generate_answers(model, tokenizer, list(rows["instruction"]), cfg, device)
+    del model
+    gc.collect()  # the base's weights go before training loads them again
+    return score_answers(answers, rows)
+
+
+def _scores(scores: dict[str, float]) -> str:
+    return (
+        f"valid JSON {scores['valid_json']:.2f}, intent accuracy {scores['intent_accuracy']:.2f}, "
+        f"entity F1 {scores['entity_f1']:.2f}"
+    )
+
+
+def _stream(client, name: str, message: str, max_tokens: int) -> dict:
+    """One streamed answer, printed as it arrives; its request id, version and time to first token."""
+    print(f"     > {message}\n       ", end="", flush=True)
+    sent, first, text, last = time.monotonic(), None, "", {}
+    for piece in client.chat(
+        name, [{"role": "user", "content": message}], max_tokens=max_tokens, temperature=0
+    ):
+        if isinstance(piece, dict):
+            last = piece
+            continue
+        first = first or time.monotonic()
+        text += piece
+        print(piece, end="", flush=True)
+    took = time.monotonic() - sent
+    ttft = ((first or time.monotonic()) - sent) * 1000
+    tokens = (last.get("usage") or {}).get("completion_tokens")
+    print(
+        f"\n       [v{last.get('version')}, first token after {ttft:.0f} ms, {tokens} tokens in {took:.1f} s]"
+    )
+    return {
+        "request_id": last.get("request_id"),
+        "version": last.get("version"),
+        "text": text,
+        "ttft_ms": ttft,
+    }
+
+
+def _wait_for_requests(log, name: str, request_ids: list[str], timeout: float = 30.0) -> None:
+    """The server ships its log in batches; feedback needs the answers in it."""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            logged = log.read(name, with_feedback=False)
+            if len(logged) and set(request_ids) <= set(logged.request_id):
+                return
+            time.sleep(0.2)
+    finally:
+        log.engine.dispose()  # not close(): this process must not ship the running server's spool
