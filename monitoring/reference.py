@@ -153,8 +153,14 @@ def load_reference(reg, name: str, version: str, cache: Path | None = None) -> R
     import mlflow
 
     from champion.config import champion_home
+    from champion.registry import TASK_TAG, TEXT_GENERATION
 
     mv = reg.client.get_model_version(name, str(version))
+    if mv.tags.get(TASK_TAG) == TEXT_GENERATION:
+        raise ChampionError(
+            f"version {version} of '{name}' is a text-generation model; drift checks read classifiers' "
+            "answers only for now, so read its logged answers with InferenceLog.read(name, generated=True)."
+        )
     uri = mv.tags.get(REFERENCE_TAG)
     if not uri:
         raise ChampionError(

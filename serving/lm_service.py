@@ -187,6 +187,8 @@ def openai_app(holder: dict[str, Any], cfg: ServeConfig):
     from starlette.routing import Route
 
     async def chat_completions(request):
+        if request.method != "POST":
+            return _error(_wrong_method(request.method, CHAT_PATH, "POST a JSON body"))
         server = holder["server"]
         try:
             try:
@@ -219,6 +221,8 @@ def openai_app(holder: dict[str, Any], cfg: ServeConfig):
         return JSONResponse(answer, headers=_headers(call))
 
     async def models(request):
+        if request.method != "GET":
+            return _error(_wrong_method(request.method, MODELS_PATH, "GET it"))
         server = holder["server"]
         now = int(time.time())
         data = [{"id": m["id"], "object": "model", "created": now, "owned_by": "champion", **m}
@@ -227,10 +231,17 @@ def openai_app(holder: dict[str, Any], cfg: ServeConfig):
 
     return Starlette(
         routes=[
-            Route("/chat/completions", chat_completions, methods=["POST"]),
-            Route("/models", models, methods=["GET"]),
+            Route("/chat/completions", chat_completions, methods=_METHODS),
+            Route("/models", models, methods=_METHODS),
         ]
     )
+
+
+_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]  # each route answers the wrong ones itself
+
+
+def _wrong_method(method: str, path: str, fix: str) -> RequestError:
+    return RequestError(405, None, f"{method} is not allowed on {path}; {fix}.")
 
 
 def _submit(server, params):

@@ -43,6 +43,7 @@ PROBE_PATHS = ("/healthz", "/livez", "/readyz")  # answered whatever the Host: o
 ROUTES = frozenset((*PREDICT_PATHS, *MUTATING_PATHS, *PROBE_PATHS, "/metrics", "/", "/docs.json"))
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 OTHER_ROUTE = "other"  # the one path, and metrics label, of every request for a path that is no route
+ASKED = "champion.asked_path"  # the scope key keeping the path such a request asked for
 # An item of "texts" is a string or a {"text", "key"} object: pydantic checks it as both, and names the
 # union's branch in the error's location. Errors saying an item is not the other kind are dropped.
 _WRONG_KIND = ("model_type", "string_type")
@@ -66,6 +67,10 @@ _NO_HOST = _Refusal(400, "Host", "the request has no Host header; send the name 
 _UNKNOWN_PATH = (
     "there is no such endpoint; the service answers POST /predict, /predict_proba, /feedback, /reload "
     "and GET /healthz, /livez, /readyz, /metrics."
+)
+_UNKNOWN_OPENAI_PATH = (
+    "there is no such endpoint; the service answers POST /v1/chat/completions, /feedback, /reload and GET "
+    "/v1/models, /healthz, /livez, /readyz, /metrics."
 )
 _INCOMPLETE_BODY = _Refusal(400, "body", "the connection closed in the middle of the body; send all of it.")
 
@@ -256,7 +261,7 @@ def _label_other_paths_once(routes: frozenset[str]) -> None:
 
         async def call(self, scope, receive, send) -> None:
             if scope["type"] == "http" and scope["path"] not in Metered._champion_routes:
-                scope = {**scope, "path": OTHER_ROUTE, "raw_path": OTHER_ROUTE.encode()}
+                scope = {**scope, "path": OTHER_ROUTE, "raw_path": OTHER_ROUTE.encode(), ASKED: scope["path"]}
             await count(self, scope, receive, send)
 
         Metered.__call__ = call
@@ -379,7 +384,8 @@ class ChampionMiddleware:
         # Only the service's own routes reach BentoML, whose metrics label every request with its path:
         # any other path is answered here, under one label, so /metrics cannot be grown by inventing paths.
         if path not in self.routes:
-            await self._refuse(send, path, _Refusal(404, "path", _UNKNOWN_PATH))
+            unknown = _UNKNOWN_OPENAI_PATH if self.predict_paths == (OPENAI_PATHS[0],) else _UNKNOWN_PATH
+            await self._refuse(send, scope.get(ASKED, path), _Refusal(404, "path", unknown))
             return
         if path not in self.predict_paths and path not in MUTATING_PATHS:
             await self.app(scope, receive, send)

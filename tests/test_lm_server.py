@@ -202,3 +202,13 @@ def test_two_versions_of_one_base_answering_at_once_each_answer_as_alone(version
         assert {together[("challenger", i)].version for i in range(4)} == {versions["v2"]}
     finally:
         server.close()
+
+
+def test_drift_checks_refuse_a_text_generation_version_in_one_sentence(versions):
+    from champion.errors import ChampionError
+    from monitoring.check import drift
+    from monitoring.config import MonitorConfig
+
+    with pytest.raises(ChampionError) as err:
+        drift(NAME, MonitorConfig())
+    assert "is a text-generation model" in str(err.value) and "\n" not in str(err.value)

@@ -284,3 +284,23 @@ def test_an_alias_move_during_8_open_streams_breaks_none_and_each_ends_on_its_ve
             break
         time.sleep(0.3)
     assert answer.model_extra["version"] == world["v2"], "new requests go to the new champion"
+
+
+def test_wrong_methods_unknown_paths_and_foreign_hosts_get_openai_errors(world):
+    host, port = world["url"].removeprefix("http://").split(":")
+    cases = [
+        ("GET", "/v1/chat/completions", {}, 405),
+        ("POST", "/v1/models", {"Content-Type": "application/json"}, 405),
+        ("GET", "/v1/completions", {}, 404),
+        ("GET", "/v1/models", {"Host": "attacker.example"}, 421),
+    ]
+    for method, path, headers, status in cases:
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request(method, path, body=b"{}" if method == "POST" else None, headers=headers)
+        response = conn.getresponse()
+        payload = json.loads(response.read())
+        assert isinstance(payload["error"], dict), (method, path, response.status, payload)
+        error = payload["error"]
+        conn.close()
+        assert response.status == status, (method, path, error)
+        assert error["message"].endswith(".") and "\n" not in error["message"], error
