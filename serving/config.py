@@ -44,6 +44,7 @@ class GenerationServeConfig(StrictModel):
     max_prompt_tokens: int = Field(2_048, ge=1)  # the rendered conversation, chat template included
     max_prompt_chars: int = Field(32_000, ge=1)  # all messages' text together
     max_messages: int = Field(64, ge=1)
+    max_waiting: int = Field(256, ge=1)  # answers queued per version; beyond it 503 with Retry-After
     # response_format {"type": "json_object"}: an answer that is not a JSON object is generated again
     # (sampled, another seed) up to this many times; a streamed answer is validated only (it was sent).
     json_retries: int = Field(2, ge=0, le=5)

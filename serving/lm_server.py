@@ -39,6 +39,10 @@ SERVED_ALIASES = ("champion", "challenger")
 _WARMUP = [{"role": "user", "content": "hello"}]
 
 
+class Busy(ChampionError):
+    """More answers wait for a version than `generation.max_waiting`: refused now (503), not queued."""
+
+
 @dataclass(frozen=True)
 class ServedLM:
     """A text-generation version in memory with the engine that answers for it (and only it)."""
@@ -208,6 +212,9 @@ class LMServer(ModelServer):
             raise SpoolFullError(reason)
         check_messages(params.messages, self.cfg)
         model, arm = self.pick(params)
+        waiting = model.engine.status()["waiting"]
+        if waiting >= self.cfg.generation.max_waiting:
+            raise Busy(f"{waiting} answers are already waiting for v{model.version}; retry in a few seconds.")
         call = self._submit(model, arm, params)
         if self.cfg.traffic.policy == "shadow" and arm == CHAMPION_ARM:
             call.stream.add_done_callback(lambda finish: self._shadow_copy(call, params, finish))

@@ -247,6 +247,7 @@ def _wrong_method(method: str, path: str, fix: str) -> RequestError:
 def _submit(server, params):
     from serving.generation import EngineClosed, InvalidRequest
     from serving.inference_log import LogClosedError, SpoolFullError
+    from serving.lm_server import Busy
     from serving.server import NotReadyError
 
     try:
@@ -256,7 +257,7 @@ def _submit(server, params):
         return _raise(RequestError(status, err.field, str(err).partition(": ")[2] or str(err)))
     except NotReadyError as err:
         return _raise(RequestError(503, None, str(err)))
-    except (SpoolFullError, LogClosedError, EngineClosed) as err:
+    except (SpoolFullError, LogClosedError, EngineClosed, Busy) as err:
         return _raise(RequestError(503, None, str(err)))
 
 
@@ -279,11 +280,16 @@ def _json_object(text: str) -> bool:
 
 
 async def _finish_of(call):
+    """The answer's end; a request abandoned meanwhile (BentoML's timeout) cancels its generation."""
     from serving.generation import Finish
 
-    async for event in call.stream:
-        if isinstance(event, Finish):
-            return event
+    try:
+        async for event in call.stream:
+            if isinstance(event, Finish):
+                return event
+    finally:
+        if call.stream.finish is None:
+            call.stream.cancel()
     raise RuntimeError("a stream ended without its Finish event")  # Stream always ends with one
 
 
@@ -383,7 +389,10 @@ def _sse(data: dict[str, Any]) -> bytes:
 def _error(err: RequestError):
     from starlette.responses import JSONResponse
 
-    return JSONResponse(openai_error(err.message, err.param, err.status, err.code), status_code=err.status)
+    headers = {"retry-after": "2"} if err.status == 503 else None
+    return JSONResponse(
+        openai_error(err.message, err.param, err.status, err.code), status_code=err.status, headers=headers
+    )
 
 
 # --- the BentoML service ----------------------------------------------------------------------------------

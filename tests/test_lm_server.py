@@ -212,3 +212,30 @@ def test_drift_checks_refuse_a_text_generation_version_in_one_sentence(versions)
     with pytest.raises(ChampionError) as err:
         drift(NAME, MonitorConfig())
     assert "is a text-generation model" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_answers_beyond_the_waiting_limit_are_refused_not_queued(versions, tmp_path):
+    from serving.config import ServeConfig
+    from serving.inference_log import InferenceLog
+    from serving.lm_server import Busy, ChatParams, LMServer
+
+    cfg = ServeConfig.model_validate(
+        {"model": NAME, "task": "text-generation", "threads": 1,
+         "generation": {"max_batch": 1, "max_waiting": 2, "max_tokens": 64}}
+    )  # fmt: skip
+    log = InferenceLog(f"sqlite:///{tmp_path / 'log.db'}", spool_dir=tmp_path / "spool")
+    server = LMServer(cfg, registry=versions["reg"], inference_log=log).start()
+    try:
+        long = ChatParams(
+            messages=ASK, max_tokens=64, temperature=1.0, stop=["never-in-a-tiny-vocabulary-xyz"]
+        )
+        calls = []
+        with pytest.raises(Busy) as err:
+            for _ in range(5):
+                calls.append(server.chat(long))
+        assert 2 <= len(calls) <= 3, len(calls)  # two waiting (and one running, once the engine took it)
+        assert "retry in a few seconds" in str(err.value)
+        for call in calls:
+            assert call.stream.result(120).finish_reason in ("stop", "length")
+    finally:
+        server.close()
