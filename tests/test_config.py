@@ -29,10 +29,11 @@ def test_configs_are_shipped():
 def test_shipped_serve_config_validates_and_names_its_command(path):
     from serving.config import load_serve_config
 
-    cfg = load_serve_config(path, "support-intents")
-    assert cfg.model == "support-intents" and cfg.threads * cfg.workers <= 2  # sized for the 2-core default
+    name = "support-replies" if "slm" in path.name else "support-intents"  # the demos' model names
+    cfg = load_serve_config(path, name)
+    assert cfg.model == name and cfg.threads * cfg.workers <= 2  # sized for the 2-core default
     first = path.read_text().splitlines()[0]
-    assert first == f"# champion serve support-intents --config configs/{path.name}"
+    assert first == f"# champion serve {name} --config configs/{path.name}"
 
 
 @pytest.mark.parametrize(
