@@ -222,6 +222,11 @@ def cmd_review(args: argparse.Namespace) -> int:
     queue = ReviewQueue(args.log_url)
     try:
         if args.review_verb == "select":
+            if _served_task(args.name, None) == "text-generation":
+                raise ChampionError(
+                    f"'{args.name}' is a text-generation model; the review queue picks classifiers' answers "
+                    "only for now (rate generated answers through the service's /feedback)."
+                )
             cfg = load_config(ReviewConfig, args.config) if args.config else ReviewConfig()
             result = queue.select(args.name, cfg)
             print(json.dumps(result.__dict__, default=str) if args.json else result.reason)

@@ -239,3 +239,11 @@ def test_answers_beyond_the_waiting_limit_are_refused_not_queued(versions, tmp_p
             assert call.stream.result(120).finish_reason in ("stop", "length")
     finally:
         server.close()
+
+
+def test_review_select_refuses_a_text_generation_model_in_one_sentence(versions, capsys):
+    from champion_cli.cli import main
+
+    assert main(["review", "select", NAME]) != 0
+    err = capsys.readouterr().err
+    assert "is a text-generation model" in err and err.count("\n") <= 2, err
