@@ -31,6 +31,7 @@ from champion.errors import ChampionError
 log = logging.getLogger(__name__)
 
 MAX_STOP_STRINGS = 4  # as the OpenAI API
+MAX_STOP_CHARS = 128  # each: every new token is checked against every stop string
 
 
 class InvalidRequest(ChampionError, ValueError):
@@ -242,6 +243,8 @@ def check_request(
         raise InvalidRequest("stop", "must be a list of non-empty strings.")
     if len(stop) > MAX_STOP_STRINGS:
         raise InvalidRequest("stop", f"{len(stop)} stop strings is over the limit of {MAX_STOP_STRINGS}.")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise InvalidRequest("stop", f"a stop string is over {MAX_STOP_CHARS} characters; shorten it.")
     seed = request.seed
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
         raise InvalidRequest("seed", f"{seed!r} is not a whole number between 0 and 2**63 - 1.")

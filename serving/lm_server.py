@@ -322,13 +322,32 @@ def _distinct_lm(served: Served) -> bool:
 
 def render_prompt(lm, messages: list[dict[str, str]]) -> list[int]:
     """The token ids of `messages` under the version's chat template, up to the assistant's turn; the
-    version's recorded system prompt comes first when the conversation has no system message."""
+    version's recorded system prompt comes first when the conversation has no system message. A message
+    holding one of the tokenizer's control tokens (`<|im_start|>`, ...) is refused: the template's text is
+    tokenized whole, so it would become a real turn boundary (a user writing the system's turn)."""
+    controls = _control_tokens(lm.tokenizer)
+    for i, message in enumerate(messages):
+        found = next((t for t in controls if t in message["content"]), None)
+        if found is not None:
+            raise InvalidRequest(
+                f"messages[{i}].content", f"contains the model's control token {found!r}; remove it."
+            )
     messages = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
                 for m in messages]  # fmt: skip
     if lm.system_prompt and not any(m["role"] == "system" for m in messages):
         messages = [{"role": "system", "content": lm.system_prompt}, *messages]
     text = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return list(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _control_tokens(tokenizer) -> tuple[str, ...]:
+    cached = getattr(tokenizer, "_champion_controls", None)
+    if cached is None:
+        found = set(tokenizer.all_special_tokens)
+        found |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+        cached = tuple(sorted(t for t in found if t))
+        tokenizer._champion_controls = cached
+    return cached
 
 
 def check_messages(messages: list[dict[str, str]], cfg: ServeConfig) -> None:
