@@ -123,21 +123,25 @@ class Stream:
         _call_back(fn, self.finish)
 
     def _put(self, event: Delta | Finish) -> None:
-        with self._cond:
-            if self.finish is not None:
-                return
-            done: list[Any] = []
-            if isinstance(event, Finish):
+        """Hand `event` to the readers. The done callbacks run before the Finish is handed over: an answer is
+        in the inference log before its reader sees it end."""
+        if isinstance(event, Finish):
+            with self._cond:
+                if self.finish is not None:
+                    return
                 self.finish = event
                 done, self._done = self._done, []
+            for fn in done:
+                _call_back(fn, event)
+        with self._cond:
+            if not isinstance(event, Finish) and self.finish is not None:
+                return
             self._events.append(event)
             self._cond.notify_all()
             wakers = list(self._wakers)
         for loop, waker in wakers:
             with contextlib.suppress(RuntimeError):  # a closed event loop: nobody listens there any more
                 loop.call_soon_threadsafe(waker.set)
-        for fn in done:
-            _call_back(fn, event)
 
     def next_event(self, timeout: float | None = None) -> Delta | Finish:
         """The next event, waiting for it; TimeoutError after `timeout` seconds."""

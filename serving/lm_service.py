@@ -245,6 +245,7 @@ def _wrong_method(method: str, path: str, fix: str) -> RequestError:
 
 
 def _submit(server, params):
+    """`server.chat(params)`; its refusals as `RequestError`s (4xx: the request; 503: the server now)."""
     from serving.generation import EngineClosed, InvalidRequest
     from serving.inference_log import LogClosedError, SpoolFullError
     from serving.lm_server import Busy
@@ -254,15 +255,9 @@ def _submit(server, params):
         return server.chat(params)
     except InvalidRequest as err:
         status = 404 if err.field == "model" else 400
-        return _raise(RequestError(status, err.field, str(err).partition(": ")[2] or str(err)))
-    except NotReadyError as err:
-        return _raise(RequestError(503, None, str(err)))
-    except (SpoolFullError, LogClosedError, EngineClosed, Busy) as err:
-        return _raise(RequestError(503, None, str(err)))
-
-
-def _raise(err: RequestError):
-    raise err
+        raise RequestError(status, err.field, str(err).partition(": ")[2] or str(err)) from None
+    except (NotReadyError, SpoolFullError, LogClosedError, EngineClosed, Busy) as err:
+        raise RequestError(503, None, str(err)) from None
 
 
 def _resampled(params, attempt: int):

@@ -125,9 +125,10 @@ def test_json_mode_retries_an_answer_that_is_no_json_object_and_says_so(versions
             assert answer.status_code == 200, answer.text
             assert answer.json()["json_valid"] is False
             plain = http.post("/chat/completions", json={**body, "response_format": {"type": "text"}})
-            assert "json_valid" not in plain.json()
+            assert plain.status_code == 200 and "json_valid" not in plain.json(), plain.text
         server.log.flush()
-        assert len(server.log.read(NAME)) == 3 + 1  # 1 + json_retries attempts, then the plain answer
+        logged = server.log.read(NAME, generated=True)
+        assert len(logged) == 3 + 1, logged[["label", "output", "arm"]].to_dict("records")  # 3 tries, 1 plain
     finally:
         server.close()
 
