@@ -19,7 +19,72 @@ for _key, _value in {
 }.items():
     os.environ.setdefault(_key, _value)
 # prometheus_client picks its multiprocess mode when first imported; `bentoml serve` sets this itself (B2).
-os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="champion-prometheus-"))
+# A folder of its own for each process that loads this file (pytest and each xdist worker): /metrics sums
+# every file in the folder, so in a shared one the other worker's servers' series would come and go.
+_OWN_PROMETHEUS_DIR = "CHAMPION_TESTS_PROMETHEUS_DIR"  # the folder this file made (a worker inherits it)
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR") in (None, os.environ.get(_OWN_PROMETHEUS_DIR)):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.environ[_OWN_PROMETHEUS_DIR] = tempfile.mkdtemp(
+        prefix="champion-prometheus-"
+    )
+
+# The slowest files first: `--dist loadfile` hands files out in
+# collection order, so the longest run beside the rest instead of last. xdist's default "loadscope reorder"
+# (the files with the most tests first) would put these one-, two- and three-test files last: it is off.
+SLOWEST_FIRST = (
+    "test_demo.py",
+    "test_integration_minilm.py",
+    "test_serving_crash.py",
+    "test_notebooks.py",
+)
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist's option (--no-loadscope-reorder)
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _migrated_sqlite_template():
+    """A new embedded MLflow database gets its tables as a copy of one migrated once per worker.
+
+    MLflow builds every new sqlite store by running all its schema migrations (2-3 s on two busy cores,
+    over 10 s on a loaded machine), and most tests start from an empty CHAMPION_HOME. The copy (sqlite's
+    backup of the database this very MLflow migrated) is the same database, tables, rows and schema version.
+    In this process only: servers and notebooks started by tests still migrate their own stores."""
+    import sqlite3
+
+    import mlflow.store.db.utils as db_utils
+    import sqlalchemy
+    from mlflow.store.model_registry import sqlalchemy_store as registry_store
+
+    migrate = db_utils._initialize_tables
+    folder = Path(tempfile.mkdtemp(prefix="champion-mlflow-template-"))
+    template = folder / "mlflow.db"
+
+    def initialize(engine) -> None:
+        if engine.dialect.name != "sqlite" or engine.url.database in (None, "", ":memory:"):
+            return migrate(engine)
+        if not template.exists():
+            built = sqlalchemy.create_engine(f"sqlite:///{folder / 'building.db'}")
+            migrate(built)
+            built.dispose()
+            (folder / "building.db").rename(template)
+        source = sqlite3.connect(template)
+        try:
+            with engine.connect() as conn:
+                source.backup(conn.connection.driver_connection)
+        finally:
+            source.close()
+
+    db_utils._initialize_tables = registry_store._initialize_tables = initialize
+    yield
+    db_utils._initialize_tables = registry_store._initialize_tables = migrate
+
 
 TINY_INTENTS = ["track_order", "reset_password", "card_declined", "invoice_request"]
 TINY_CORPUS = [
