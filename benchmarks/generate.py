@@ -7,7 +7,7 @@ causal-lm) in a scratch CHAMPION_HOME and promotes it to champion, then measures
 (a) ceiling: the raw batched generate loop in one process on that version (`load_generative_version`, then
     one left-padded batch of N prompts through `model.generate`); TTFT is when the batch's first token comes
     out (a streamer), tokens/s is generated tokens over the wall time. `raw prefill` is one forward pass of
-    the batch's prompts alone (the best of 5): what TTFT is judged against.
+    the batch's prompts alone (the best of 5, logits of the last position only): what TTFT is judged against.
 (b) Champion: `champion serve NAME` (a real `bentoml serve` on 127.0.0.1), N concurrent streams through the
     official `openai` client (AsyncOpenAI, stream=True); TTFT is the time to the first content chunk.
 (c) `mlflow models serve` of the same weights logged with MLflow's transformers flavour (task llm/v1/chat),
@@ -329,7 +329,7 @@ def measure_ceiling(payload: dict[str, Any]) -> dict[str, Any]:
     def prefill_ms(enc) -> float:
         with torch.inference_mode():
             started = time.perf_counter()
-            model(**enc, use_cache=True)
+            model(**enc, use_cache=True, logits_to_keep=1)  # the next token's logits only, as generate
             return (time.perf_counter() - started) * 1000
 
     def generate(indices: list[int]) -> list[Answer]:
