@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -26,10 +28,14 @@ if os.environ.get("PROMETHEUS_MULTIPROC_DIR") in (None, os.environ.get(_OWN_PROM
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.environ[_OWN_PROMETHEUS_DIR] = tempfile.mkdtemp(
         prefix="champion-prometheus-"
     )
+    _PID = os.getpid()
+    atexit.register(  # not in a forked child, which runs this process's atexit handlers too
+        lambda folder=os.environ[_OWN_PROMETHEUS_DIR]: os.getpid() == _PID and shutil.rmtree(folder, True)
+    )
 
-# The slowest files first: `--dist loadfile` hands files out in
-# collection order, so the longest run beside the rest instead of last. xdist's default "loadscope reorder"
-# (the files with the most tests first) would put these one-, two- and three-test files last: it is off.
+# The slowest files first: `--dist loadfile` hands files out in collection order, so the longest run beside
+# the rest instead of last. xdist's default "loadscope reorder" (the files with the most tests first) would
+# put these one-, two- and three-test files last whatever the collection order: it is turned off.
 SLOWEST_FIRST = (
     "test_demo.py",
     "test_integration_minilm.py",
@@ -84,6 +90,7 @@ def _migrated_sqlite_template():
     db_utils._initialize_tables = registry_store._initialize_tables = initialize
     yield
     db_utils._initialize_tables = registry_store._initialize_tables = migrate
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 TINY_INTENTS = ["track_order", "reset_password", "card_declined", "invoice_request"]
