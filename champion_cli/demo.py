@@ -279,9 +279,9 @@ SLM_METRIC = "val_intent_accuracy"  # a text-generation version has no macro-F1:
 
 def run_slm_demo(
     rows: int = 240,
-    epochs: int = 2,
+    epochs: int = 1,
     base: str | None = None,
-    eval_rows: int = 16,
+    eval_rows: int = 8,
     answers: int = 3,
     config: Path = SLM_CONFIG,
     serve_config: Path = SLM_SERVE_CONFIG,
@@ -320,7 +320,7 @@ def run_slm_demo(
     )
 
     print(
-        f"3/{SLM_STEPS} LoRA SFT of {cfg.model.base} on {cfg.train.device} ({config.name}: "
+        f"3/{SLM_STEPS} LoRA SFT of {cfg.model.base} on {_device_name(cfg)} ({config.name}: "
         f"r={cfg.lora.r}, {epochs} epoch(s), answer-only loss, a held-out evaluation each epoch)"
     )
     reg = connect()
@@ -404,6 +404,12 @@ def _score_base(cfg, rows) -> dict[str, float]:
     del model
     gc.collect()  # the base's weights go before training loads them again
     return score_answers(answers, rows)
+
+
+def _device_name(cfg) -> str:
+    from pipelines.model import resolve_device
+
+    return resolve_device(cfg.train.device, cfg.train.precision).type
 
 
 def _scores(scores: dict[str, float]) -> str:
