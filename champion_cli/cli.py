@@ -990,7 +990,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("demo", cmd_demo, "Run the loop end to end on generated data: fine-tune, register, promote.")
     p.add_argument("--slm", action="store_true", help="the language-model loop: SmolLM2 LoRA SFT, OpenAI API")
-    p.add_argument("--rows", type=int, help="generated rows (default 2400; 240 with --slm)")
+    p.add_argument("--rows", type=int, help="generated rows (default 2400; 160 with --slm)")
     p.add_argument("--epochs", type=int, help="training epochs (default 3; 1 with --slm)")
     p.add_argument("--base", help="base model instead of all-MiniLM-L6-v2 or SmolLM2 (a folder or hub id)")
     return parser

@@ -278,7 +278,7 @@ SLM_METRIC = "val_intent_accuracy"  # a text-generation version has no macro-F1:
 
 
 def run_slm_demo(
-    rows: int = 240,
+    rows: int = 160,
     epochs: int = 1,
     base: str | None = None,
     eval_rows: int = 8,
@@ -308,8 +308,10 @@ def run_slm_demo(
         f"intents -> {data}"
     )
 
+    # 17 steps instead of the config's 100: at 3x its learning rate the answers are valid JSON already.
     settings = [f"data.source={data}", "data.generate=null", f"data.max_eval_rows={eval_rows}",
-                f"train.epochs={epochs}"] + ([f"model.base={base}"] if base else [])  # fmt: skip
+                f"train.epochs={epochs}", "train.learning_rate=0.001"]  # fmt: skip
+    settings += [f"model.base={base}"] if base else []
     cfg = load_config(SFTConfig, config, settings + list(overrides or []))
     held_out = load_reply_splits(cfg.data).test.head(eval_rows)  # the rows sft() scores as test_*
     clock = time.monotonic()
