@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import ROOT, child_json, code_state, machine, module_command
-from benchmarks.serving import _machine_busy, _percentile, free_port, server, server_env
+from benchmarks.serving import free_port, machine_busy, percentile, server, server_env
 
 RESULTS = ROOT / "benchmarks" / "results"
 CODE = ("serving", "pipelines/lm.py", "benchmarks/generate.py")  # what this benchmark measures
@@ -125,7 +125,7 @@ def log_for_mlflow(payload: dict[str, Any]) -> dict[str, Any]:
 def write_gguf(payload: dict[str, Any]) -> dict[str, Any]:
     """The registered version as a GGUF file of `payload["kind"]`, in the scratch home."""
     from champion.registry import connect
-    from pipelines.lm import _packaged_gguf
+    from pipelines.lm import packaged_gguf
     from serving.lm_model import load_generative_version
 
     reg = connect()
@@ -133,7 +133,7 @@ def write_gguf(payload: dict[str, Any]) -> dict[str, Any]:
     reg.close()
     path = Path(os.environ["CHAMPION_HOME"]) / f"{NAME}-v{payload['version']}-{payload['kind']}.gguf"
     started = time.perf_counter()
-    export_gguf(lm.model, lm.tokenizer, _packaged_gguf(), path, payload["kind"])
+    export_gguf(lm.model, lm.tokenizer, packaged_gguf(), path, payload["kind"])
     return {"path": str(path), "mb": path.stat().st_size / 1e6, "seconds": time.perf_counter() - started}
 
 
@@ -256,9 +256,9 @@ def _summarise(stack: str, streams: int, answers: list[Answer], wall: float, bus
         ),
         "wall_s": wall,
         "tokens_per_s": tokens / wall if wall else 0.0,
-        "ttft_p50_ms": _percentile(ttft, 50) * 1000,
-        "ttft_p99_ms": _percentile(ttft, 99) * 1000,
-        "request_p50_s": _percentile([a.done - a.sent for a in ok], 50),
+        "ttft_p50_ms": percentile(ttft, 50) * 1000,
+        "ttft_p99_ms": percentile(ttft, 99) * 1000,
+        "request_p50_s": percentile([a.done - a.sent for a in ok], 50),
         "finish_reasons": {r: sum(a.finish == r for a in ok) for r in sorted({str(a.finish) for a in ok})},
         "machine_busy_cores": busy,
         "answers": {str(a.index): a.text for a in ok},
@@ -271,10 +271,10 @@ async def _level(one: Callable[[int], Awaitable[Answer]], streams: int, per_clie
     async def client(i: int) -> list[Answer]:
         return [await one(r * streams + i) for r in range(per_client)]
 
-    busy0, started = _machine_busy(), time.perf_counter()
+    busy0, started = machine_busy(), time.perf_counter()
     done = await asyncio.gather(*(client(i) for i in range(streams)))
     wall = time.perf_counter() - started
-    return [a for answers in done for a in answers], wall, (_machine_busy() - busy0) / wall
+    return [a for answers in done for a in answers], wall, (machine_busy() - busy0) / wall
 
 
 def _threaded_levels(stack: str, one: Callable[[int], Answer], levels: list[int], min_requests: int) -> list:
@@ -356,11 +356,11 @@ def measure_ceiling(payload: dict[str, Any]) -> dict[str, Any]:
     for streams in payload["levels"]:
         prefill_ms(batch(list(range(streams))))  # warm-up at this width
         prefill[streams] = min(prefill_ms(batch(list(range(streams)))) for _ in range(5))  # its own cost
-        answers, busy0, started = [], _machine_busy(), time.perf_counter()
+        answers, busy0, started = [], machine_busy(), time.perf_counter()
         for r in range(_plan(streams, payload["min_requests"])):  # one batch of `streams` prompts per round
             answers += generate([r * streams + i for i in range(streams)])
         wall = time.perf_counter() - started
-        row = _summarise("ceiling", streams, answers, wall, (_machine_busy() - busy0) / wall)
+        row = _summarise("ceiling", streams, answers, wall, (machine_busy() - busy0) / wall)
         row["raw_prefill_ms"] = prefill[streams]
         levels.append(row)
     return {"torch_threads": torch.get_num_threads(), "levels": levels, "raw_prefill_ms": prefill}

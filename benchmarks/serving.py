@@ -181,7 +181,7 @@ def measure_ceiling(
         warm_until = time.perf_counter() + min(2.0, seconds / 3)
         while time.perf_counter() < warm_until:
             model.predict_proba(next(batches), **kwargs)
-        cpu0, machine0, n, took = time.process_time(), _machine_busy(), 0, []
+        cpu0, machine0, n, took = time.process_time(), machine_busy(), 0, []
         started = time.perf_counter()
         while (now := time.perf_counter()) - started < seconds:
             model.predict_proba(next(batches), **kwargs)
@@ -189,14 +189,14 @@ def measure_ceiling(
             n += size
         wall = time.perf_counter() - started
         own = (time.process_time() - cpu0) / wall
-        busy = (_machine_busy() - machine0) / wall
+        busy = (machine_busy() - machine0) / wall
         levels.append(
             {
                 "batch_size": size,
                 "chunk": chunked,
                 "texts_per_s": n / wall,
-                "batch_ms_p50": _percentile(took, 50) * 1000,
-                "batch_ms_p99": _percentile(took, 99) * 1000,
+                "batch_ms_p50": percentile(took, 50) * 1000,
+                "batch_ms_p99": percentile(took, 99) * 1000,
                 "process_cpu_cores": own,
                 "machine_busy_cores": busy,
                 "other_load_cores": max(0.0, busy - own),
@@ -211,7 +211,7 @@ def measure_ceiling(
 # --- CPU accounting from /proc -----------------------------------------------------------------------------
 
 
-def _machine_busy() -> float:
+def machine_busy() -> float:
     """CPU seconds the whole machine has been busy since boot (all but idle and iowait)."""
     user, nice, system, _idle, _iowait, irq, softirq, steal = map(
         int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
@@ -226,9 +226,9 @@ def _wait_for_quiet(idle_below: float = 0.3) -> float:
     """Wait (at most --quiet-wait s) until the machine uses under `idle_below` cores; returns its use."""
     deadline = time.monotonic() + QUIET["limit"]
     while True:
-        before, started = _machine_busy(), time.monotonic()
+        before, started = machine_busy(), time.monotonic()
         time.sleep(1)
-        busy = (_machine_busy() - before) / (time.monotonic() - started)
+        busy = (machine_busy() - before) / (time.monotonic() - started)
         if busy < idle_below or time.monotonic() > deadline:
             if busy >= idle_below:
                 print(f"  (the machine stays busy: {busy:.2f} cores in use before this measurement)")
@@ -275,7 +275,7 @@ def _tree_cpu(root: int) -> tuple[float, float]:
     return sum(processes[pid][1] for pid in tree), main
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
@@ -442,14 +442,14 @@ async def _client(session, target: Target, index: int, load: Load, stop: asyncio
 def _measured(server_pid: int | None) -> Iterator[dict[str, float]]:
     """CPU cores used by this process, the server's processes and the whole machine over the block."""
     out: dict[str, float] = {}
-    wall0, own0, machine0 = time.time(), time.process_time(), _machine_busy()
+    wall0, own0, machine0 = time.time(), time.process_time(), machine_busy()
     server0 = _tree_cpu(server_pid) if server_pid else (0.0, 0.0)
     out["start"] = wall0
     yield out
     wall = time.time() - wall0
     out["end"] = wall0 + wall
     out["loadgen_cpu_cores"] = (time.process_time() - own0) / wall
-    out["machine_busy_cores"] = (_machine_busy() - machine0) / wall
+    out["machine_busy_cores"] = (machine_busy() - machine0) / wall
     if server_pid:
         server1 = _tree_cpu(server_pid)
         out["server_cpu_cores"] = (server1[0] - server0[0]) / wall
@@ -528,9 +528,9 @@ def _summarise(load: Load, window: dict[str, float], clients: int) -> dict[str, 
         "seconds": end - start,
         "requests": len(inside),
         "req_per_s": len(ok) / (end - start),
-        "p50_ms": _percentile(ok, 50) * 1000,
-        "p90_ms": _percentile(ok, 90) * 1000,
-        "p99_ms": _percentile(ok, 99) * 1000,
+        "p50_ms": percentile(ok, 50) * 1000,
+        "p90_ms": percentile(ok, 90) * 1000,
+        "p99_ms": percentile(ok, 99) * 1000,
         "max_ms": max(ok, default=float("nan")) * 1000,
         "errors": sum(s != 200 for s in load.status),  # over warm-up and measurement
         "error_samples": load.errors[:5],

@@ -94,7 +94,7 @@ def _rss_mb(pid: int) -> float:
     return total / 2**20
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
@@ -187,8 +187,8 @@ def _soak(env, config: Path, port: int, versions: list[str], pg, args) -> dict:
             "minute": m + 1,
             "answered": len(latencies),
             "failed": sum(1 for t, _ in load.failures if lo <= t < hi),
-            "p50_ms": round(1000 * _percentile(latencies, 0.50), 1),
-            "p99_ms": round(1000 * _percentile(latencies, 0.99), 1),
+            "p50_ms": round(1000 * percentile(latencies, 0.50), 1),
+            "p99_ms": round(1000 * percentile(latencies, 0.99), 1),
             "rss_mb": round(max(in_minute), 1) if in_minute else None,
         })  # fmt: skip
     return {

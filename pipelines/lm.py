@@ -39,7 +39,7 @@ def resolve_base(spec: str) -> Path:
             )
         return path.resolve()
     if spec == PACKAGED_SMOLLM2:
-        return packaged_smollm2_folder(_packaged_gguf())
+        return packaged_smollm2_folder(packaged_gguf())
     if spec.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(spec):
         raise ChampionError(
             f"model.base: '{spec}' is not a folder here, '{PACKAGED_SMOLLM2}', or a hub id (org/name); set "
@@ -48,7 +48,7 @@ def resolve_base(spec: str) -> Path:
     return _hub_folder(spec)
 
 
-def _packaged_gguf() -> Path:
+def packaged_gguf() -> Path:
     try:
         dist = md.distribution(SMOLLM2_DISTRIBUTION)
     except md.PackageNotFoundError:
