@@ -308,7 +308,7 @@ def run_slm_demo(
         f"intents -> {data}"
     )
 
-    # 17 steps instead of the config's 100: at 3x its learning rate the answers are valid JSON already.
+    # 17 steps instead of the config's 80: at about 3x its learning rate the answers are valid JSON already.
     settings = [f"data.source={data}", "data.generate=null", f"data.max_eval_rows={eval_rows}",
                 f"train.epochs={epochs}", "train.learning_rate=0.001"]  # fmt: skip
     settings += [f"model.base={base}"] if base else []
