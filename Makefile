@@ -10,7 +10,7 @@ export DO_NOT_TRACK := true
 export BENTOML_DO_NOT_TRACK := True
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test tools lint format benchmark ui clean
+.PHONY: demo demo-slm test tools lint format benchmark ui clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/champion demo
+
+# The language-model loop: LoRA SFT of the packaged SmolLM2-135M-Instruct, served with the OpenAI API.
+demo-slm: $(STAMP)
+	$(BIN)/champion demo --slm
 
 # Two workers, one test file each at a time (module fixtures stay in one process): most of the suite waits on
 # servers, subprocesses and databases, so two share 2 cores well (pytest took 17-18 min on 2 cores on 2026-12-07; a

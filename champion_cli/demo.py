@@ -272,7 +272,7 @@ def _indent(text: str) -> str:
 # --- `champion demo --slm`: the language-model loop --------------------------------------------------------
 
 SLM_CONFIG = CONFIGS / "smollm2_sft_cpu.yaml"
-SLM_SERVE_CONFIG = CONFIGS / "serve_cpu.yaml"
+SLM_SERVE_CONFIG = CONFIGS / "serve_slm_cpu.yaml"
 SLM_STEPS = 8
 SLM_METRIC = "val_intent_accuracy"  # a text-generation version has no macro-F1: promote on its intents
 
@@ -384,7 +384,7 @@ def run_slm_demo(
 Where to look:
   champion models show {name}      the version, its held-out scores, base digest and data hash
   champion history {name}          the promotion, with its reason
-  champion serve {name} --config configs/serve_cpu.yaml   the OpenAI API on http://127.0.0.1:3000/v1
+  champion serve {name} --config configs/serve_slm_cpu.yaml the OpenAI API on http://127.0.0.1:3000/v1
   champion chat {name} "where is my order 123"            one answer, streamed (add --url to ask a server)
   state lives in {home}""")
     reg.close()
