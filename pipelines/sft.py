@@ -47,7 +47,14 @@ from champion.safety import files_digest
 from champion.signals import StopRequest, graceful_stop
 from champion.tables import content_sha256, file_sha256
 from pipelines import distributed
-from pipelines.chat import IGNORE_INDEX, SYSTEM_PROMPT, encode_for_training, load_reply_rows, prompt_text, target_json
+from pipelines.chat import (
+    IGNORE_INDEX,
+    SYSTEM_PROMPT,
+    encode_for_training,
+    load_reply_rows,
+    prompt_text,
+    target_json,
+)
 from pipelines.data import stratified_cut
 from pipelines.finetune import RegistryConfig, build_optimizer
 from pipelines.generation_eval import per_row, score_answers
