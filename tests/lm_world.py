@@ -29,3 +29,20 @@ def write_tiny_replies(folder: Path) -> Path:
     from pipelines.replygen import write_replies
 
     return write_replies(folder / "replies.csv", 24, seed=1, intents=INTENTS)
+
+
+def two_versions(mp, root: Path, base: Path):
+    """In a CHAMPION_HOME of its own under `root` (set on the MonkeyPatch `mp`, shared stores cleared):
+    v1 and v2 of tiny-replies, two adapters of one tiny base, v1 promoted champion. Returns (registry, v1,
+    v2); the caller closes the registry."""
+    from champion.registry import connect, promote
+
+    mp.setenv("CHAMPION_HOME", str(root / "home"))
+    mp.setenv("CHAMPION_ACTOR", "pytest")
+    for shared_store in ("MLFLOW_TRACKING_URI", "CHAMPION_AUDIT_URL", "CHAMPION_INFERENCE_LOG_URL"):
+        mp.delenv(shared_store, raising=False)
+    reg = connect()
+    data = write_tiny_replies(root)
+    first, second = sft_tiny(reg, data, base, 0), sft_tiny(reg, data, base, 1)
+    promote(reg, first.model_name, first.version, reason="first champion")
+    return reg, first.version, second.version

@@ -8,7 +8,7 @@ import json
 import time
 
 import pytest
-from lm_world import sft_tiny, write_tiny_replies
+from lm_world import two_versions
 
 from serving.generation import InvalidRequest
 
@@ -19,20 +19,13 @@ ASK = [{"role": "user", "content": "where is my order 123"}]
 @pytest.fixture(scope="module")
 def versions(tmp_path_factory, tiny_llama_dir):
     """v1 champion and v2 challenger of one tiny base, in a module CHAMPION_HOME."""
-    from champion.registry import assign_alias, connect, promote
+    from champion.registry import assign_alias
 
     root = tmp_path_factory.mktemp("lm-server")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CHAMPION_HOME", str(root / "home"))
-        mp.setenv("CHAMPION_ACTOR", "pytest")
-        for shared_store in ("MLFLOW_TRACKING_URI", "CHAMPION_AUDIT_URL", "CHAMPION_INFERENCE_LOG_URL"):
-            mp.delenv(shared_store, raising=False)
-        reg = connect()
-        data = write_tiny_replies(root)
-        first, second = sft_tiny(reg, data, tiny_llama_dir, 0), sft_tiny(reg, data, tiny_llama_dir, 1)
-        promote(reg, NAME, first.version, reason="first champion")
-        assign_alias(reg, NAME, "challenger", second.version, reason="second")
-        yield {"reg": reg, "root": root, "v1": first.version, "v2": second.version}
+        reg, v1, v2 = two_versions(mp, root, tiny_llama_dir)
+        assign_alias(reg, NAME, "challenger", v2, reason="second")
+        yield {"reg": reg, "root": root, "v1": v1, "v2": v2}
         reg.close()
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from helpers import http_process
-from lm_world import sft_tiny, write_tiny_replies
+from lm_world import two_versions
 
 NAME = "tiny-replies"
 KEY = "test-ingest-key"
@@ -28,19 +28,10 @@ def world(tmp_path_factory, tiny_llama_dir):
     `champion serve` of NAME (text-generation picked from the registry)."""
     import yaml
 
-    from champion.registry import connect, promote
-
     root = tmp_path_factory.mktemp("openai")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CHAMPION_HOME", str(root / "home"))
-        mp.setenv("CHAMPION_ACTOR", "pytest")
         mp.setenv("CHAMPION_FEEDBACK_KEY", KEY)
-        for shared_store in ("MLFLOW_TRACKING_URI", "CHAMPION_AUDIT_URL", "CHAMPION_INFERENCE_LOG_URL"):
-            mp.delenv(shared_store, raising=False)
-        reg = connect()
-        data = write_tiny_replies(root)
-        first, second = sft_tiny(reg, data, tiny_llama_dir, 0), sft_tiny(reg, data, tiny_llama_dir, 1)
-        promote(reg, NAME, first.version, reason="first champion")
+        reg, v1, v2 = two_versions(mp, root, tiny_llama_dir)
         config = root / "serve.yaml"
         config.write_text(
             yaml.safe_dump(
@@ -56,7 +47,7 @@ def world(tmp_path_factory, tiny_llama_dir):
         with http_process(
             command, root / "serve.log", timeout=180, ready="/readyz", env=dict(os.environ)
         ) as url:
-            yield {"url": url, "reg": reg, "home": root / "home", "v1": first.version, "v2": second.version,
+            yield {"url": url, "reg": reg, "home": root / "home", "v1": v1, "v2": v2,
                    "log": root / "serve.log"}  # fmt: skip
         reg.close()
 
