@@ -464,9 +464,9 @@ def _chat_locally(name: str, messages: list[dict], params: dict):
     """An answer from NAME@champion loaded here: the same prompt, engine and limits as the service's."""
     from champion.registry import connect
     from serving.config import ServeConfig
-    from serving.generation import Delta, Engine, GenerationRequest, InvalidRequest
+    from serving.generation import Delta, Engine, InvalidRequest
     from serving.lm_model import load_generative_version
-    from serving.lm_server import check_messages, render_prompt
+    from serving.lm_server import ChatParams, check_messages, generation_request
 
     try:
         check_messages(messages, ServeConfig(model=name))
@@ -476,15 +476,8 @@ def _chat_locally(name: str, messages: list[dict], params: dict):
     version = _champion_version(reg, name)
     lm = load_generative_version(reg.client, name, version, device="auto")
     engine = Engine(lm.model, lm.tokenizer, version, max_batch=1, context=lm.active)
-    temperature = params.get("temperature", 1.0 if lm.generation.get("do_sample") else 0.0)
-    request = GenerationRequest(
-        render_prompt(lm, messages),
-        max_tokens=params.get("max_tokens") or lm.generation.get("max_new_tokens"),
-        temperature=temperature,
-        seed=params.get("seed"),
-    )
     try:
-        for event in engine.submit(request):
+        for event in engine.submit(generation_request(lm, ChatParams(messages=messages, **params))):
             if isinstance(event, Delta):
                 yield event.text
             else:

@@ -230,20 +230,7 @@ class LMServer(ModelServer):
     ) -> ChatCall:
         """Submit to `model`'s engine; the answer is logged when it ends (`agrees`: is it `compare_to`). A
         shadow copy has its champion answer's request id (the log's key is request id and arm)."""
-        lm = model.lm
-        temperature = params.temperature
-        if temperature is None:  # the version's recorded setting: `champion sft` records greedy decoding
-            temperature = 0.0 if not lm.generation.get("do_sample", False) else 1.0
-        request = GenerationRequest(
-            render_prompt(lm, params.messages),
-            max_tokens=params.max_tokens or lm.generation.get("max_new_tokens") or None,
-            temperature=temperature,
-            top_p=params.top_p,
-            stop=list(params.stop),
-            seed=params.seed,
-            request_id=request_id or uuid.uuid4().hex,
-        )
-        stream = model.engine.submit(request)
+        stream = model.engine.submit(generation_request(model.lm, params, request_id or uuid.uuid4().hex))
         call = ChatCall(stream, model, arm, _conversation(params.messages), int(time.time()))
         stream.add_done_callback(
             lambda finish: self._finished(
@@ -318,6 +305,23 @@ class LMServer(ModelServer):
 
 def _distinct_lm(served: Served) -> bool:
     return served.champion is not None and distinct_challenger(served)
+
+
+def generation_request(lm, params: ChatParams, request_id: str | None = None) -> GenerationRequest:
+    """What the engine generates for `params` on version `lm`: its prompt, and the version's recorded
+    settings where the request names none (`champion sft` records greedy decoding and max_new_tokens)."""
+    temperature = params.temperature
+    if temperature is None:
+        temperature = 1.0 if lm.generation.get("do_sample", False) else 0.0
+    return GenerationRequest(
+        render_prompt(lm, params.messages),
+        max_tokens=params.max_tokens or lm.generation.get("max_new_tokens") or None,
+        temperature=temperature,
+        top_p=params.top_p,
+        stop=list(params.stop),
+        seed=params.seed,
+        request_id=request_id,
+    )
 
 
 def render_prompt(lm, messages: list[dict[str, str]]) -> list[int]:
