@@ -92,7 +92,7 @@ def decide_gate(
     acc_a, acc_b = float(np.mean(a == y)), float(np.mean(b == y))
     ok_diff = (b == y).astype(float) - (a == y).astype(float)
     boot_f1, boot_acc, boot_class = [], [], []
-    for counts in _paired_draws(n, cfg.resamples, cfg.seed):  # the same draws of rows for both models
+    for counts in paired_draws(n, cfg.resamples, cfg.seed):  # the same draws of rows for both models
         draw_a, drawn = _class_f1(counts, t, pa, k)
         draw_b, _ = _class_f1(counts, t, pb, k)
         boot_f1.append(_macro_f1(draw_b, drawn) - _macro_f1(draw_a, drawn))
@@ -161,7 +161,7 @@ def decide_gate(
     return GateDecision(True, f"passed: the challenger's {delta} clears the margin.", evidence)
 
 
-def _paired_draws(n: int, resamples: int, seed: int, cells: int = 4_000_000):
+def paired_draws(n: int, resamples: int, seed: int, cells: int = 4_000_000):
     """Blocks of bootstrap draws as counts: row r of a block says how often each holdout row was drawn in
     one resample (n rows with replacement). Blocks hold at most `cells` numbers, so memory stays bounded."""
     rng = np.random.default_rng(seed)
