@@ -174,12 +174,13 @@ def run_base(cfg: dict) -> dict:
     c = recipe.SFTConfig.model_validate(cfg)
     if c.train.num_threads:
         torch.set_num_threads(c.train.num_threads)
-    rows = recipe._eval_rows(recipe.load_reply_splits(c.data).test, c)
+    rows = recipe.eval_rows(recipe.load_reply_splits(c.data).test, c)
     model, tokenizer = load_causal_lm(Path(c.model.base), device="cpu", dtype="fp32")
     started = time.perf_counter()
-    answers = recipe.generate_answers(model, tokenizer, list(rows["instruction"]), c, recipe._device(c.train))
+    device = recipe.train_device(c.train)
+    answers = recipe.generate_answers(model, tokenizer, list(rows["instruction"]), c, device)
     seconds = time.perf_counter() - started
-    return {"quality": score_answers(answers, rows, recipe._minilm_embed()), "generate_s": seconds}
+    return {"quality": score_answers(answers, rows, recipe.minilm_embed()), "generate_s": seconds}
 
 
 CASES = {"ours": run_ours, "trl": run_trl, "base": run_base}

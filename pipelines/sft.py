@@ -178,7 +178,7 @@ def sft(cfg: SFTConfig, registry: Registry | None = None) -> SFTResult:
     # Data and base are checked before anything is written to MLflow.
     splits = load_reply_splits(cfg.data)
     base_folder = resolve_base(cfg.model.base)
-    device = _device(cfg.train)
+    device = train_device(cfg.train)
     dist = distributed.setup(device.type, cfg.train.num_threads)  # under torchrun / accelerate launch
     if cfg.train.num_threads and dist is None:
         torch.set_num_threads(cfg.train.num_threads)
@@ -201,7 +201,7 @@ def sft(cfg: SFTConfig, registry: Registry | None = None) -> SFTResult:
             "row; raise model.max_length."
         )
     train_loader = sft_loader(train_rows, tokenizer, per_rank, shuffle=True, seed=cfg.train.seed, dist=dist)
-    val_rows = encode_rows(_eval_rows(splits.validation, cfg), tokenizer, cfg.model.max_length)
+    val_rows = encode_rows(eval_rows(splits.validation, cfg), tokenizer, cfg.model.max_length)
     val_loader = sft_loader(val_rows, tokenizer, cfg.train.eval_batch_size, shuffle=False)
 
     optimizer = build_optimizer(model, cfg.train)
@@ -224,7 +224,7 @@ def sft(cfg: SFTConfig, registry: Registry | None = None) -> SFTResult:
         base_sha256, base_run_id = files_digest(base_folder), ""
     else:  # the base once per digest, for every server that puts an adapter of it on the base
         base_sha256, base_run_id = log_base(base_folder, cfg.model.base)
-    embed = _minilm_embed() if cfg.eval.reply_similarity else None
+    embed = minilm_embed() if cfg.eval.reply_similarity else None
     experiment_id = tracking.ensure_experiment(cfg.registry.experiment)
     config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     generation = {"max_new_tokens": cfg.generation.max_new_tokens, "do_sample": False}
@@ -277,7 +277,7 @@ def sft(cfg: SFTConfig, registry: Registry | None = None) -> SFTResult:
                     stop,
                 )
                 net = getattr(trained, "module", trained)
-                test_rows = _eval_rows(splits.test, cfg)
+                test_rows = eval_rows(splits.test, cfg)
                 test_answers = generate_answers(net, tokenizer, list(test_rows["instruction"]), cfg, device)
                 metrics = {
                     **{f"val_{k}": v for k, v in fit.val.items()},
@@ -288,7 +288,7 @@ def sft(cfg: SFTConfig, registry: Registry | None = None) -> SFTResult:
                 stop.check()
                 reference = _held_out_table(
                     tokenizer,
-                    [(_eval_rows(splits.validation, cfg), fit.val_answers, "validation"),
+                    [(eval_rows(splits.validation, cfg), fit.val_answers, "validation"),
                      (test_rows, test_answers, "test")],
                 )  # fmt: skip
                 mlflow.log_table(reference, "reference/held_out.json")
@@ -384,7 +384,7 @@ def _as_seen(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"text": frame["instruction"].astype(str), "label": answers})
 
 
-def _eval_rows(frame: pd.DataFrame, cfg: SFTConfig) -> pd.DataFrame:
+def eval_rows(frame: pd.DataFrame, cfg: SFTConfig) -> pd.DataFrame:
     limit = cfg.data.max_eval_rows
     return frame if limit is None else frame.head(limit).reset_index(drop=True)
 
@@ -466,7 +466,7 @@ def log_base(folder: Path, spec: str) -> tuple[str, str]:
     return digest, run.info.run_id
 
 
-def _device(train: SFTTrainConfig) -> Device:
+def train_device(train: SFTTrainConfig) -> Device:
     import torch
 
     if train.precision == "bf16" and resolve_device(train.device, "fp32").type == "cpu":
@@ -504,7 +504,7 @@ def _fit(
     import mlflow
 
     net = getattr(model, "module", model)
-    rows = _eval_rows(splits.validation, cfg)
+    rows = eval_rows(splits.validation, cfg)
     samples, seconds = 0, 0.0
     for epoch in range(1, cfg.train.epochs + 1):
         if hasattr(train_loader.sampler, "set_epoch"):  # a DistributedSampler: a new shuffle each epoch
@@ -669,7 +669,7 @@ def save_adapter(model, tokenizer, folder: Path, base: str) -> Path:
     return folder
 
 
-def _minilm_embed():
+def minilm_embed():
     """Sentence vectors from the packaged MiniLM encoder, for reply similarity."""
     from sentence_transformers import SentenceTransformer
 

@@ -62,12 +62,12 @@ def test_a_short_sft_beats_the_base_model_on_held_out_rows(smollm2_home, capsys)
     from pipelines.lm import load_causal_lm
     from pipelines.sft import (
         SFTConfig,
-        _device,
-        _eval_rows,
-        _minilm_embed,
+        eval_rows,
         generate_answers,
         load_reply_splits,
+        minilm_embed,
         sft,
+        train_device,
     )
 
     rows = pd.read_csv(BITEXT, dtype=str, keep_default_na=False)
@@ -90,10 +90,10 @@ def test_a_short_sft_beats_the_base_model_on_held_out_rows(smollm2_home, capsys)
 
     # The base model answers the held-out rows sft() scores the fine-tuned model on.
     clock = _Clock()
-    held_out = _eval_rows(load_reply_splits(cfg.data).test, cfg)
+    held_out = eval_rows(load_reply_splits(cfg.data).test, cfg)
     base, tokenizer = load_causal_lm(smollm2_home["base"], device="cpu", dtype="fp32")
-    answers = generate_answers(base, tokenizer, list(held_out["instruction"]), cfg, _device(cfg.train))
-    before = score_answers(answers, held_out, _minilm_embed())
+    answers = generate_answers(base, tokenizer, list(held_out["instruction"]), cfg, train_device(cfg.train))
+    before = score_answers(answers, held_out, minilm_embed())
     base_s = clock.lap()
     del base
 
