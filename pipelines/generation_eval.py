@@ -19,8 +19,13 @@ from pipelines.chat import ANSWER_KEYS, parse_answer, target, target_json
 _TOKEN_RE = re.compile(r"[a-z0-9]+")  # rouge-score's default tokenizer: lower case, letters and digits
 
 
-def per_row(answers: list[str], rows: pd.DataFrame) -> pd.DataFrame:
-    """One line per answer: the message, reference and answer, and what was right in it."""
+def per_row(
+    answers: list[str],
+    rows: pd.DataFrame,
+    embed: Callable[[list[str]], np.ndarray] | None = None,
+) -> pd.DataFrame:
+    """One line per answer: the message, reference and answer, and what was right in it; with `embed`, also
+    each reply's cosine to its reference (`reply_similarity`, 0 for an empty reply)."""
     _check_lengths(answers, rows)
     lines = []
     for answer, (_, row) in zip(answers, rows.iterrows(), strict=True):
@@ -49,7 +54,10 @@ def per_row(answers: list[str], rows: pd.DataFrame) -> pd.DataFrame:
                 "reply_rouge_l": rouge_l(reply, expected["reply"]),
             }
         )
-    return pd.DataFrame(lines)
+    table = pd.DataFrame(lines)
+    if embed is not None:
+        table["reply_similarity"] = reply_cosines(list(table["reply"]), list(table["reference_reply"]), embed)
+    return table
 
 
 def score_answers(
@@ -62,7 +70,7 @@ def score_answers(
     `entity_f1` is 2·TP / (2·TP + FP + FN) over (type, value) pairs of all rows; 1.0 when no row has or
     predicts an entity. `reply_similarity` counts an empty or missing reply as 0.
     """
-    table = per_row(answers, rows)
+    table = per_row(answers, rows, embed)
     tp, fp, fn = (int(table[column].sum()) for column in ("entity_tp", "entity_fp", "entity_fn"))
     scores = {
         "valid_json": float(table["valid_json"].mean()),
@@ -73,9 +81,7 @@ def score_answers(
         "reply_rouge_l": float(table["reply_rouge_l"].mean()),
     }
     if embed is not None:
-        scores["reply_similarity"] = reply_similarity(
-            list(table["reply"]), list(table["reference_reply"]), embed
-        )
+        scores["reply_similarity"] = float(table["reply_similarity"].mean())
     scores["rows"] = float(len(table))
     return scores
 
@@ -84,14 +90,21 @@ def reply_similarity(
     replies: list[str], references: list[str], embed: Callable[[list[str]], np.ndarray]
 ) -> float:
     """Mean cosine between each reply's and its reference's `embed` vector; an empty reply scores 0."""
+    return float(reply_cosines(replies, references, embed).mean()) if replies else 0.0
+
+
+def reply_cosines(
+    replies: list[str], references: list[str], embed: Callable[[list[str]], np.ndarray]
+) -> np.ndarray:
+    """Each reply's cosine to its reference under `embed`; an empty reply scores 0."""
+    cosines = np.zeros(len(replies))
     keep = [i for i, reply in enumerate(replies) if reply.strip()]
-    if not keep:
-        return 0.0
-    got = np.asarray(embed([replies[i] for i in keep]), dtype=float)
-    want = np.asarray(embed([references[i] for i in keep]), dtype=float)
-    norms = np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1)
-    cosines = np.einsum("ij,ij->i", got, want) / np.where(norms == 0, 1.0, norms)
-    return float(cosines.sum() / len(replies))
+    if keep:
+        got = np.asarray(embed([replies[i] for i in keep]), dtype=float)
+        want = np.asarray(embed([references[i] for i in keep]), dtype=float)
+        norms = np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1)
+        cosines[keep] = np.einsum("ij,ij->i", got, want) / np.where(norms == 0, 1.0, norms)
+    return cosines
 
 
 def rouge_l(candidate: str, reference: str) -> float:
