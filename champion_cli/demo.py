@@ -36,6 +36,7 @@ def run_demo(
     from champion.registry import connect, promote, served_version, story
     from monitoring.check import drift, format_decision
     from monitoring.config import MonitorConfig
+    from monitoring.store import PERFORMANCE_CHECKS
     from pipelines.compare import compare
     from pipelines.finetune import FinetuneConfig, finetune
     from pipelines.fresh import FreshConfig, fresh_data
@@ -100,15 +101,21 @@ def run_demo(
             sent, truth = sent + len(batch), truth | batch
             _wait_logged(name, sent)
             _review(name, truth)
-            print(_indent(format_decision(drift(name, monitor, last=len(window), registry=reg))))
+            checked = drift(name, monitor, last=len(window), registry=reg)
+            print(_indent(format_decision(checked)))
 
         retrain_config = _retrain_config(home, name)
+        # The job's default trigger: the performance alarm. The reviewed new intents make the labelled
+        # accuracy (concept) fall, so the demo needs no opt-in to input drift (alarm: any).
+        performance = [c.name for c in checked.decision.fired if c.name in PERFORMANCE_CHECKS]
         print(
-            "8/12 the alarm is on, so the scheduler's job retrains in its own process "
-            f"({retrain_config.name}) on the champion's data plus the fresh labels; then the gate"
+            f"8/12 {checked.alarms['performance'].reason[:-1]}: {', '.join(performance) or 'none'} fired in "
+            "the last window. The scheduler's job retrains on that alarm (input drift alone only alerts), in "
+            f"its own process ({retrain_config.name}), on the champion's data plus the fresh labels; then "
+            "the gate"
         )
         alarm_at = time.monotonic()
-        launched = retrain_on_drift(name, str(retrain_config))
+        launched = retrain_on_drift(name, str(retrain_config), alarm="performance")
         retrain_s = time.monotonic() - alarm_at
         print(f"     {launched.get('outcome', 'not started')} after {retrain_s:.0f} s: {launched['reason']}")
         challenger = launched.get("challenger_version")

@@ -6,7 +6,7 @@ pure part. Reads top to bottom: version -> reference -> window -> describe -> ch
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +17,7 @@ from champion.config import default_log_url, drift_store_url, redact_uri
 from champion.errors import ChampionError
 from monitoring.config import MonitorConfig
 from monitoring.drift import DriftDecision, check_drift, describe_window, window_from_frame
+from monitoring.store import PERFORMANCE_CHECKS
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -24,6 +25,10 @@ if TYPE_CHECKING:
     from monitoring.store import AlarmState
 
 EXIT_CODES = {"ok": 0, "drift": 3, "insufficient_data": 4}  # 2 is bad input, as for every command
+ALARM_NOTES = {  # what each alarm means, printed beside its state
+    "performance": f"By default it starts the scheduled retrain ({', '.join(PERFORMANCE_CHECKS)}).",
+    "input": "The inputs changed; alone that starts no retrain unless the retrain job opts in (alarm: any).",
+}
 
 
 @dataclass
@@ -33,6 +38,7 @@ class DriftRun:
     check_id: int | None
     report_run_id: str | None
     report_dir: Path | None
+    alarms: dict[str, AlarmState] = field(default_factory=dict)  # performance, input, any (= `alarm`)
 
 
 def drift(
@@ -90,7 +96,7 @@ def drift(
         from monitoring.report import write_report
 
         write_report(decision, window, ref, report_dir)
-    check_id, alarm = None, None
+    check_id, alarms = None, {}
     if store:
         from monitoring.store import DriftStore
 
@@ -99,10 +105,10 @@ def drift(
             # A file's check is kept apart: only windows of the log (what production saw) move the alarm.
             source = "file" if file is not None else "log"
             check_id = drift_store.record(decision, report_run_id, source=source)
-            alarm = drift_store.alarm_state(name, version, cfg.alarm.k, cfg.alarm.n)
+            alarms = drift_store.alarm_states(name, version, cfg.alarm.k, cfg.alarm.n)
         finally:
             drift_store.close()
-    return DriftRun(decision, alarm, check_id, report_run_id, report_dir)
+    return DriftRun(decision, alarms.get("any"), check_id, report_run_id, report_dir, alarms)
 
 
 def _alias(reg, name: str, alias: str) -> str:
@@ -219,6 +225,9 @@ def format_decision(run: DriftRun) -> str:
         lines.append(f"  {c.name:<19} {c.statistic:<26} {value:>9} / {threshold:<9} {mark:<17} rows={c.rows}")
     if run.alarm is not None:
         lines.append(run.alarm.reason)
+        for kind, what in ALARM_NOTES.items():
+            if kind in run.alarms:
+                lines.append(f"  {run.alarms[kind].reason} {what}")
         if d.window.get("source") == "file":
             lines.append("(a check of a file: stored apart, it never counts toward the alarm)")
     if run.report_run_id:

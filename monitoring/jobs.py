@@ -34,6 +34,7 @@ def drift_check(
         "rows": run.decision.rows,
         "fired": [c.name for c in run.decision.fired],
         "alarm": None if run.alarm is None else run.alarm.alarm,
+        "alarms": {kind: state.alarm for kind, state in run.alarms.items()},  # performance, input, any
         "reason": run.decision.reason,
     }
 

@@ -36,7 +36,13 @@ def metrics() -> SimpleNamespace:
             "Expected accuracy from calibrated confidence",
             ["model", "version"],
         ),
-        alarm=Gauge("champion_drift_alarm", "1 while k of the last n windows drifted", ["model", "version"]),
+        # kind: performance (what retrains by default), input (the inputs changed), any (the drift state);
+        # `max by (model, version)` over the kinds is the single alarm of earlier releases.
+        alarm=Gauge(
+            "champion_drift_alarm",
+            "1 while k of the last n judged windows drifted on a check of this kind",
+            ["model", "version", "kind"],
+        ),
         rows=Gauge("champion_drift_window_rows", "Rows in the last checked window", ["model", "version"]),
         job_runs=Counter("champion_job_runs", "Scheduled job runs by outcome", ["job", "outcome"]),
         job_last_success=Gauge(
@@ -65,8 +71,8 @@ def observe_drift(run) -> None:
         m.drifted.labels(d.model, d.version, c.name).set(1 if c.drifted else 0)
         if c.name == "estimated_accuracy" and "estimated_accuracy" in c.details:
             m.estimated_accuracy.labels(d.model, d.version).set(c.details["estimated_accuracy"])
-    if run.alarm is not None:
-        m.alarm.labels(d.model, d.version).set(1 if run.alarm.alarm else 0)
+    for kind, state in run.alarms.items():
+        m.alarm.labels(d.model, d.version, kind).set(1 if state.alarm else 0)
 
 
 def observe_pending(waiting, now: float) -> None:

@@ -1,14 +1,17 @@
 """Scheduled retraining: the jobs `champion schedule` runs by textual reference.
 
-`retrain_on_drift` starts a retrain when the champion's drift alarm is on; `retrain_scheduled` starts one
-per cron slot. Both go through `launch`, which checks the cooldown, claims the trigger's idempotency key
-(unique in `champion_retrains`: the same drift episode or cron slot starts at most one retrain, across
-restarts and racing schedulers) and runs `champion retrain` in a child process, so a crash or an OOM kill
-of the training cannot take the scheduler down; its outcome is recorded either way.
+`retrain_on_drift` starts a retrain when the champion's performance alarm is on (a performance check,
+`monitoring.store.PERFORMANCE_CHECKS`, fired in k of the last n judged windows; `alarm: any` or `checks`
+opt in to input drift); `retrain_scheduled` starts one per cron slot. Both go through `launch`, which
+checks the cooldown, claims the trigger's idempotency key (unique in `champion_retrains`: the same drift
+episode or cron slot starts at most one retrain, across restarts and racing schedulers) and runs `champion
+retrain` in a child process, so a crash or an OOM kill of the training cannot take the scheduler down; its
+outcome is recorded either way.
 
-A drift episode is a run of stored windows of one version during which the alarm (k of the last n judged
-windows drifted) stays on; its key is the id of the window that turned the alarm on. An attempt that
-trained nothing (`skipped`: too few fresh labels) gives its key back, so the episode may try again later.
+A drift episode is a run of stored windows of one version during which the chosen alarm (k of the last n
+judged windows counted toward it) stays on; its key is the id of the window that turned the alarm on. An
+attempt that trained nothing (`skipped`: too few fresh labels) gives its key back, so the episode may try
+again later.
 """
 
 from __future__ import annotations
@@ -17,11 +20,23 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Collection
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from champion.errors import ChampionError
-from monitoring.store import k_of_n
+from monitoring.config import Checks
+from monitoring.store import (
+    ALARMS,
+    ANY,
+    INPUT,
+    PERFORMANCE,
+    PERFORMANCE_CHECKS,
+    counts_toward,
+    fired_checks,
+    k_of_n,
+)
 
 
 def retrain_on_drift(
@@ -29,15 +44,21 @@ def retrain_on_drift(
     config: str | None = None,
     monitor_config: str | None = None,
     checks: list[str] | None = None,
+    alarm: str | None = None,
 ) -> dict[str, Any]:
-    """Retrain `model` if its champion's drift alarm is on. `checks`: only windows where one of these
-    checks fired count (e.g. ["concept", "estimated_accuracy"] for a performance-based trigger)."""
+    """Retrain `model` when its champion's performance alarm is on: k of the last n judged windows drifted
+    on a performance check (`PERFORMANCE_CHECKS`: labelled accuracy, the label-free estimate, ...). Input
+    drift alone has its own alarm and starts nothing unless asked: `alarm="any"` counts every drifted window
+    (the behaviour before), `alarm="input"` the windows where an input check fired, `checks` (instead of
+    `alarm`) the windows where one of the named checks fired."""
     from champion.config import drift_store_url, load_config
     from champion.registry import CHAMPION, connect, served_version
     from monitoring.config import MonitorConfig
     from monitoring.store import DriftStore
 
+    chosen = retrain_alarm(alarm, checks)  # a bad choice is one sentence before anything is read
     monitor = load_config(MonitorConfig, monitor_config) if monitor_config else MonitorConfig()
+    k, n = monitor.alarm.k, monitor.alarm.n
     reg = connect()
     try:
         version = served_version(reg, model, CHAMPION)
@@ -48,18 +69,57 @@ def retrain_on_drift(
             windows = store.history(model, version, limit=500, source="log")  # never a file checked ad hoc
         finally:
             store.close()
-        episode = drift_episode(list(reversed(windows)), monitor.alarm.k, monitor.alarm.n, checks)
+        episode = drift_episode(list(reversed(windows)), k, n, chosen.checks, chosen.alarm)
         if episode is None:
-            return {"started": False, "reason": f"no drift alarm on v{version} ({monitor.alarm.k} of "
-                    f"{monitor.alarm.n} judged windows needed)."}  # fmt: skip
+            return {"started": False, "alarm": chosen.label, "reason": f"no {chosen.name} alarm on "
+                    f"v{version} ({k} of {n} judged windows that {chosen.what} needed)."}  # fmt: skip
         key = f"drift:{model}:v{version}:check-{episode['started_by']}"
-        about = {"drift_check_id": episode["started_by"], "drift_checks_fired": ",".join(episode["fired"])}
+        about = {
+            "drift_check_id": episode["started_by"],
+            "drift_checks_fired": ",".join(episode["fired"]),
+            "drift_alarm": chosen.label,  # which alarm started it: the version's tag retrain.drift_alarm
+        }
         fired = ", ".join(episode["fired"])
-        news = (f"drift alarm on v{version}: {monitor.alarm.k} of the last {monitor.alarm.n} judged windows "
-                f"drifted (from window {episode['started_by']}; checks: {fired}).")  # fmt: skip
-        return launch(reg, model, config, "drift", key, about, news)
+        news = (f"{chosen.name} alarm on v{version}: {k} of the last {n} judged windows {chosen.what} "
+                f"(from window {episode['started_by']}; checks: {fired}).")  # fmt: skip
+        return {**launch(reg, model, config, "drift", key, about, news), "alarm": chosen.label}
     finally:
         reg.close()
+
+
+@dataclass(frozen=True)
+class RetrainAlarm:
+    """Which drifted windows start a retrain: those counting toward `alarm`, or where one of `checks` did."""
+
+    alarm: str  # one of monitoring.store.ALARMS
+    checks: tuple[str, ...] | None
+    label: str  # recorded in the lineage: performance | input | any | checks:a,b
+    name: str  # the alarm's name in the history: "performance alarm on v3: ..."
+    what: str  # what a counted window did: "drifted on a performance check"
+
+
+def retrain_alarm(alarm: str | None = None, checks: list[str] | None = None) -> RetrainAlarm:
+    """The retrain trigger's alarm: the performance alarm unless `alarm` or `checks` says otherwise."""
+    if alarm is not None and checks is not None:
+        raise ChampionError("retrain_on_drift: give alarm or checks, not both; checks names its own alarm.")
+    if checks is not None:
+        known = {*Checks.model_fields, *PERFORMANCE_CHECKS}
+        unknown = [c for c in checks if c not in known]
+        if not checks or unknown:
+            raise ChampionError(
+                f"checks: {', '.join(unknown) or 'an empty list'} is no drift check; name some of "
+                f"{', '.join(sorted(known))}."
+            )
+        return RetrainAlarm(ANY, tuple(checks), f"checks:{','.join(checks)}", "drift",
+                            f"drifted on {' or '.join(checks)}")  # fmt: skip
+    alarm = alarm or PERFORMANCE
+    if alarm not in ALARMS:
+        raise ChampionError(
+            f"alarm: '{alarm}' is not one of {', '.join(ALARMS)}; performance (the default) retrains when "
+            "accuracy moves, any also when only the inputs changed."
+        )
+    what = {PERFORMANCE: "drifted on a performance check", INPUT: "drifted on an input check", ANY: "drifted"}
+    return RetrainAlarm(alarm, None, alarm, "drift" if alarm == ANY else alarm, what[alarm])
 
 
 def retrain_scheduled(model: str, config: str | None = None, slot_minutes: float = 60) -> dict[str, Any]:
@@ -77,23 +137,30 @@ def retrain_scheduled(model: str, config: str | None = None, slot_minutes: float
         reg.close()
 
 
-def drift_episode(windows: list[dict], k: int, n: int, checks: list[str] | None = None) -> dict | None:
+def drift_episode(
+    windows: list[dict], k: int, n: int, checks: Collection[str] | None = None, alarm: str = ANY
+) -> dict | None:
     """The alarm episode the newest window is in, or None when the alarm is off.
 
-    `windows`: stored drift decisions of one version, oldest first. Returns the id of the window at which
-    the alarm turned on (the episode's key) and the checks that fired during the episode."""
+    `windows`: stored drift decisions of one version, oldest first. A drifted window counts toward the
+    alarm when it counts toward `alarm` (any drifted window by default; see `counts_toward`) or, given
+    `checks`, when one of them fired. Returns the id of the window at which the alarm turned on (the
+    episode's key) and the checks that fired in the counted windows of the episode."""
     judged = [w for w in windows if w["status"] in ("ok", "drift")]
     flags = []
     for w in judged:
-        fired = [c["name"] for c in w["checks"] if c.get("drifted")]
-        counts = w["status"] == "drift" and (checks is None or any(c in checks for c in fired))
-        flags.append((w["id"], bool(counts), fired))
+        fired = fired_checks(w["checks"])
+        if checks is not None:
+            counts = w["status"] == "drift" and any(c in checks for c in fired)
+        else:
+            counts = counts_toward(alarm, w["status"], fired)
+        flags.append((w["id"], counts, fired))
     drifted = [f[1] for f in flags]
-    alarm = [k_of_n(drifted[: i + 1], k, n) for i in range(len(drifted))]  # the alarm after each window
-    if not alarm or not alarm[-1]:
+    alarm_on = [k_of_n(drifted[: i + 1], k, n) for i in range(len(drifted))]  # the alarm after each window
+    if not alarm_on or not alarm_on[-1]:
         return None
-    start = len(alarm) - 1
-    while start > 0 and alarm[start - 1]:
+    start = len(alarm_on) - 1
+    while start > 0 and alarm_on[start - 1]:
         start -= 1
     # The checks of the windows that made the alarm and kept it on.
     fired = sorted({name for _, counts, names in flags[max(0, start - n + 1) :] if counts for name in names})

@@ -19,7 +19,8 @@ WANTED = {  # what the alerts must watch (issue: error rate, p99, log backlog, d
     "ChampionHighErrorRate": "champion_errors_total",
     "ChampionP99LatencyHigh": "champion_request_latency_seconds_bucket",
     "ChampionInferenceLogBehind": "champion_inference_log_behind_seconds",
-    "ChampionDriftAlarm": "champion_drift_alarm",
+    "ChampionPerformanceAlarm": 'champion_drift_alarm{kind="performance"}',  # issue 27: what retrains
+    "ChampionInputDriftAlarm": 'champion_drift_alarm{kind="input"}',  # an alert, no retrain by default
     "ChampionPendingApprovalOld": "champion_pending_approval_oldest_timestamp_seconds",
     "ChampionAliasUnaudited": "champion_alias_unaudited",  # issue 24: moved in MLflow, not adopted
 }
