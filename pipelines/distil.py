@@ -1,6 +1,6 @@
 """Distil a registered teacher into a smaller student and register the student with lineage to its teacher.
 
-Reads top to bottom like finetune.py, and shares its functions: teacher -> its recorded data and splits ->
+Reads top to bottom like finetune.py, and shares its functions: teacher -> the rows it was trained on ->
 teacher logits (computed once, cached) -> student (the teacher cut to fewer layers, DistilBERT-style, or
 another encoder with the same tokenizer) -> train on KL(soft teacher) + cross-entropy (+ optional pooled
 hidden-state matching) -> evaluate student and teacher on the same held-out rows -> gate -> log -> register.
@@ -119,7 +119,8 @@ def distil(cfg: DistilConfig, registry=None) -> DistilResult:
             f"its fp32 source v{teacher_tags.get(SOURCE_TAG, '?')} instead."
         )
 
-    # The teacher's recipe and splits (its data file checked against the hash recorded with it).
+    # The teacher's recipe and the rows it was trained on: its data file plus the fresh rows a retrain added,
+    # rebuilt from its lineage and checked against the hashes recorded with it (or `data`, split alike).
     recipe, splits = champion_recipe(
         reg, name, teacher_version, RetrainConfig(model_name=name, data=cfg.data), purpose="distillation"
     )

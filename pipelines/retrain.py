@@ -1,9 +1,10 @@
 """Retrain the champion on its original data plus fresh labels, and let the gate decide.
 
-Reads top to bottom: the champion and its recorded config -> its original data, checked against the
-recorded hash -> fresh labelled rows, split into fresh-train and a fresh holdout -> fine-tune (from the
-champion's weights or the base) -> register as `candidate` -> the gate on the fresh holdout against the
-champion of the moment -> promote directly, or hand it to the running service's canary as `challenger`.
+Reads top to bottom: the champion and its recorded config -> the rows it was trained on, rebuilt from its
+lineage and checked against the recorded hashes -> fresh labelled rows, split into fresh-train and a fresh
+holdout -> fine-tune (from the champion's weights or the base) -> register as `candidate`, with the rows it
+added to its source's split -> the gate on the fresh holdout against the champion of the moment -> promote
+directly, or hand it to the running service's canary as `challenger`.
 
     cfg = load_config(RetrainConfig, "configs/retrain.yaml")
     result = retrain(cfg)                      # or: champion retrain support-intents --config ...
@@ -15,6 +16,7 @@ guarantees it); every attempt is recorded (`champion_retrains`) with its outcome
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 from dataclasses import dataclass, field
@@ -27,6 +29,15 @@ from pydantic import Field
 from champion.config import StrictModel, apply_overrides, parse_config
 from champion.errors import ChampionError, InterruptedRun
 from champion.gate import GateConfig, GateDecision
+from champion.tables import content_sha256
+from pipelines.data import (
+    EXTRA_ROWS_TAG,
+    DataConfig,
+    load_splits,
+    record_extra_rows,
+    training_data,
+    without_extra_rows,
+)
 from pipelines.fresh import FreshConfig
 
 CANDIDATE = "candidate"  # the alias a retrained version waits under until the gate has spoken
@@ -42,7 +53,9 @@ class RetrainConfig(StrictModel):
     init: Literal["champion", "base"] = "champion"  # start from the champion's weights, or from its base
     method: Literal["lora", "full"] | None = None  # None: the champion's own method
     overrides: list[str] = Field(default_factory=list)  # on the champion's config, e.g. "train.epochs=2"
-    data: str | None = None  # replaces the champion's original training file (it must be unchanged otherwise)
+    # Replaces the champion's recorded training rows (its file and the fresh rows it learnt from); without it
+    # they must be unchanged.
+    data: str | None = None
     fresh: FreshConfig = FreshConfig()
     gate: GateConfig = GateConfig()
     promotion: Literal["direct", "canary", "none"] = "direct"  # none: register and gate, move nothing
@@ -113,18 +126,20 @@ def _retrain(cfg: RetrainConfig, reg, trigger: str, trigger_key: str, about: dic
     from champion.registry import CHALLENGER, CHAMPION, assign_alias, promote_on_gate, served_version
     from pipelines.compare import compare
     from pipelines.finetune import finetune
-    from pipelines.fresh import fresh_data, require_disjoint
+    from pipelines.fresh import fresh_data, normalise, require_disjoint
 
     name = cfg.model_name
     champion = served_version(reg, name, CHAMPION)
     if champion is None:
         raise ChampionError(f"model '{name}' has no champion to retrain; promote a version first.")
 
-    # The champion's recipe and its data, exactly as recorded (or an explicit replacement).
-    ft_cfg, original = champion_recipe(reg, name, champion, cfg)
+    # The champion's recipe and the rows it was trained on, exactly as recorded (or an explicit replacement):
+    # what its source splits into, and the fresh rows its own retrain added to the training split.
+    ft_cfg, recorded = champion_recipe(reg, name, champion, cfg)
+    original, learnt = without_extra_rows(recorded)
 
     # Fresh labels: what the retrain may learn from, and the holdout it never trains on.
-    fresh = fresh_data(name, cfg.fresh, exclude_texts=original.train["text"])
+    fresh = fresh_data(name, cfg.fresh, exclude_texts=recorded.train["text"])
     counts = dict(fresh.counts)
     if len(fresh.train) < cfg.fresh.min_train_rows:
         return RetrainResult(
@@ -143,8 +158,15 @@ def _retrain(cfg: RetrainConfig, reg, trigger: str, trigger_key: str, about: dic
             counts=counts,
         )
 
-    # Fine-tune on original + fresh-train rows, registered as `candidate` (never straight to challenger:
-    # a running canary would start serving it before the gate has spoken).
+    # What the champion learnt from fresh rows stays, unless a fresh row of the same text replaces it (the
+    # inference log keeps every label, so the rows it learnt from the log come back as fresh rows).
+    kept = learnt[~learnt["text"].map(normalise).isin(set(fresh.train["text"].map(normalise)))]
+    extra = pd.concat([kept, *[fresh.train[["text", "label"]]] * cfg.fresh.repeat], ignore_index=True)
+    extra = extra.astype(str)
+    counts["champion_fresh_rows_kept"] = len(kept)
+
+    # Fine-tune on original + kept + fresh-train rows, registered as `candidate` (never straight to
+    # challenger: a running canary would start serving it before the gate has spoken).
     lineage = {
         "retrain.parent_version": champion,
         "retrain.trigger": trigger,
@@ -154,6 +176,8 @@ def _retrain(cfg: RetrainConfig, reg, trigger: str, trigger_key: str, about: dic
         "retrain.fresh_repeat": str(cfg.fresh.repeat),
         "retrain.fresh_holdout_rows": str(len(fresh.holdout)),
         "retrain.fresh_holdout_sha256": fresh.holdout_sha256,
+        "retrain.kept_rows": str(len(kept)),
+        EXTRA_ROWS_TAG: content_sha256(extra),  # the rows added to the source's split, kept in the run
         **{f"retrain.{k}": str(v)[:250] for k, v in about.items()},
     }
     init_model = _checked_download(reg, name, champion) if cfg.init == "champion" else None
@@ -161,16 +185,17 @@ def _retrain(cfg: RetrainConfig, reg, trigger: str, trigger_key: str, about: dic
         ft_cfg,
         registry=reg,
         splits=original,  # the rows whose hash was just checked, not a second read of the file
-        extra_train=pd.concat([fresh.train] * cfg.fresh.repeat, ignore_index=True),
+        extra_train=extra,
         init_model=init_model,
         tags=lineage,
         reason=f"retrained from v{champion} ({trigger}) on {len(fresh.train)} fresh rows",
     )
     version = trained.version
-    counts["challenger_labels_new"] = sorted(set(fresh.train["label"]) - set(original.labels))
+    record_extra_rows(reg, trained.run_id, extra)  # with the recorded config, they rebuild its training data
+    counts["challenger_labels_new"] = sorted(set(fresh.train["label"]) - set(recorded.labels))
 
     # The gate, against the champion of this moment (it may have moved while we trained).
-    require_disjoint(fresh.holdout, [*original.train["text"], *fresh.train["text"]])
+    require_disjoint(fresh.holdout, [*original.train["text"], *extra["text"]])
     now_champion = served_version(reg, name, CHAMPION)
     if now_champion is None:
         raise ChampionError(f"model '{name}' lost its champion while the retrain ran; nothing was promoted.")
@@ -259,15 +284,15 @@ def _retrain(cfg: RetrainConfig, reg, trigger: str, trigger_key: str, about: dic
 
 
 def champion_recipe(reg, name: str, version: str, cfg: RetrainConfig, purpose: str = "retrain"):
-    """The champion's fine-tuning config (from its MLflow run) with the retrain's changes, and its original
-    splits, checked against the data hash recorded with the version."""
+    """The version's fine-tuning config (from its MLflow run) with the retrain's changes, and the rows it was
+    trained on, rebuilt from its lineage and checked against the hashes recorded with it (`training_data`);
+    with `cfg.data`, what that file splits into instead. A version retrained before its fresh rows were
+    recorded gives what its source alone splits into, as it did then."""
     import mlflow
 
-    from pipelines.data import file_sha256, load_splits
     from pipelines.finetune import FinetuneConfig
 
     mv = reg.client.get_model_version(name, version)
-    tags = dict(mv.tags)
     try:
         text = mlflow.artifacts.load_text(f"runs:/{mv.run_id}/config.yaml")
     except Exception:
@@ -276,6 +301,7 @@ def champion_recipe(reg, name: str, version: str, cfg: RetrainConfig, purpose: s
             f"{purpose} needs its recipe, so fine-tune one with `champion finetune` instead."
         ) from None
     data = yaml.safe_load(text) or {}
+    recorded_data = copy.deepcopy(data.get("data"))
     if cfg.method is not None:
         data["method"] = cfg.method
     data.setdefault("registry", {})
@@ -286,29 +312,16 @@ def champion_recipe(reg, name: str, version: str, cfg: RetrainConfig, purpose: s
         data.setdefault("data", {})["source"] = cfg.data
     data = apply_overrides(data, list(cfg.overrides))
     ft_cfg = parse_config(FinetuneConfig, data, source=f"v{version}'s config with the retrain's changes")
-    source = ft_cfg.data.source
-    if cfg.data is None:
-        recorded = tags.get("data_file_sha256.source")
-        if recorded and not os.path.isfile(source):
-            raise ChampionError(
-                f"the champion v{version} was trained on '{source}', which is gone; put it back, or pass "
-                "--data FILE to retrain on another file."
-            )
-        now = file_sha256(source) if recorded else None
-        if recorded and now != recorded:
-            raise ChampionError(
-                f"'{source}' changed since v{version} was trained on it (sha256 {recorded[:12]} recorded, "
-                f"{now[:12]} now); restore it, or pass --data FILE to retrain on it as it is."
-            )
-    original = load_splits(ft_cfg.data)
-    # Versions from before `source_data_sha256` existed were trained on their source alone.
-    recorded = tags.get("source_data_sha256") or tags.get("data_sha256")
-    if cfg.data is None and recorded and original.sha256 != recorded:
+    if cfg.data is not None:
+        return ft_cfg, load_splits(ft_cfg.data)
+    trained_on = parse_config(DataConfig, recorded_data or {}, source=f"v{version}'s recorded data")
+    changed = [k for k in DataConfig.model_fields if getattr(ft_cfg.data, k) != getattr(trained_on, k)]
+    if changed:
         raise ChampionError(
-            f"the champion v{version}'s data no longer splits into the rows it was trained on (content "
-            f"sha256 {recorded[:12]} recorded, {original.sha256[:12]} now); pass --data FILE."
+            f"overrides: data.{changed[0]} changes the rows v{version} was trained on, which {purpose} "
+            "reuses as recorded; pass --data FILE to split another file as the overrides say."
         )
-    return ft_cfg, original
+    return ft_cfg, training_data(reg, name, version, unrecorded="source")
 
 
 def _checked_download(reg, name: str, version: str) -> str:
