@@ -8,7 +8,11 @@
   optimisations on; `onnx-int8` is ONNX Runtime's own dynamic quantization (int8, per channel).
 - `causal-lm` / `lora` (generative versions): a whole causal language model in safetensors, or a peft LoRA
   adapter (`adapter_model.safetensors`) put on a base Champion loads itself (`load_causal_lm_files`,
-  `load_lora_adapter`).
+  `load_lora_adapter`). A causal LM's `int8` copy is the same int8 format (its `champion_format.json` says
+  `task: text-generation`, so it is rebuilt as a causal LM).
+- `gguf` (generative versions): one `model.gguf` (llama.cpp's format, e.g. Q8_0) with the tokenizer's files
+  beside it, written by `pipelines/lm_compress.py` for llama.cpp / Ollama; Champion reads it back with
+  transformers, which dequantizes it to float (`load_gguf`).
 
 Every format gives the same two outputs the service and the drift monitor need: the logits and the
 encoder's last hidden state mean-pooled over real tokens.
@@ -29,12 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from champion.errors import ChampionError
-from champion.safety import ADAPTER_CONFIG, INT8_FILE, transformers_folders
+from champion.safety import ADAPTER_CONFIG, GGUF_FILE, INT8_FILE, transformers_folders
 
 FORMAT_TAG = "format"
-VARIANT_TAG = "variant"  # student | int8 | onnx | onnx-int8
+VARIANT_TAG = "variant"  # student | int8 | onnx | onnx-int8 | gguf-q8_0
 SOURCE_TAG = "source_version"
-FORMATS = ("safetensors", "int8", "onnx", "onnx-int8", "causal-lm", "lora")
+FORMATS = ("safetensors", "int8", "onnx", "onnx-int8", "causal-lm", "lora", "gguf")
 COMPRESSED = ("int8", "onnx", "onnx-int8")
 FORMAT_FILE = "champion_format.json"
 ONNX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -97,6 +101,22 @@ def load_causal_lm_files(folder, where: str, dtype=None):
     return model, tokenizer
 
 
+def load_gguf(folder, where: str, dtype=None):
+    """(model, tokenizer) of a checked `gguf` folder: the weights from its `model.gguf`, dequantized to float
+    by transformers (read with the `gguf` package's memory-mapped reader: data, never code), the tokenizer
+    from the tokenizer files beside it (the very files its source was served with)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    if not (folder / GGUF_FILE).is_file():
+        raise ChampionError(f"{where}: '{folder}' has no {GGUF_FILE}, so it is not a GGUF version.")
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), **LOCAL_ONLY)
+    extra = {} if dtype is None else {"dtype": dtype}
+    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=GGUF_FILE, **extra, **LOCAL_ONLY)
+    model.hf_quantizer = None  # the weights are float now; the GGUF "quantizer" only blocks save_pretrained
+    return model, tokenizer
+
+
 def load_lora_adapter(model, folder, where: str, trainable: bool = False):
     """`model` (a base Champion loaded itself) with the checked LoRA adapter in `folder` put on it.
 
@@ -136,9 +156,11 @@ def quantize_int8(model, skip: tuple[str, ...] = ("classifier",)):
         return quantize_dynamic(copy.deepcopy(model).eval(), _int8_targets(model, skip), dtype=torch.qint8)
 
 
-def save_int8(quantized, skip: tuple[str, ...], folder: Path) -> None:
+def save_int8(quantized, skip: tuple[str, ...], folder: Path, task: str | None = None) -> None:
     """Write a `quantize_int8` model as plain tensors: int8 weights with their per-channel scales and zero
-    points, fp32 biases and every other weight as it was, plus the transformers config."""
+    points, fp32 biases and every other weight as it was, plus the transformers config. A weight tied to one
+    already written (a causal LM's output layer and its embeddings) is written once; `task`
+    "text-generation" makes `load_int8` rebuild a causal LM."""
     import torch
     from safetensors.torch import save_file
     from torch.ao.nn.quantized.dynamic import Linear as QLinear
@@ -155,13 +177,21 @@ def save_int8(quantized, skip: tuple[str, ...], folder: Path) -> None:
                 tensors[f"{name}.bias"] = module.bias().detach().contiguous()
             quantized_names.append(name)
     prefixes = tuple(n + "." for n in quantized_names)
+    written: set[int] = set()
     for key, value in quantized.state_dict().items():
         if isinstance(value, torch.Tensor) and not key.startswith(prefixes) and not value.is_quantized:
+            pointer = value.data_ptr() if value.numel() else None
+            if pointer in written:  # tied to a weight written already: the skeleton ties it again on load
+                continue
+            if pointer is not None:
+                written.add(pointer)
             tensors[key] = value.detach().contiguous()
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / INT8_FILE), metadata={"format": "int8", "scheme": "per_channel_affine"})
     quantized.config.save_pretrained(str(folder))
     meta = {"format": "int8", "quantized_modules": quantized_names, "skip": list(skip)}
+    if task is not None:
+        meta["task"] = task
     (folder / FORMAT_FILE).write_text(json.dumps(meta, indent=2))
 
 
@@ -169,13 +199,15 @@ def load_int8(folder: Path):
     """Rebuild a `save_int8` model: the architecture from its config, the tensors from its safetensors."""
     import torch
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     meta = json.loads((folder / FORMAT_FILE).read_text())
     tensors = load_file(str(folder / INT8_FILE))
     config = AutoConfig.from_pretrained(str(folder), **LOCAL_ONLY)
+    causal = meta.get("task") == "text-generation"  # a causal LM's copy (pipelines/lm_compress.py)
+    auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
     # Built on the CPU (not the meta device): the embeddings' non-persistent buffers are made here.
-    skeleton = AutoModelForSequenceClassification.from_config(config).eval()
+    skeleton = auto.from_config(config).eval()
     modules = dict(skeleton.named_modules())
     missing = [n for n in meta["quantized_modules"] if n not in modules]
     if missing:
@@ -188,7 +220,10 @@ def load_int8(folder: Path):
     for name in meta["quantized_modules"]:
         plain.setdefault(f"{name}.weight", torch.zeros(modules[name].weight.shape))  # replaced below
     result = skeleton.load_state_dict(plain, strict=False)
-    if result.unexpected_keys or [k for k in result.missing_keys if not k.endswith("position_ids")]:
+    tied = _tied_to_loaded(skeleton, plain)
+    if result.unexpected_keys or [
+        k for k in result.missing_keys if not k.endswith("position_ids") and k not in tied
+    ]:
         raise ChampionError(
             f"the int8 weights do not match the model's config (missing {result.missing_keys[:3]}, "
             f"unexpected {result.unexpected_keys[:3]})."
@@ -204,6 +239,14 @@ def load_int8(folder: Path):
         )
         qmodules[name].set_weight_bias(weight, tensors.get(f"{name}.bias"))
     return model.eval()
+
+
+def _tied_to_loaded(model, loaded: dict) -> set[str]:
+    """State-dict keys that share their tensor with a key in `loaded` (tied weights: loaded through it)."""
+    by_pointer: dict[int, list[str]] = {}
+    for key, value in model.state_dict().items():
+        by_pointer.setdefault(value.data_ptr(), []).append(key)
+    return {k for keys in by_pointer.values() if any(x in loaded for x in keys) for k in keys}
 
 
 # --- ONNX ---------------------------------------------------------------------------------------------

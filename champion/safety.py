@@ -25,6 +25,11 @@ A causal language model (format `causal-lm`: config, `generation_config.json`, t
 `adapter_model.safetensors`) are data in the same way. An adapter's config must say `peft_type: LORA` and name
 no class or module to import (`auto_mapping`, `megatron_config`); its `base_model_name_or_path` is a label,
 never loaded from it by Champion (the base is loaded by Champion and the adapter put on it).
+
+A `gguf` version (llama.cpp's file format, written by `champion compress --to gguf-q8_0`) is one `model.gguf`,
+tensors and typed key-value metadata that transformers reads as data with the `gguf` package, beside the
+tokenizer's JSON files. `.gguf` is allowed in a `gguf` version only, and only as that one file; like every
+version, its digest is checked before a byte of it is parsed.
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _ADAPTER_CODE_FIELDS = ("auto_mapping", "megatron_config")
 LEGACY_ENV = "CHAMPION_ALLOW_LEGACY_VERSIONS"
 INT8_FILE = "model.int8.safetensors"  # Champion's int8 format (champion/formats.py): the file a version needs
+GGUF_FILE = "model.gguf"  # a `gguf` version's one model file (tensors and metadata, no code)
+GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
 # Fields whose value transformers looks up as a class by name (AutoTokenizer, AutoProcessor, ...).
 _CLASS_FIELDS = frozenset(
     {"feature_extractor_type", "image_processor_type", "video_processor_type", "processor_type"}
@@ -91,6 +98,8 @@ def check_files(folder: str | Path, fmt: str, where: str) -> None:
             continue
         if fmt.startswith("onnx") and path.suffix.lower() == ".data":  # an ONNX graph's external tensors:
             continue  # raw bytes that ONNX Runtime maps, never unpickled
+        if fmt == "gguf" and rel == GGUF_FILE:  # tensors and typed metadata, memory-mapped as data
+            continue
         raise UnsafeModelError(
             f"{where}: '{rel}' is not a safe model file (allowed: {', '.join(sorted(SAFE_SUFFIXES))}); a "
             "pickle or code file could run on load, so this version is refused."
@@ -240,6 +249,14 @@ def _check_flavours(folder: Path, fmt: str, where: str) -> None:
         _check_generative(folder, fmt, where)
         if not mlmodel.is_file():  # a model folder or Champion's own layout: no MLmodel needed
             return
+    if fmt == "gguf" and not mlmodel.is_file():  # written by Champion: a flavourless logged model
+        gguf = folder / GGUF_FILE
+        if not gguf.is_file():
+            raise UnsafeModelError(f"{where}: a gguf version needs its {GGUF_FILE}; refused.")
+        with open(gguf, "rb") as fh:  # four bytes, compared: nothing is parsed here
+            if fh.read(4) != GGUF_MAGIC:
+                raise UnsafeModelError(f"{where}: its {GGUF_FILE} is not a GGUF file; refused.")
+        return
     if fmt == "int8" and not mlmodel.is_file():  # Champion's own format: a flavourless logged model
         if not (folder / INT8_FILE).is_file():
             raise UnsafeModelError(f"{where}: an int8 version needs its {INT8_FILE}; refused.")

@@ -620,6 +620,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
         out = {k: v for k, v in result.__dict__.items() if k != "decision"}
         print(json.dumps({**out, "gate": result.decision.to_dict()}, indent=2, default=str))
         return 0 if result.decision.promote else 1
+    if m.get("task") == "text-generation":
+        from pipelines.lm_compress import summary_lines
+
+        print("\n".join(summary_lines(result)))
+        return 0 if result.decision.promote else 1
     verdict = "within budget" if result.decision.promote else "REFUSED"
     print(f"registered {result.name} v{result.version} ({result.format} of v{result.source_version}) as "
           f"'candidate': {verdict}")  # fmt: skip
@@ -944,11 +949,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mlflow", action="store_true", help="do not log the evaluation run to MLflow")
     p.add_argument("--json", action="store_true", help="print the decision: promote, reason, evidence")
 
-    p = verb("compress", cmd_compress, "Build an int8, ONNX or ONNX-int8 copy of a version, measure it "
-             "against its source and register it. Exit 0 within budget, 1 refused, 2 bad input.")  # fmt: skip
+    p = verb("compress", cmd_compress, "Build an int8, ONNX or ONNX-int8 copy of a version (int8 or a GGUF "
+             "for a text-generation one), measure it against its source and register it. Exit 0 within "
+             "budget, 1 refused, 2 bad input.")  # fmt: skip
     p.add_argument("name", help="registered model name")
-    p.add_argument("version", help="the source version (an fp32 safetensors version)")
-    p.add_argument("--to", choices=["int8", "onnx", "onnx-int8"], help="the format (default onnx-int8)")
+    p.add_argument("version", help="the source version (fp32 safetensors, or what `champion sft` registered)")
+    p.add_argument("--to", choices=["int8", "onnx", "onnx-int8", "gguf-q8_0"],
+                   help="the format (default onnx-int8; gguf-q8_0, text generation's default)")  # fmt: skip
     p.add_argument("--config", help="compress YAML, e.g. configs/minilm_int8.yaml (defaults otherwise)")
     p.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override, e.g. budget.min_agreement=0.98"

@@ -8,6 +8,9 @@ Run it with `champion compress NAME VERSION --to onnx-int8`, or from a notebook:
 
 The variant is gated on its label agreement with its source (default 99 %, `budget.min_agreement`); one
 outside the budget is still registered, tagged with the refusal, and `champion promote` refuses it.
+
+A text-generation version (`champion sft`) goes to `pipelines/lm_compress.py`: int8 or a GGUF (`gguf-q8_0`),
+judged on the intents its answers give.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from champion.repair import process_tags
 if TYPE_CHECKING:
     import pandas as pd
 
+    from pipelines.lm_compress import LMCompressResult
     from serving.model import LoadedModel
 
 CANDIDATE = "candidate"  # the alias a new variant waits under until someone promotes it
@@ -46,11 +50,12 @@ class CostConfig(StrictModel):
 
 
 class CompressConfig(StrictModel):
-    to: Literal["int8", "onnx", "onnx-int8"] = "onnx-int8"
+    to: Literal["int8", "onnx", "onnx-int8", "gguf-q8_0"] = "onnx-int8"  # gguf-q8_0: text generation only
     data: str | None = None  # labelled CSV/JSONL/Parquet; default: the source's held-out reference rows
     int8_skip: list[str] = Field(
         default_factory=lambda: ["classifier"]
-    )  # nn.Linear modules (by name or suffix) kept in fp32 for int8
+    )  # nn.Linear modules (by name or suffix) kept in fp32 for int8 (a causal LM keeps its lm_head)
+    max_rows: int | None = Field(None, ge=1)  # text generation: held-out rows answered (generation is slow)
     threads: int | None = Field(None, ge=1)  # torch and ONNX Runtime threads; default: torch's
     budget: VariantBudget = VariantBudget()
     cost: CostConfig = CostConfig()
@@ -69,22 +74,32 @@ class CompressResult:
     promoted: bool = False
 
 
-def compress(name: str, version: str, cfg: CompressConfig | None = None, registry=None) -> CompressResult:
-    """Build `cfg.to` from `name` v`version`, measure it against its source and register it."""
+def compress(
+    name: str, version: str, cfg: CompressConfig | None = None, registry=None
+) -> CompressResult | LMCompressResult:
+    """Build `cfg.to` from `name` v`version`, measure it against its source and register it (a
+    text-generation version through `pipelines.lm_compress.compress_lm`)."""
     prepare_environment()
     import mlflow
     import torch
 
     from champion import tracking
-    from champion.registry import connect, model_version, promote, register_version
+    from champion.registry import TEXT_GENERATION, connect, model_version, promote, register_version
     from monitoring.reference import REFERENCE_TAG
-    from serving.model import load_variant, load_version
+    from serving.model import load_variant, load_version, task_of
 
     cfg = cfg or CompressConfig()
     reg = registry or connect()
     version = str(version)
     source_mv = model_version(reg, name, version)
     source_tags = dict(source_mv.tags)
+    if task_of(source_tags) == TEXT_GENERATION:
+        return compress_text_generation(name, version, cfg, reg)
+    if cfg.to == "gguf-q8_0":
+        raise ChampionError(
+            f"--to gguf-q8_0 is llama.cpp's format for text-generation versions, and v{version} of '{name}' "
+            "is a classifier; compress it to int8, onnx or onnx-int8."
+        )
     if format_of(source_tags) != "safetensors":
         raise ChampionError(
             f"v{version} of '{name}' is already a {format_of(source_tags)} variant; compress its source "
@@ -155,6 +170,34 @@ def compress(name: str, version: str, cfg: CompressConfig | None = None, registr
         moved = promote(reg, name, new_version, reason=f"compress --promote: {decision.reason}")
         promoted = moved.allowed
     return CompressResult(name, version, new_version, cfg.to, decision, measured, promoted)
+
+
+def compress_text_generation(name: str, version: str, cfg: CompressConfig, registry) -> LMCompressResult:
+    """`compress` of a text-generation version (pipelines/lm_compress.py), from the same settings: `to` is
+    gguf-q8_0 unless set, an LM's int8 keeps its output layer in fp32 whatever `int8_skip` says, and cost is
+    measured at `cost.batch_size` prompts generated together (8 unless set)."""
+    from pipelines.lm_compress import LMCompressConfig, compress_lm
+
+    to = cfg.to if "to" in cfg.model_fields_set else "gguf-q8_0"  # onnx-int8, the default, is not for LMs
+    if to not in ("int8", "gguf-q8_0"):
+        raise ChampionError(
+            f"--to {to}: v{version} of '{name}' is a text-generation version, which compresses to int8 "
+            "or gguf-q8_0 (ONNX export of a generating model is not supported)."
+        )
+    skip = sorted({"lm_head", *(s for s in cfg.int8_skip if s != "classifier")})
+    lm_cfg = LMCompressConfig(
+        to=to,
+        data=cfg.data,
+        max_rows=cfg.max_rows,
+        int8_skip=skip,
+        threads=cfg.threads,
+        batch_size=cfg.cost.batch_size if "batch_size" in cfg.cost.model_fields_set else 8,
+        price_per_core_hour=cfg.cost.price_per_core_hour,
+        budget=cfg.budget,
+        promote=cfg.promote,
+        experiment=cfg.experiment,
+    )
+    return compress_lm(name, version, lm_cfg, registry=registry)
 
 
 # --- the steps ----------------------------------------------------------------------------------------

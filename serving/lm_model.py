@@ -1,4 +1,10 @@
-"""One registered text-generation version (format `causal-lm` or `lora`), loaded the way a server loads it.
+"""One registered text-generation version (format `causal-lm`, `lora`, `int8` or `gguf`), loaded the way a
+server loads it.
+
+`int8` and `gguf` are `champion compress` copies of a version: `int8` is rebuilt with torch's dynamic int8
+Linear layers and runs on the CPU; `gguf` (llama.cpp's file) is read by transformers and dequantized to float,
+so serving it here saves no memory over its source (it is made for llama.cpp / Ollama; Champion serves it so
+the copy a user runs elsewhere can be checked, canaried and monitored like any version).
 
 A `lora` version is an adapter; its base is fetched from the `base/` artifacts of the run its `base_run_id`
 tag names, into a cache folder keyed by its `base_sha256` tag under CHAMPION_HOME, and checked there
@@ -32,6 +38,7 @@ from champion.registry import BASE_ARTIFACTS, BASE_RUN_TAG, BASE_SHA_TAG, SYSTEM
 log = logging.getLogger(__name__)
 
 GENERATION_PREFIX = "generation."
+GENERATIVE_FORMATS = ("causal-lm", "lora", "int8", "gguf")  # int8 and gguf: `champion compress` copies
 _DTYPES = ("auto", "fp32", "bf16")
 
 
@@ -56,7 +63,7 @@ class LoadedLM:
 
     name: str
     version: str
-    format: str  # causal-lm | lora
+    format: str  # causal-lm | lora | int8 | gguf
     model: Any  # the shared peft model of the base (lora) or the version's own causal LM (causal-lm)
     tokenizer: Any
     base_sha256: str
@@ -94,7 +101,6 @@ def load_generative_version(
     """Load `models:/name/version`, a text-generation version, from its checked files (and, for an adapter,
     its checked base); `device` "auto" is CUDA when there is a GPU, `dtype` "auto" bf16 on CUDA, else fp32."""
 
-    from champion.formats import load_causal_lm_files
     from champion.registry import TEXT_GENERATION
     from champion.safety import files_digest
     from serving.model import checked_folder
@@ -104,15 +110,15 @@ def load_generative_version(
     device, torch_dtype = _device_and_dtype(device, dtype, where)
     folder, fmt, mv = checked_folder(client, name, str(version), task=TEXT_GENERATION)
     tags = dict(mv.tags)
-    if fmt not in ("causal-lm", "lora"):
+    if fmt not in GENERATIVE_FORMATS:
         raise ChampionError(
             f"{where} is tagged text-generation but its format is '{fmt}'; a text-generation version is "
-            "'causal-lm' or 'lora', so register it again with `champion sft`."
+            f"one of {', '.join(GENERATIVE_FORMATS)}, so register it again with `champion sft` or "
+            "`champion compress`."
         )
     try:
-        if fmt == "causal-lm":
-            model, tokenizer = load_causal_lm_files(folder, where, torch_dtype)
-            model = model.to(device).eval()
+        if fmt != "lora":
+            model, tokenizer, device = load_whole_model(fmt, folder, where, device, torch_dtype)
             shared_lock, adapter, base_sha = threading.RLock(), None, tags.get(BASE_SHA_TAG, "")
         else:
             base_sha = tags.get(BASE_SHA_TAG, "")
@@ -143,6 +149,42 @@ def load_generative_version(
         adapter,
         shared_lock,
         tags.get(SYSTEM_PROMPT_TAG, ""),
+    )
+
+
+def load_whole_model(fmt: str, folder: Path, where: str, device: str, torch_dtype):
+    """(model, tokenizer, device) of a checked folder holding a whole causal LM (`causal-lm`, `int8`, `gguf`);
+    an `int8` model runs on the CPU whatever `device` says (torch's dynamic int8 kernels are CPU kernels)."""
+    from champion.formats import load_causal_lm_files, load_gguf, load_int8
+
+    if fmt == "int8":
+        return load_int8(Path(folder)).eval(), _tokenizer(Path(folder)), "cpu"
+    load = load_gguf if fmt == "gguf" else load_causal_lm_files
+    model, tokenizer = load(folder, where, torch_dtype)
+    return model.to(device).eval(), tokenizer, device
+
+
+def loaded_from_folder(name: str, version: str, fmt: str, folder: Path, tags: dict[str, str]) -> LoadedLM:
+    """A whole-model folder (already checked by the caller) as the server would hold it, on the CPU in fp32:
+    what `champion compress` measures before it registers the copy."""
+    import torch
+
+    started = time.perf_counter()
+    where = f"the {fmt} copy of '{name}'"
+    model, tokenizer, device = load_whole_model(fmt, folder, where, "cpu", torch.float32)
+    _pad_left(model, tokenizer)
+    return LoadedLM(
+        name,
+        version,
+        fmt,
+        model,
+        tokenizer,
+        "",
+        tokenizer.chat_template or "",
+        generation_defaults(tags),
+        device,
+        time.perf_counter() - started,
+        system_prompt=tags.get(SYSTEM_PROMPT_TAG, ""),
     )
 
 
