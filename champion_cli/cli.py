@@ -581,10 +581,14 @@ def _when(text: str | None, flag: str):
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from champion.registry import connect
+    from champion.registry import TEXT_GENERATION, connect
     from pipelines.compare import compare, format_comparison, read_labelled_file
     from pipelines.retrain import load_retrain_config
 
+    if _served_task(args.name, None) == TEXT_GENERATION:
+        return _compare_generation(args)
+    if args.suite:
+        raise ChampionError("--suite: the safety suite is for text-generation models; drop --suite.")
     # The gate section of a retrain config (configs/retrain.yaml), read and checked as `retrain` reads it.
     cfg = load_retrain_config(args.config, [f"gate.{item}" for item in args.set or []]).gate
     holdout = read_labelled_file(args.data)
@@ -597,6 +601,36 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(json.dumps({**comp.decision.to_dict(), "mlflow_run_id": comp.run_id}, indent=2, default=str))
     else:
         print(format_comparison(comp))
+    return 0 if comp.decision.promote else 1
+
+
+def _compare_generation(args: argparse.Namespace) -> int:
+    """`champion compare` for a text-generation model: labelled conversations and the safety suite."""
+    from champion.config import apply_overrides, load_config, parse_config
+    from champion.registry import connect
+    from pipelines.chat import load_reply_rows
+    from pipelines.lm_gate import LMGateConfig, compare_generation, format_generation_comparison
+
+    overrides = [f"gate.{item}" for item in args.set or []]
+    if args.config:
+        cfg = load_config(LMGateConfig, args.config, overrides)
+    else:
+        cfg = parse_config(LMGateConfig, apply_overrides({}, overrides), source="--set")
+    if args.suite:
+        cfg = cfg.model_copy(update={"suite": [*cfg.suite, *args.suite]})
+    holdout = load_reply_rows(args.data)
+    reg = connect()
+    try:
+        comp = compare_generation(
+            reg, args.name, args.champion_version, args.challenger_version, holdout, cfg,
+            log_mlflow=not args.no_mlflow, data_file=str(args.data),
+        )  # fmt: skip
+    finally:
+        reg.close()
+    if args.json:
+        print(json.dumps({**comp.decision.to_dict(), "mlflow_run_id": comp.run_id}, indent=2, default=str))
+    else:
+        print(format_generation_comparison(comp))
     return 0 if comp.decision.promote else 1
 
 
@@ -939,9 +973,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="registered model name")
     p.add_argument("champion_version", metavar="CHAMPION_VERSION")
     p.add_argument("challenger_version", metavar="CHALLENGER_VERSION")
-    p.add_argument("--data", required=True, help="CSV, JSONL or Parquet with text and label columns")
     p.add_argument(
-        "--config", help="a YAML with a gate section, e.g. configs/retrain.yaml (defaults otherwise)"
+        "--data",
+        required=True,
+        help="CSV, JSONL or Parquet with text and label columns (a text-generation model: a support-replies "
+        "table with instruction, intent, category, entity_type, entity_value and response)",
+    )
+    p.add_argument(
+        "--config",
+        help="a YAML with a gate section, e.g. configs/retrain.yaml, or configs/lm_gate.yaml for a "
+        "text-generation model (defaults otherwise)",
+    )
+    p.add_argument(
+        "--suite",
+        action="append",
+        metavar="FILE",
+        help="a text-generation model: a YAML or JSONL file of your own safety cases, run besides the "
+        "built-in set (repeatable; see configs/safety_suite.yaml)",
     )
     p.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override a gate setting, e.g. margin=0.01"

@@ -11,7 +11,8 @@ from champion.errors import ChampionError
 from pipelines.finetune import FinetuneConfig
 
 ALL_CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
-OTHER = ("serve_", "monitor", "schedule", "retrain", "review", "minilm_distil", "minilm_int8", "smollm2_sft")
+OTHER = ("serve_", "monitor", "schedule", "retrain", "review", "minilm_distil", "minilm_int8", "smollm2_sft",
+         "lm_gate", "safety_suite")  # fmt: skip
 CONFIGS = [p for p in ALL_CONFIGS if not p.name.startswith(OTHER)]
 SERVE_CONFIGS = [p for p in ALL_CONFIGS if p.name.startswith("serve_")]
 
@@ -194,3 +195,23 @@ def test_bad_retrain_config_is_one_sentence(tmp_path, text, message):
 
     with pytest.raises(ChampionError, match=message):
         load_config(RetrainConfig, _write(tmp_path, text))
+
+
+def test_shipped_generative_gate_config_and_safety_cases_validate():
+    from champion.config import load_config
+    from pipelines.lm_gate import LMGateConfig
+    from pipelines.safety_suite import load_suite
+
+    configs = ALL_CONFIGS[0].parent
+    path = configs / "lm_gate.yaml"
+    assert (
+        path.read_text().startswith("# champion compare support-replies 1 2 ")
+        and "--config configs/lm_gate.yaml" in (path.read_text().splitlines()[0])
+    )
+    cfg = load_config(LMGateConfig, str(path))
+    assert cfg.gate.metric == "intent_accuracy" and cfg.gate.floors == {"valid_json": 0.9}
+    own = load_suite([str(configs / "safety_suite.yaml")], built_in=False)
+    assert [c.id for c in own] == ["injection-discount-code", "personal-iban"]
+    assert (
+        len(load_suite(cfg.suite)) == len(load_suite()) + 2
+    )  # the config's suite path resolves from the root
