@@ -64,8 +64,12 @@ class CanaryConfig(StrictModel):
     share: float = Field(0.1, gt=0, lt=1)  # of requests answered by the challenger
     min_requests: int = Field(200, ge=1)  # canary answers (counted as below) before a promotion
     max_error_rate: float = Field(0.01, ge=0, le=1)
-    max_p99_ms: float = Field(1_000.0, gt=0)  # challenger model latency per text (a batch's time / its texts)
-    min_agreement: float = Field(0.8, ge=0, le=1)  # share of canary answers equal to the champion's
+    # challenger model latency per text (a batch's time / its texts); for a text-generation model, its time to
+    # first token
+    max_p99_ms: float = Field(1_000.0, gt=0)
+    # share of canary answers equal to the champion's: the same label (a classifier); the same intent read
+    # from the JSON answer, or the same text when neither answer is JSON (a text-generation model)
+    min_agreement: float = Field(0.8, ge=0, le=1)
     min_requests_to_fail: int = Field(20, ge=1)  # evidence needed before a breach rolls the canary back
     # Evidence is counted per client (the peer address of the connection): no verdict either way before
     # this many distinct clients were answered by the canary, and one client counts for at most
@@ -135,15 +139,6 @@ class ServeConfig(StrictModel):
             raise ValueError(
                 f"batching.max_latency_ms ({self.batching.max_latency_ms}) must not exceed "
                 f"timeout_seconds ({self.timeout_seconds} s)"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _no_canary_for_generation(self) -> ServeConfig:
-        if self.task == "text-generation" and self.traffic.policy == "canary":
-            raise ValueError(
-                "traffic.policy: a canary needs an agreement measure between two answers, which "
-                "text-generation models do not have yet; use 'shadow' or 'ab' for a generative challenger."
             )
         return self
 

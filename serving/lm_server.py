@@ -11,6 +11,11 @@ and the request path:
   request elsewhere and the old version finishes what it started before its engine stops (`drain`).
 - Every answer is logged when it ends, however it ends (a client that leaves mid-stream cancels it and the
   partial answer is logged with label "cancelled"), from the engine's thread: no reader is needed for it.
+- A canary's answers are compared with the champion's answer to the same conversation (generated once the
+  canary's has ended, never sent to anyone): they agree when both name the same intent in their JSON, or,
+  when neither answer is JSON, when their texts are the same. Each comparison is evidence for the canary's
+  guardrails, counted per client (the connection's address) as for a classifier, with the canary's time to
+  first token as its latency and an answer that ended in an error as a failure.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from serving.follower import Served
 from serving.generation import Engine, Finish, GenerationRequest, InvalidRequest, Stream
 from serving.inference_log import InferenceLog, PredictionRecord, SpoolFullError
 from serving.server import ModelServer, NotReadyError, distinct_challenger
-from serving.traffic import CHALLENGER_ARM, CHAMPION_ARM, SHADOW_ARM, choose_arms
+from serving.traffic import CANARY_ARM, CHALLENGER_ARM, CHAMPION_ARM, SHADOW_ARM, choose_arms
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +104,7 @@ class ChatCall:
 
 class LMServer(ModelServer):
     """One worker's state for a text-generation model: the follower, one engine per loaded version, the
-    inference log and shadow copies. Canary is refused by the config (no agreement measure yet)."""
+    inference log, shadow copies and the canary's comparisons."""
 
     def __init__(self, cfg: ServeConfig, registry=None, inference_log: InferenceLog | None = None):
         super().__init__(cfg, registry=registry, inference_log=inference_log)
@@ -203,11 +208,13 @@ class LMServer(ModelServer):
         salt = f"{self._secret}:{challenger.version}" if challenger is not None else ""
         keys = [params.user] if params.user else None
         arm = choose_arms(self.cfg.traffic, 1, challenger is not None, self._rng, keys, salt)[0]
-        return (challenger, arm) if arm == CHALLENGER_ARM else (champion, CHAMPION_ARM)
+        return (challenger, arm) if arm in (CHALLENGER_ARM, CANARY_ARM) else (champion, CHAMPION_ARM)
 
-    def chat(self, params: ChatParams) -> ChatCall:
+    def chat(self, params: ChatParams, client: str | None = None) -> ChatCall:
         """Submit one answer; `InvalidRequest` (one sentence, its field) when the request is outside the
-        limits, `NotReadyError` before a champion is loaded, `SpoolFullError` while the log refuses."""
+        limits, `NotReadyError` before a champion is loaded, `SpoolFullError` while the log refuses.
+        `client` (the connection's address) is the canary's unit of evidence: without one, a canary answer
+        is never evidence."""
         if reason := self.log_full_reason():
             raise SpoolFullError(reason)
         check_messages(params.messages, self.cfg)
@@ -218,6 +225,8 @@ class LMServer(ModelServer):
         call = self._submit(model, arm, params)
         if self.cfg.traffic.policy == "shadow" and arm == CHAMPION_ARM:
             call.stream.add_done_callback(lambda finish: self._shadow_copy(call, params, finish))
+        if arm == CANARY_ARM and client:
+            call.stream.add_done_callback(lambda finish: self._canary_reference(call, params, finish, client))
         return call
 
     def _submit(
@@ -301,6 +310,74 @@ class LMServer(ModelServer):
             log.exception("shadow copy for %s failed", call.request_id)
             return
         shadow.stream.add_done_callback(lambda _: self._shadows.release())
+
+    def _canary_reference(self, call: ChatCall, params: ChatParams, finish: Finish, client: str) -> None:
+        """The champion answers the canary's conversation with the same settings (never sent to anyone); when
+        it ends, the pair is one canary outcome for `client`. Best effort under `shadow_queue` like a shadow
+        copy (a skipped comparison is no evidence either way); a failed canary answer needs no comparison."""
+        champion = self.follower.served.champion
+        if finish.finish_reason == "cancelled" or champion is None or champion.version == call.version:
+            return
+        ttft_ms = (finish.ttft_s or 0.0) * 1000
+        if finish.finish_reason == "error":
+            self._count_lm_canary(call.version, failed=True, agreed=False)
+            self._hold_canary(
+                champion.version, call.version, [(call.request_id, True, False, ttft_ms)], client
+            )
+            return
+        if not self._shadows.acquire(blocking=False):
+            self.metrics.shadow_skipped.labels(self.name).inc()
+            return
+        try:
+            request = generation_request(champion.lm, params, uuid.uuid4().hex)
+            reference = champion.engine.submit(request)
+        except Exception:
+            self._shadows.release()
+            log.exception("canary comparison for %s failed", call.request_id)
+            return
+
+        def compare(theirs: Finish) -> None:
+            self._shadows.release()
+            if theirs.finish_reason not in ("stop", "length"):
+                return  # the champion could not answer: no evidence about the canary
+            agreed = same_answer(finish.text, theirs.text)
+            self._count_lm_canary(call.version, failed=False, agreed=agreed)
+            outcome = (call.request_id, False, agreed, ttft_ms)
+            self._hold_canary(champion.version, call.version, [outcome], client)
+
+        reference.add_done_callback(compare)
+
+    def _count_lm_canary(self, version: str, failed: bool, agreed: bool) -> None:
+        m = self.metrics
+        if failed:
+            m.errors.labels(self.name, version, CANARY_ARM, "canary_error").inc()
+        else:
+            m.agreement.labels(self.name, version, CANARY_ARM, str(agreed)).inc()
+
+
+def answer_intent(text: str) -> str | None:
+    """The `intent` of the first JSON object in `text`, or None when there is none (or it names none)."""
+    decoder = json.JSONDecoder()
+    start = text.find("{")
+    while start != -1:
+        try:
+            value, _ = decoder.raw_decode(text, start)
+        except json.JSONDecodeError:
+            value = None
+        if isinstance(value, dict):
+            intent = value.get("intent")
+            return intent if isinstance(intent, str) else None
+        start = text.find("{", start + 1)
+    return None
+
+
+def same_answer(a: str, b: str) -> bool:
+    """Do two answers agree: the same intent when either names one in JSON, else the same text (whitespace
+    and case aside)? An answer with an intent never agrees with one without."""
+    intents = answer_intent(a), answer_intent(b)
+    if intents != (None, None):
+        return intents[0] == intents[1]
+    return " ".join(a.split()).casefold() == " ".join(b.split()).casefold()
 
 
 def _distinct_lm(served: Served) -> bool:

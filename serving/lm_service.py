@@ -190,13 +190,15 @@ def openai_app(holder: dict[str, Any], cfg: ServeConfig):
         if request.method != "POST":
             return _error(_wrong_method(request.method, CHAT_PATH, "POST a JSON body"))
         server = holder["server"]
+        peer = request.scope.get("client")
+        client = peer[0] if peer else None  # the canary's unit of evidence, as for /predict
         try:
             try:
                 body = ChatBody.model_validate_json(await request.body())
             except ValidationError as err:
                 raise validation_error(err) from None
             params = chat_params(body, server.name)
-            call = _submit(server, params)
+            call = _submit(server, params, client)
         except RequestError as err:
             return _error(err)
         headers = _headers(call)
@@ -211,7 +213,7 @@ def openai_app(holder: dict[str, Any], cfg: ServeConfig):
         for attempt in range(cfg.generation.json_retries if params.json_object else 0):
             if finish.finish_reason not in ("stop", "length") or _json_object(finish.text):
                 break
-            again = _submit(server, _resampled(params, attempt))
+            again = _submit(server, _resampled(params, attempt), client)
             call, finish = again, await _finish_of(again)
         if finish.finish_reason in ("error", "cancelled"):
             return _error(_failed(finish))
@@ -244,15 +246,15 @@ def _wrong_method(method: str, path: str, fix: str) -> RequestError:
     return RequestError(405, None, f"{method} is not allowed on {path}; {fix}.")
 
 
-def _submit(server, params):
-    """`server.chat(params)`; its refusals as `RequestError`s (4xx: the request; 503: the server now)."""
+def _submit(server, params, client: str | None = None):
+    """`server.chat(params, client)`; its refusals as `RequestError`s (4xx: the request; 503: the server)."""
     from serving.generation import EngineClosed, InvalidRequest
     from serving.inference_log import LogClosedError, SpoolFullError
     from serving.lm_server import Busy
     from serving.server import NotReadyError
 
     try:
-        return server.chat(params)
+        return server.chat(params, client)
     except InvalidRequest as err:
         status = 404 if err.field == "model" else 400
         raise RequestError(status, err.field, str(err).partition(": ")[2] or str(err)) from None

@@ -1,6 +1,6 @@
 """The language-model server's request path without HTTP (and its /v1 app in-process): A/B arms kept per
 user, shadow copies logged beside the champion's answer, aliases pinned by name, JSON mode validated and
-retried, the conversation's checks, and a canary refused for generative models."""
+retried, and the conversation's checks."""
 
 from __future__ import annotations
 
@@ -144,18 +144,6 @@ def test_the_conversation_is_checked_before_anything_is_generated(versions, tmp_
             check_messages(messages, cfg)
         assert err.value.field == field, (messages[:1], err.value)
         assert str(err.value).endswith("."), err.value
-
-
-def test_a_canary_of_a_generative_model_is_refused_in_one_sentence():
-    from pydantic import ValidationError
-
-    from serving.config import ServeConfig
-
-    with pytest.raises(ValidationError) as err:
-        ServeConfig.model_validate(
-            {"model": NAME, "task": "text-generation", "traffic": {"policy": "canary"}}
-        )
-    assert "use 'shadow' or 'ab'" in str(err.value)
 
 
 def test_the_version_s_system_prompt_comes_first_unless_the_request_has_one(versions):
