@@ -67,6 +67,25 @@ def drift(
         raise ChampionError("--file: a file is the window itself; drop --last and --since.")
     reg = registry or connect()
     version = str(version) if version is not None else _alias(reg, name, CHAMPION)
+    if _is_generation(reg, name, version):
+        if file is not None:
+            raise ChampionError(
+                "--file: a text-generation model's drift is read from its inference log; drop --file."
+            )
+        decision, features, lm_ref = _generation_window(
+            reg, name, version, cfg, last, since, until, arms, log_url
+        )
+        report_run_id = None
+        if len(features) and (cfg.report.mlflow or report_dir is not None):
+            from monitoring.report import build_lm_report, log_report, write_report
+
+            if cfg.report.mlflow:
+                report_run_id = log_report(
+                    decision, features, lm_ref, cfg.report.experiment, report_dir, build_lm_report
+                )
+            else:
+                write_report(decision, features, lm_ref, report_dir, build_lm_report)
+        return _stored(decision, report_run_id, report_dir, cfg, log_url, "log", store)
     ref = load_reference(reg, name, version)  # before any work: a version without one is a clear error
     model = load_version(reg.client, name, version)
 
@@ -96,19 +115,48 @@ def drift(
         from monitoring.report import write_report
 
         write_report(decision, window, ref, report_dir)
+    return _stored(
+        decision, report_run_id, report_dir, cfg, log_url, "file" if file is not None else "log", store
+    )
+
+
+def _stored(
+    decision, report_run_id, report_dir, cfg: MonitorConfig, log_url, source: str, store: bool
+) -> DriftRun:
+    """Record the decision in the drift store (unless `store` is False) and read the alarms after it. A file's
+    check is kept apart: only windows of the log (what production saw) move the alarm."""
     check_id, alarms = None, {}
     if store:
         from monitoring.store import DriftStore
 
         drift_store = DriftStore(drift_store_url(cfg.store_url, log_url))
         try:
-            # A file's check is kept apart: only windows of the log (what production saw) move the alarm.
-            source = "file" if file is not None else "log"
             check_id = drift_store.record(decision, report_run_id, source=source)
-            alarms = drift_store.alarm_states(name, version, cfg.alarm.k, cfg.alarm.n)
+            alarms = drift_store.alarm_states(decision.model, decision.version, cfg.alarm.k, cfg.alarm.n)
         finally:
             drift_store.close()
     return DriftRun(decision, alarms.get("any"), check_id, report_run_id, report_dir, alarms)
+
+
+def _is_generation(reg, name: str, version: str) -> bool:
+    from champion.registry import TASK_TAG, TEXT_GENERATION
+
+    return reg.client.get_model_version(name, str(version)).tags.get(TASK_TAG) == TEXT_GENERATION
+
+
+def _generation_window(reg, name, version, cfg: MonitorConfig, last, since, until, arms, log_url):
+    """(the decision, the window's features, the reference) for a text-generation version's logged answers."""
+    from monitoring.lm_drift import check_generation_drift, load_lm_reference, window_features
+
+    lm_ref = load_lm_reference(reg, name, version)  # before reading the log: a missing reference is clear
+    frame, about = read_log(name, version, last, since, until, arms, log_url, generated=True)
+    features, partial = window_features(frame)
+    about["partial_answers"] = partial  # cancelled or failed: not what the model would have answered
+    if len(features) > cfg.max_rows:
+        features = features.sample(cfg.max_rows, random_state=cfg.calibration.seed).reset_index(drop=True)
+        about["sampled_rows"] = cfg.max_rows
+    decision = check_generation_drift(features, lm_ref, cfg, model=name, version=version, **about)
+    return decision, features, lm_ref
 
 
 def _alias(reg, name: str, alias: str) -> str:
@@ -120,9 +168,12 @@ def _alias(reg, name: str, alias: str) -> str:
     return version
 
 
-def read_log(name, version, last, since, until, arms, log_url) -> tuple[pd.DataFrame, dict[str, Any]]:
+def read_log(
+    name, version, last, since, until, arms, log_url, generated: bool = False
+) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The window of the inference log (`log_url`, else the default one): the version's rows of `arms`
-    between `since` and `until`, the `last` of them if given, and what was read."""
+    between `since` and `until`, the `last` of them if given, and what was read (`generated`: with the
+    columns of generated answers)."""
     from serving.inference_log import InferenceLog
 
     url = log_url or default_log_url()
@@ -133,7 +184,13 @@ def read_log(name, version, last, since, until, arms, log_url) -> tuple[pd.DataF
             f"the inference log at {redact_uri(url)} cannot be read ({_first_line(err)}); is it up?"
         ) from None
     try:
-        frame = log.read(name, since=since, until=until, arms=arms or ["champion", "canary", "challenger"])
+        frame = log.read(
+            name,
+            since=since,
+            until=until,
+            arms=arms or ["champion", "canary", "challenger"],
+            generated=generated,
+        )
     except Exception as err:
         raise ChampionError(
             f"the inference log at {redact_uri(url)} cannot be read ({_first_line(err)}); is it up?"

@@ -50,6 +50,20 @@ class Checks(StrictModel):
     concept: ConceptCheck = ConceptCheck()
 
 
+class GenerationChecks(StrictModel):
+    """A text-generation model's checks (monitoring/lm_drift.py); `checks.concept` applies to it too."""
+
+    # Prompt and answer token counts: Wasserstein distance in units of the reference's standard deviation.
+    prompt_length: CheckConfig = CheckConfig(min_rows=100, floor=0.1)
+    answer_length: CheckConfig = CheckConfig(min_rows=100, floor=0.1)
+    # The mix of intents the JSON answers name ("" for none): Jensen-Shannon distance (base 2).
+    intent_mix: CheckConfig = CheckConfig(min_rows=100, floor=0.05)
+    # The drop in the share of answers that are a JSON object (a performance signal).
+    valid_json: CheckConfig = CheckConfig(min_rows=100, floor=0.02)
+    # The drop in the mean log-probability of the answers' own tokens (a label-free performance signal).
+    answer_logprob: CheckConfig = CheckConfig(min_rows=100, floor=0.02)
+
+
 class Calibration(StrictModel):
     # Target share of iid windows whose decision is `drift`, split evenly over the enabled checks.
     false_alarm_rate: float = Field(0.01, gt=0, lt=0.5)
@@ -72,6 +86,7 @@ class Report(StrictModel):
 
 class MonitorConfig(StrictModel):
     checks: Checks = Checks()
+    generation: GenerationChecks = GenerationChecks()  # a text-generation model's checks, instead of `checks`
     calibration: Calibration = Calibration()
     alarm: Alarm = Alarm()
     report: Report = Report()

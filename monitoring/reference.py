@@ -158,8 +158,8 @@ def load_reference(reg, name: str, version: str, cache: Path | None = None) -> R
     mv = reg.client.get_model_version(name, str(version))
     if mv.tags.get(TASK_TAG) == TEXT_GENERATION:
         raise ChampionError(
-            f"version {version} of '{name}' is a text-generation model; drift checks read classifiers' "
-            "answers only for now, so read its logged answers with InferenceLog.read(name, generated=True)."
+            f"version {version} of '{name}' is a text-generation model: its reference is its held-out "
+            "answers (monitoring.lm_drift.load_lm_reference), which `champion drift` reads itself."
         )
     uri = mv.tags.get(REFERENCE_TAG)
     if not uri:

@@ -90,15 +90,47 @@ def build_report(decision: DriftDecision, window: Window, ref: Reference):
     )
 
 
+def build_lm_report(decision: DriftDecision, window: pd.DataFrame, ref):
+    """The same for a text-generation model's window (`monitoring.lm_drift.window_features`) and reference:
+    prompt and answer token counts, the answers' mean log-probability, whether each is JSON, its intent."""
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import ValueDrift
+
+    checks = {c.name: c for c in decision.checks}
+    columns = {"prompt_tokens": ("prompt_length", "wasserstein"),
+               "completion_tokens": ("answer_length", "wasserstein"),
+               "logprob": ("answer_logprob", "wasserstein"), "intent": ("intent_mix", "jensenshannon"),
+               "valid_json": ("valid_json", "jensenshannon")}  # fmt: skip
+
+    def frame(rows: pd.DataFrame) -> pd.DataFrame:
+        out = rows[list(columns)].copy()
+        out["valid_json"] = out["valid_json"].map({True: "json", False: "not json"})
+        out["intent"] = out["intent"].replace("", "(none)")
+        return out.head(REPORT_ROWS).reset_index(drop=True)
+
+    metrics = [ValueDrift(column=c, method=method, threshold=_threshold(checks, check, 0.1))
+               for c, (check, method) in columns.items()]  # fmt: skip
+    definition = DataDefinition(
+        categorical_columns=["intent", "valid_json"],
+        numerical_columns=["prompt_tokens", "completion_tokens", "logprob"],
+    )
+    report = Report(metrics, include_tests=True)
+    return report.run(
+        Dataset.from_pandas(frame(window), data_definition=definition),
+        Dataset.from_pandas(frame(ref.rows), data_definition=definition),
+    )
+
+
 def _threshold(checks, name: str, default: float) -> float:
     check = checks.get(name)
     return float(check.threshold) if check is not None and check.threshold is not None else default
 
 
-def write_report(decision: DriftDecision, window: Window, ref: Reference, folder: Path) -> Path:
-    """drift.html and drift.json (Evidently) and decision.json (ours) in `folder`."""
+def write_report(decision: DriftDecision, window, ref, folder: Path, build=None) -> Path:
+    """drift.html and drift.json (Evidently) and decision.json (ours) in `folder`; `build` makes the report
+    (`build_report`, or `build_lm_report` for a text-generation model)."""
     folder.mkdir(parents=True, exist_ok=True)
-    snapshot = build_report(decision, window, ref)
+    snapshot = (build or build_report)(decision, window, ref)
     snapshot.save_html(str(folder / "drift.html"))
     snapshot.save_json(str(folder / "drift.json"))
     (folder / "decision.json").write_text(json.dumps(decision.to_dict(), indent=2, default=str))
@@ -106,7 +138,7 @@ def write_report(decision: DriftDecision, window: Window, ref: Reference, folder
 
 
 def log_report(
-    decision: DriftDecision, window: Window, ref: Reference, experiment: str, folder: Path | None = None
+    decision: DriftDecision, window, ref, experiment: str, folder: Path | None = None, build=None
 ) -> str:
     """One MLflow run in `experiment` with the report, the statistics as metrics, and tags; returns its id."""
     import mlflow
@@ -126,7 +158,7 @@ def log_report(
         },
     }
     with tempfile.TemporaryDirectory() as tmp:
-        out = write_report(decision, window, ref, folder or Path(tmp))
+        out = write_report(decision, window, ref, folder or Path(tmp), build)
         with mlflow.start_run(
             experiment_id=experiment_id,
             run_name=f"drift-{decision.model}-v{decision.version}",

@@ -119,7 +119,9 @@ def test_entity_f1_is_micro_and_floors_apply():
 
 
 def test_weighted_metric_and_too_few_rows():
-    cfg = GenerationGateConfig(resamples=400, metric="weighted", weights={"intent_accuracy": 3, "valid_json": 1})
+    cfg = GenerationGateConfig(
+        resamples=400, metric="weighted", weights={"intent_accuracy": 3, "valid_json": 1}
+    )
     champion, challenger = table(np.arange(200) % 2 == 0), table(np.ones(200, bool))
     decision = decide_generation_gate(champion, challenger, slices(200), cfg)
     assert decision.evidence["primary"] == {"champion": pytest.approx(0.625), "challenger": 1.0}
