@@ -184,11 +184,10 @@ def without_extra_rows(splits: Splits) -> tuple[Splits, pd.DataFrame]:
     return source, extra[["text", "label"]].reset_index(drop=True)
 
 
-def record_extra_rows(reg, run_id: str, rows: pd.DataFrame) -> None:
-    """Keep `rows` (text, label) in run `run_id` as the EXTRA_ROWS_ARTIFACT that `training_data` reads."""
+def extra_rows_text(rows: pd.DataFrame) -> str:
+    """`rows` (text, label) as the JSON lines of the EXTRA_ROWS_ARTIFACT that `training_data` reads."""
     pairs = zip(rows["text"], rows["label"], strict=True)
-    lines = "".join(json.dumps([text, label], ensure_ascii=False) + "\n" for text, label in pairs)
-    reg.client.log_text(run_id, lines, EXTRA_ROWS_ARTIFACT)
+    return "".join(json.dumps([text, label], ensure_ascii=False) + "\n" for text, label in pairs)
 
 
 def training_data(

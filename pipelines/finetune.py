@@ -105,13 +105,15 @@ def finetune(
     init_model: str | None = None,
     tags: dict[str, str] | None = None,
     reason: str | None = None,
+    texts: dict[str, str] | None = None,
 ) -> FinetuneResult:
     """Fine-tune as `cfg` says and register the result under `cfg.registry.alias`.
 
     The retraining loop also passes `splits` (what `cfg.data` splits into, already loaded and checked),
     `extra_train` (fresh labelled rows added to the training split only;
     their labels may be new), `init_model` (a registered version's model folder to start from instead of
-    `cfg.model.base`: its classifier rows are kept by label name) and extra version `tags` (lineage).
+    `cfg.model.base`: its classifier rows are kept by label name), extra version `tags` (lineage) and `texts`
+    (text artifacts of the run, path -> content: the rows a retrain added, logged before the version exists).
     """
     prepare_environment()
     import mlflow
@@ -206,6 +208,10 @@ def finetune(
         mlflow.set_tags({**lineage, **(tags or {})})
         mlflow.log_text(config_yaml, "config.yaml")
         mlflow.log_dict({"labels": splits.labels}, "labels.json")
+        for path, text in (
+            texts or {}
+        ).items():  # e.g. a retrain's added rows, kept before anything registers
+            mlflow.log_text(text, path)
 
         # Train -> test -> log the model. Ctrl-C or SIGTERM stops at the next safe point, registering nothing.
         try:

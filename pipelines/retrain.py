@@ -31,10 +31,11 @@ from champion.errors import ChampionError, InterruptedRun
 from champion.gate import GateConfig, GateDecision
 from champion.tables import content_sha256
 from pipelines.data import (
+    EXTRA_ROWS_ARTIFACT,
     EXTRA_ROWS_TAG,
     DataConfig,
+    extra_rows_text,
     load_splits,
-    record_extra_rows,
     training_data,
     without_extra_rows,
 )
@@ -189,9 +190,10 @@ def _retrain(cfg: RetrainConfig, reg, trigger: str, trigger_key: str, about: dic
         init_model=init_model,
         tags=lineage,
         reason=f"retrained from v{champion} ({trigger}) on {len(fresh.train)} fresh rows",
+        # In the run before the version registers: with the recorded config they rebuild its training data.
+        texts={EXTRA_ROWS_ARTIFACT: extra_rows_text(extra)},
     )
     version = trained.version
-    record_extra_rows(reg, trained.run_id, extra)  # with the recorded config, they rebuild its training data
     counts["challenger_labels_new"] = sorted(set(fresh.train["label"]) - set(recorded.labels))
 
     # The gate, against the champion of this moment (it may have moved while we trained).

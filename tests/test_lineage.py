@@ -148,7 +148,7 @@ def test_a_retrain_of_a_retrain_keeps_what_its_parent_learnt_and_rebuilds_its_ro
 
 def test_a_changed_file_or_changed_recorded_rows_is_refused_with_the_fix(reg, world):
     from champion.tables import content_sha256
-    from pipelines.data import EXTRA_ROWS_ARTIFACT, EXTRA_ROWS_TAG, record_extra_rows, training_data
+    from pipelines.data import EXTRA_ROWS_ARTIFACT, EXTRA_ROWS_TAG, extra_rows_text, training_data
 
     v2, data = world["v2"], world["data"]
     original = data.read_text()
@@ -170,13 +170,13 @@ def test_a_changed_file_or_changed_recorded_rows_is_refused_with_the_fix(reg, wo
     rows = training_data(reg, NAME, v2)
     added = rows.train.iloc[len(rows.train) - rows.extra_rows :]
     try:
-        record_extra_rows(reg, run_id, added.assign(label="track_order"))
+        reg.client.log_text(run_id, extra_rows_text(added.assign(label="track_order")), EXTRA_ROWS_ARTIFACT)
         with pytest.raises(
             ChampionError, match=rf"{EXTRA_ROWS_ARTIFACT} in run {run_id} changed since v{v2}"
         ):
             training_data(reg, NAME, v2)
     finally:
-        record_extra_rows(reg, run_id, added)
+        reg.client.log_text(run_id, extra_rows_text(added), EXTRA_ROWS_ARTIFACT)
     assert (
         training_data(reg, NAME, v2).sha256 == rows.sha256
         and content_sha256(added) == _tags(reg, v2)[EXTRA_ROWS_TAG]
