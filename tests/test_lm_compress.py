@@ -170,6 +170,20 @@ def test_a_gguf_whose_files_changed_is_refused_before_it_is_parsed(world, monkey
     assert not cached[0].exists()  # and the tampered copy left the cache
 
 
+def test_the_default_rows_are_the_versions_held_out_test_rows(world):
+    from lm_world import INTENTS
+
+    from pipelines.lm_compress import held_out_reply_rows
+
+    reg, version = world["reg"], world["version"]
+    tags = dict(reg.client.get_model_version(NAME, version).tags)
+    rows = held_out_reply_rows(NAME, version, tags, None, None)
+    assert len(rows) == 2 and set(rows["intent"]) <= set(INTENTS)  # sft_tiny keeps 2 test rows
+    assert rows["instruction"].str.len().min() > 0 and rows["response"].str.len().min() > 0
+    with pytest.raises(ChampionError, match="pass --data FILE"):
+        held_out_reply_rows(NAME, version, {}, None, None)
+
+
 def test_a_gguf_is_for_llama_models_and_a_classifier_cannot_take_it(world):
     from pipelines.lm_compress import gguf_tensor_name, permute_rotary
 
