@@ -172,7 +172,8 @@ def compress_lm(
         measured["memory"] = {
             "source_parameter_bytes": source_bytes,
             "variant_file_bytes": _weights_bytes(folder, fmt),
-            "variant_load_rss_bytes": max(0, _rss_bytes() - rss_before),
+            "variant_parameter_bytes": parameter_bytes(variant.model),  # as loaded (a GGUF: dequantized)
+            "variant_load_rss_bytes": max(0, _rss_bytes() - rss_before),  # the load's peak stays resident
         }
         measured["llama_cpp"] = llama_cpp_speed(
             folder / GGUF_FILE, rows, variant, max_new_tokens, cfg.threads
@@ -497,12 +498,17 @@ def pre_tokenizer_name(tokenizer) -> str:
 
 
 def parameter_bytes(model) -> int:
-    """Bytes of a model's weights in memory, a tied weight counted once."""
+    """Bytes of a model's weights in memory, a tied weight counted once; a dynamic int8 layer's packed
+    weight counts one byte per value."""
     seen, total = set(), 0
-    for tensor in model.state_dict().values():
-        if tensor.numel() and tensor.data_ptr() not in seen:
-            seen.add(tensor.data_ptr())
-            total += tensor.numel() * tensor.element_size()
+    stack = list(model.state_dict().values())
+    while stack:
+        value = stack.pop()
+        if isinstance(value, tuple | list):  # torch.ao's packed params: (int8 weight, fp32 bias)
+            stack.extend(value)
+        elif hasattr(value, "data_ptr") and value.numel() and value.data_ptr() not in seen:
+            seen.add(value.data_ptr())
+            total += value.numel() * value.element_size()
     return total
 
 
@@ -688,6 +694,7 @@ def lm_metric_tags(measured: dict[str, Any]) -> dict[str, str]:
         "heldout_rows": str(measured["rows"]),
         "memory.variant_file_bytes": str(measured["memory"]["variant_file_bytes"]),
         "memory.source_parameter_bytes": str(measured["memory"]["source_parameter_bytes"]),
+        "memory.variant_parameter_bytes": str(measured["memory"]["variant_parameter_bytes"]),
     }
 
 
@@ -733,9 +740,9 @@ def summary_lines(result: LMCompressResult) -> list[str]:
         f"  {var['tokens_per_s']:.1f} tokens/s at batch {var['batch_size']} ({reload}; source "
         f"{src['tokens_per_s']:.1f}); CPU-seconds per 1,000 tokens {var['cpu_seconds_per_1k_tokens']:.2f} "
         f"(source {src['cpu_seconds_per_1k_tokens']:.2f})",
-        f"  weights file {mem['variant_file_bytes'] / MIB:.1f} MiB (source "
-        f"{mem['source_parameter_bytes'] / MIB:.1f} MiB in fp32); resident on load "
-        f"+{mem['variant_load_rss_bytes'] / MIB:.0f} MiB",
+        f"  weights file {mem['variant_file_bytes'] / MIB:.1f} MiB, in memory "
+        f"{mem['variant_parameter_bytes'] / MIB:.1f} MiB (source {mem['source_parameter_bytes'] / MIB:.1f} "
+        f"MiB in fp32); process memory +{mem['variant_load_rss_bytes'] / MIB:.0f} MiB after loading",
     ]
     if m.get("llama_cpp"):
         lines.append(f"  llama.cpp: {m['llama_cpp']['tokens_per_s']:.1f} tokens/s, one prompt at a time")

@@ -117,6 +117,8 @@ def test_int8_and_gguf_copies_are_measured_registered_and_served(world, capsys):
         assert float(tags["cost.cpu_seconds_per_1k_tokens"]) > 0 and float(tags["cost.tokens_per_s"]) > 0
         assert tags["generation.max_new_tokens"] == "4" and tags["generation.reference"].startswith("runs:/")
         assert int(tags["memory.variant_file_bytes"]) > 0
+        if fmt == "int8":  # int8 layers hold a quarter of their fp32 bytes
+            assert int(tags["memory.variant_parameter_bytes"]) < int(tags["memory.source_parameter_bytes"])
         assert set(reg.client.get_registered_model(NAME).aliases) >= {"champion", "candidate"}
         # Served as the service loads it: an int8 copy on torch's int8 Linear layers, the GGUF dequantized.
         lm = load_generative_version(reg.client, NAME, new, device="cpu")
