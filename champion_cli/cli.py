@@ -559,6 +559,7 @@ def cmd_drift(args: argparse.Namespace) -> int:
     if args.json:
         out = run.decision.to_dict()
         out["alarm"] = None if run.alarm is None else {**vars(run.alarm), "reason": run.alarm.reason}
+        out["alarms"] = {kind: {**vars(a), "reason": a.reason} for kind, a in run.alarms.items()}
         out["report_run_id"] = run.report_run_id
         print(json.dumps(out, indent=2, default=str))
     else:
@@ -681,15 +682,27 @@ RETRAIN_EXIT = {"promoted": 0, "canary": 0, "pending": 0, "refused": 1, "not_pro
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    from pipelines.retrain import load_retrain_config, retrain
+    from champion.registry import connect
+    from pipelines.lm_retrain import LMRetrainConfig, load_any_retrain_config, retrain_lm
+    from pipelines.retrain import retrain
 
-    cfg = load_retrain_config(args.config, args.set, name=args.name)
-    if args.data:
-        cfg.data = args.data
-    about = dict(item.partition("=")[::2] for item in args.about or [])
-    result = retrain(
-        cfg, trigger=args.trigger, trigger_key=args.trigger_key, about=about, claimed=args.claimed
-    )
+    reg = connect()
+    try:
+        cfg = load_any_retrain_config(reg, args.name, args.config, args.set)
+        about = dict(item.partition("=")[::2] for item in args.about or [])
+        if isinstance(cfg, LMRetrainConfig):
+            if args.data:
+                cfg.fresh.files = [*cfg.fresh.files, args.data]  # labelled conversations, dealt as files are
+            run = retrain_lm
+        else:
+            if args.data:
+                cfg.data = args.data
+            run = retrain
+        result = run(
+            cfg, reg, trigger=args.trigger, trigger_key=args.trigger_key, about=about, claimed=args.claimed
+        )
+    finally:
+        reg.close()
     if args.json:
         out = {k: v for k, v in result.__dict__.items() if k != "gate"}
         out["gate"] = None if result.gate is None else result.gate.to_dict()
@@ -958,7 +971,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="registered model name")
     p.add_argument("--config", help="retrain YAML, e.g. configs/retrain.yaml (defaults otherwise)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. gate.margin=0.01")
-    p.add_argument("--data", help="retrain on this file instead of the champion's original one")
+    p.add_argument(
+        "--data",
+        help="retrain on this file instead of the champion's original one (a text-generation "
+        "model: labelled conversations added to fresh.files)",
+    )
     p.add_argument("--trigger-key", help="an idempotency key: a key already used is refused")
     p.add_argument("--json", action="store_true")
     # Set by the scheduler's retrain jobs (pipelines/jobs.py), which claim the key before starting us.

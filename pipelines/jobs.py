@@ -173,9 +173,10 @@ def launch(
     """Cooldown, then claim `key`, then `champion retrain` in a child process; the outcome is recorded.
     `news` (what triggered it) opens the story in the history, once per claimed key."""
     from champion.audit import LoopEvent
-    from pipelines.retrain import AlreadyClaimed, load_retrain_config, start_attempt
+    from pipelines.lm_retrain import load_any_retrain_config
+    from pipelines.retrain import AlreadyClaimed, start_attempt
 
-    cfg = load_retrain_config(config, name=model)
+    cfg = load_any_retrain_config(reg, model, config)
     waiting = cooldown_left(reg, model, cfg.triggers.cooldown_minutes)
     if waiting is not None:
         return {"started": False, "trigger_key": key, "reason": f"in cooldown after the last retrain until "

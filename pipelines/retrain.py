@@ -100,17 +100,26 @@ def retrain(
             raise ChampionError(
                 f"fresh.files[{i}]: '{path}' does not exist; list labelled CSV, JSONL or Parquet files."
             )
+    return run_attempt(reg, name, trigger, trigger_key, about, claimed,
+                       lambda key: _retrain(cfg, reg, trigger, key, about or {}))  # fmt: skip
+
+
+def run_attempt(reg, name: str, trigger: str, trigger_key: str | None, about: dict[str, Any] | None,
+                claimed: bool, body) -> RetrainResult:  # fmt: skip
+    """Record a retrain attempt under `trigger_key` (a new key, unless `claimed`), run `body(trigger_key)`,
+    and record how it ended, however it ends (an exception or Ctrl-C included)."""
     trigger_key = trigger_key or f"manual:{name}:{datetime.now(UTC).isoformat()}:{os.getpid()}"
     attempt = claimed_attempt(reg, trigger_key) if claimed else start_attempt(reg, name, trigger, trigger_key)
     started = {"trigger": trigger, **(about or {})}
-    _record(reg, name, "retrain_started", f"retrain started ({trigger}).", None, started, trigger_key)
+    record_event(reg, name, "retrain_started", f"retrain started ({trigger}).", None, started, trigger_key)
 
     def finish(outcome: str, version: str | None, detail: str, evidence: dict[str, Any]) -> None:
         finish_attempt(reg, attempt, outcome, version, detail)
-        _record(reg, name, "retrain_finished", detail, version, {"outcome": outcome, **evidence}, trigger_key)
+        record_event(reg, name, "retrain_finished", detail, version, {"outcome": outcome, **evidence},
+                     trigger_key)  # fmt: skip
 
     try:
-        result = _retrain(cfg, reg, trigger, trigger_key, about or {})
+        result = body(trigger_key)
     except (KeyboardInterrupt, InterruptedRun):
         finish("interrupted", None, "retrain interrupted before the gate; nothing was promoted.", {})
         raise
@@ -124,7 +133,7 @@ def retrain(
 def _retrain(cfg: RetrainConfig, reg, trigger: str, trigger_key: str, about: dict[str, Any]) -> RetrainResult:
     import pandas as pd
 
-    from champion.registry import CHALLENGER, CHAMPION, assign_alias, promote_on_gate, served_version
+    from champion.registry import CHAMPION, served_version
     from pipelines.compare import compare
     from pipelines.finetune import finetune
     from pipelines.fresh import fresh_data, normalise, require_disjoint
@@ -215,8 +224,8 @@ def _retrain(cfg: RetrainConfig, reg, trigger: str, trigger_key: str, about: dic
         **note,
     )
     decision = comparison.decision
-    _tag_gate(reg, name, version, decision)
-    _record(
+    tag_gate(reg, name, version, decision)
+    record_event(
         reg,
         name,
         "gate",
@@ -235,33 +244,58 @@ def _retrain(cfg: RetrainConfig, reg, trigger: str, trigger_key: str, about: dic
             trained.run_id,
             counts,
         )
-    evidence = {"gate": _gate_summary(decision), "trigger_key": trigger_key}
-    if cfg.promotion == "none":
+    evidence = {"gate": gate_summary(decision), "trigger_key": trigger_key}
+    return hand_over(reg, name, version, now_champion, decision, evidence, cfg.promotion, cfg.approval,
+                     cfg.approval_hours, trigger, trained.run_id, counts)  # fmt: skip
+
+
+def hand_over(
+    reg,
+    name: str,
+    version: str,
+    now_champion: str,
+    decision: GateDecision,
+    evidence: dict[str, Any],
+    promotion: str,
+    approval: str,
+    approval_hours: float,
+    trigger: str,
+    run_id: str | None,
+    counts: dict[str, Any],
+) -> RetrainResult:
+    """After a passing gate: nothing (`promotion: none`), a pending approval, the canary's challenger alias,
+    or the champion alias, each audited with the gate's `evidence`."""
+    from champion.registry import CHALLENGER, assign_alias, promote_on_gate
+
+    if promotion == "none":
         return RetrainResult(
             "not_promoted",
             f"v{version} passed the gate; promotion is off (promotion: none).",
             now_champion,
             version,
             decision,
-            trained.run_id,
+            run_id,
             counts,
         )
-    if cfg.approval == "required":
+    if approval == "required":
         from champion.approval import request_approval
 
-        item = request_approval(reg, name, version, cfg.promotion, now_champion, decision.reason, evidence,
-                                cfg.approval_hours)  # fmt: skip
-        why = (f"v{version} passed the gate and waits for approval until {item.expires_at:%Y-%m-%d %H:%M} "
-               f'UTC: champion approve {name} {version} --reason "..." (or reject).')  # fmt: skip
-        return RetrainResult("pending", why, now_champion, version, decision, trained.run_id, counts)
-    if cfg.promotion == "canary":
+        item = request_approval(
+            reg, name, version, promotion, now_champion, decision.reason, evidence, approval_hours
+        )
+        why = (
+            f"v{version} passed the gate and waits for approval until {item.expires_at:%Y-%m-%d %H:%M} "
+            f'UTC: champion approve {name} {version} --reason "..." (or reject).'
+        )
+        return RetrainResult("pending", why, now_champion, version, decision, run_id, counts)
+    if promotion == "canary":
         moved = assign_alias(
             reg,
             name,
             CHALLENGER,
             version,
-            reason=f"passed the gate against v{now_champion}; the canary decides",
             evidence=evidence,
+            reason=f"passed the gate against v{now_champion}; the canary decides",
         )
         outcome, why = (
             "canary",
@@ -279,10 +313,8 @@ def _retrain(cfg: RetrainConfig, reg, trigger: str, trigger_key: str, about: dic
         )
         outcome, why = "promoted", f"v{version} is the champion: {decision.reason}"
     if not moved.allowed:
-        return RetrainResult(
-            "not_promoted", moved.reason, now_champion, version, decision, trained.run_id, counts
-        )
-    return RetrainResult(outcome, why, now_champion, version, decision, trained.run_id, counts)
+        return RetrainResult("not_promoted", moved.reason, now_champion, version, decision, run_id, counts)
+    return RetrainResult(outcome, why, now_champion, version, decision, run_id, counts)
 
 
 def champion_recipe(reg, name: str, version: str, cfg: RetrainConfig, purpose: str = "retrain"):
@@ -334,7 +366,7 @@ def _checked_download(reg, name: str, version: str) -> str:
     return str(checked_folder(reg.client, name, version)[0])
 
 
-def _gate_summary(decision: GateDecision) -> dict[str, Any]:
+def gate_summary(decision: GateDecision) -> dict[str, Any]:
     ev = decision.evidence
     keys = (
         "rows",
@@ -352,7 +384,7 @@ def _gate_summary(decision: GateDecision) -> dict[str, Any]:
     return {"promote": decision.promote, "reason": decision.reason, **{k: ev[k] for k in keys if k in ev}}
 
 
-def _tag_gate(reg, name: str, version: str, decision: GateDecision) -> None:
+def tag_gate(reg, name: str, version: str, decision: GateDecision) -> None:
     """The gate's verdict and its numbers on the challenger's version tags (the MLflow UI shows them)."""
     ev = decision.evidence
     tags = {
@@ -377,7 +409,7 @@ def _tag_gate(reg, name: str, version: str, decision: GateDecision) -> None:
         reg.client.set_model_version_tag(name, version, key, value)
 
 
-def _record(reg, name, kind, summary, version, evidence, trigger_key) -> None:
+def record_event(reg, name, kind, summary, version, evidence, trigger_key) -> None:
     from champion.audit import LoopEvent
 
     reg.audit.record(LoopEvent(name, kind, summary, version, evidence, trigger_key=trigger_key))

@@ -168,8 +168,22 @@ class SFTResult:
     tokenizer: Any = field(default=None, repr=False)
 
 
-def sft(cfg: SFTConfig, registry: Registry | None = None) -> SFTResult:
-    """Fine-tune `cfg.model.base` with LoRA as `cfg` says; register the result under `cfg.registry.alias`."""
+def sft(
+    cfg: SFTConfig,
+    registry: Registry | None = None,
+    *,
+    extra_train: pd.DataFrame | None = None,
+    init_adapter: Path | None = None,
+    tags: dict[str, str] | None = None,
+    reason: str | None = None,
+    texts: dict[str, str] | None = None,
+) -> SFTResult:
+    """Fine-tune `cfg.model.base` with LoRA as `cfg` says; register the result under `cfg.registry.alias`.
+
+    The retraining loop (pipelines/lm_retrain.py) also passes `extra_train` (fresh reply rows added to the
+    training split only), `init_adapter` (a registered adapter's checked folder on the same base, trained on
+    instead of a new LoRA), extra version `tags` (lineage), the registration's `reason` and `texts` (text
+    artifacts of the run, path -> content, logged before the version exists)."""
     prepare_environment()
     import mlflow
     import torch
@@ -177,6 +191,8 @@ def sft(cfg: SFTConfig, registry: Registry | None = None) -> SFTResult:
 
     # Data and base are checked before anything is written to MLflow.
     splits = load_reply_splits(cfg.data)
+    if extra_train is not None and len(extra_train):
+        splits = with_extra_rows(splits, extra_train)
     base_folder = resolve_base(cfg.model.base)
     device = train_device(cfg.train)
     dist = distributed.setup(device.type, cfg.train.num_threads)  # under torchrun / accelerate launch
@@ -186,9 +202,14 @@ def sft(cfg: SFTConfig, registry: Registry | None = None) -> SFTResult:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"progress": False})})
     set_seed(cfg.train.seed)
     model, tokenizer = load_causal_lm(base_folder, device="cpu", dtype="fp32")
-    model = lora_for_causal_lm(
-        model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, list(cfg.lora.target_modules)
-    )
+    if init_adapter is not None:  # go on training a registered adapter (its folder checked by the caller)
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+    else:
+        model = lora_for_causal_lm(
+            model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, list(cfg.lora.target_modules)
+        )
     model.to(device.type)
     trainable, total = count_parameters(model)
 
@@ -254,9 +275,11 @@ def sft(cfg: SFTConfig, registry: Registry | None = None) -> SFTResult:
             **tracking.code_version(),
             **tracking.library_versions(),
         }
-        mlflow.set_tags(lineage)
+        mlflow.set_tags({**lineage, **(tags or {})})
         mlflow.log_text(config_yaml, "config.yaml")
         mlflow.log_text(tokenizer.chat_template or "", "chat_template.jinja")
+        for path, text in (texts or {}).items():
+            mlflow.log_text(text, path)
         mlflow.log_dict(generation, "generation.json")
 
         # Train with an evaluation per epoch -> test -> held-out reference. Ctrl-C or SIGTERM stops at the
@@ -310,6 +333,7 @@ def sft(cfg: SFTConfig, registry: Registry | None = None) -> SFTResult:
         # Register and point the alias at it: all or nothing, and a Ctrl-C waits until it is done.
         tags = {
             **lineage,
+            **(tags or {}),
             TASK_TAG: TEXT_GENERATION,
             FORMAT_TAG: fmt,
             SYSTEM_PROMPT_TAG: SYSTEM_PROMPT,
@@ -329,8 +353,8 @@ def sft(cfg: SFTConfig, registry: Registry | None = None) -> SFTResult:
             model_uri,
             tags,
             cfg.registry.alias,
-            reason=f"fine-tuned (LoRA SFT{', merged' if cfg.registry.merge else ''}) in run "
-            f"{run.info.run_id}",
+            reason=reason
+            or f"fine-tuned (LoRA SFT{', merged' if cfg.registry.merge else ''}) in run {run.info.run_id}",
             evidence={k: round(v, 6) for k, v in metrics.items()},
         )
         mlflow.set_tag("registered_version", f"{cfg.registry.model_name}/{version}")
@@ -374,6 +398,16 @@ def load_reply_splits(cfg: SFTDataConfig) -> ReplySplits:
     train, validation, test = (p.drop(columns="label") for p in parts)
     seen = [_as_seen(p) for p in (train, validation, test)]
     return ReplySplits(train, validation, test, content_sha256(*seen), files)
+
+
+def with_extra_rows(splits: ReplySplits, extra: pd.DataFrame) -> ReplySplits:
+    """`splits` with `extra` reply rows after its training rows; the hash covers what the model now sees."""
+    import pandas as pd
+
+    train = pd.concat([splits.train, extra[list(splits.train.columns.intersection(extra.columns))]],
+                      ignore_index=True)  # fmt: skip
+    seen = [_as_seen(p) for p in (train, splits.validation, splits.test)]
+    return ReplySplits(train, splits.validation, splits.test, content_sha256(*seen), splits.file_sha256)
 
 
 def _as_seen(frame: pd.DataFrame) -> pd.DataFrame:

@@ -12,7 +12,7 @@ from pipelines.finetune import FinetuneConfig
 
 ALL_CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 OTHER = ("serve_", "monitor", "schedule", "retrain", "review", "minilm_distil", "minilm_int8", "smollm2_sft",
-         "lm_gate", "safety_suite")  # fmt: skip
+         "lm_gate", "safety_suite", "lm_retrain")  # fmt: skip
 CONFIGS = [p for p in ALL_CONFIGS if not p.name.startswith(OTHER)]
 SERVE_CONFIGS = [p for p in ALL_CONFIGS if p.name.startswith("serve_")]
 

@@ -86,9 +86,10 @@ def test_a_drift_alarm_starts_one_retrain_in_its_own_process_and_the_episode_nev
     from pipelines.jobs import retrain_on_drift
 
     champion_version = loop["version"]
-    assert retrain_on_drift("tiny-intents", loop["config"])["started"] is False  # no windows, no alarm
+    no_alarm = retrain_on_drift("tiny-intents", loop["config"], alarm="any")
+    assert no_alarm["started"] is False  # no windows, no alarm
     ids = _store_windows(loop["version"], ["ok", "drift", "drift"])
-    result = retrain_on_drift("tiny-intents", loop["config"])
+    result = retrain_on_drift("tiny-intents", loop["config"], alarm="any")
     # Whether two tiny models differ surely on 350 rows is up to their numbers; this test is about the
     # trigger: the retrain ran in a child process, reached the gate, and its outcome was recorded.
     assert result["started"] and result["outcome"] in ("not_promoted", "refused"), result
@@ -98,6 +99,7 @@ def test_a_drift_alarm_starts_one_retrain_in_its_own_process_and_the_episode_nev
     assert attempt["challenger_version"] == result["challenger_version"]
     tags = registry.client.get_model_version("tiny-intents", result["challenger_version"]).tags
     assert tags["retrain.drift_check_id"] == str(ids[2]) and tags["retrain.trigger"] == "drift"
+    assert tags["retrain.drift_alarm"] == "any"  # the opt-in: these windows drifted on an input check only
     from champion.registry import story
 
     steps = [(e["action"], e["reason"]) for e in story(registry, "tiny-intents") if e["type"] == "loop"]
@@ -109,13 +111,13 @@ def test_a_drift_alarm_starts_one_retrain_in_its_own_process_and_the_episode_nev
 
     # The same episode, one window later (a scheduler restart, a second scheduler): nothing new starts.
     _store_windows(loop["version"], ["drift"])
-    again = retrain_on_drift("tiny-intents", loop["config"])
+    again = retrain_on_drift("tiny-intents", loop["config"], alarm="any")
     assert again["started"] is False and "in cooldown" in again["reason"]
     with registry.audit.engine.begin() as conn:  # past the cooldown, the key still holds
         from champion.audit import retrain_runs
 
         conn.execute(retrain_runs.update().values(started_at=datetime.now(UTC) - timedelta(days=2)))
-    again = retrain_on_drift("tiny-intents", loop["config"])
+    again = retrain_on_drift("tiny-intents", loop["config"], alarm="any")
     assert again["started"] is False and "has already started a retrain" in again["reason"]
     assert len(_attempts(registry)) == 1
 
