@@ -139,10 +139,14 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cost(tags: dict[str, str]) -> str:
-    """CPU-seconds per 1,000 predictions and the cost per million, where a compress/distil run measured it."""
+    """CPU-seconds per 1,000 predictions and the cost per million (a language model: per 1,000 generated
+    tokens and their cost), where a compress/distil run measured it."""
     seconds = tags.get("cost.cpu_seconds_per_1k")
     if seconds is None:
-        return "-"
+        tokens = tags.get("cost.cpu_seconds_per_1k_tokens")
+        if tokens is None:
+            return "-"
+        return f"{float(tokens):.1f}/1k tok ({float(tags.get('cost.per_1k_tokens', 'nan')):.5f})"
     return f"{float(seconds):.2f} ({float(tags.get('cost.per_million', 'nan')):.3f})"
 
 
