@@ -291,8 +291,13 @@ def test_the_canary_is_judged_on_every_workers_traffic_together(make_server, reg
     first, second = (make_server(traffic={"policy": "canary", "canary": canary}) for _ in range(2))
 
     def send_canary_requests(server, n):
-        sent = 0
+        """Canary answers from `server` until it counted `n`, or until a verdict: once the sum of both reaches
+        min_requests, the other worker may promote first, and then this one has no canary to answer with."""
+        sent, deadline = 0, time.monotonic() + 60
         while (server.canary.local().requests if server.canary.local() else 0) < n:
+            if first.canary_decisions or second.canary_decisions:
+                break
+            assert time.monotonic() < deadline, f"{n} canary answers not counted in 60 s: {server.status()}"
             server.predict(TEXTS[:1], client=f"10.0.0.{sent % 5}")
             sent += 1
         return server.canary.local().requests
