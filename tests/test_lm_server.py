@@ -186,14 +186,19 @@ def test_two_versions_of_one_base_answering_at_once_each_answer_as_alone(version
         server.close()
 
 
-def test_drift_checks_refuse_a_text_generation_version_in_one_sentence(versions):
+def test_drift_of_a_text_generation_version_reads_its_log_not_a_file(versions, tmp_path):
+    """A generative version's drift is judged on its logged answers (tests/test_lm_drift.py); a file of
+    texts has no answers to judge, so --file is refused in one sentence before anything is read."""
     from champion.errors import ChampionError
     from monitoring.check import drift
     from monitoring.config import MonitorConfig
 
     with pytest.raises(ChampionError) as err:
-        drift(NAME, MonitorConfig())
-    assert "is a text-generation model" in str(err.value) and "\n" not in str(err.value)
+        drift(NAME, MonitorConfig(), file=tmp_path / "texts.csv", registry=versions["reg"])
+    assert (
+        str(err.value)
+        == "--file: a text-generation model's drift is read from its inference log; drop --file."
+    )
 
 
 def test_answers_beyond_the_waiting_limit_are_refused_not_queued(versions, tmp_path):
