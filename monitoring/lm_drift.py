@@ -120,7 +120,9 @@ def _judged(answer_intent: str, correction: Any, rating: Any) -> str | None:
         parsed = first_json_object(correction)
         if parsed is not None and isinstance(parsed.get("intent"), str):
             return parsed["intent"]
-    if rating is not None and not (isinstance(rating, float) and np.isnan(rating)):
+    import pandas as pd
+
+    if rating is not None and not pd.isna(rating):
         if int(rating) == 1:
             return answer_intent
         if int(rating) == -1:
