@@ -138,6 +138,15 @@ def _retrain_lm(cfg: LMRetrainConfig, reg, trigger: str, trigger_key: str, about
     counts = {"fresh_feedback_rows": len(feedback), "fresh_file_train_rows": len(files_train),
               "fresh_train_rows": len(fresh), "fresh_holdout_rows": len(holdout),
               "champion_fresh_rows_kept": len(learnt)}  # fmt: skip
+    if len(holdout) < cfg.gate.gate.min_rows:  # checked before training: without a holdout nothing is judged
+        return RetrainResult(
+            "skipped",
+            f"the fresh holdout has {len(holdout)} labelled conversations, fewer than the gate's min_rows "
+            f"({cfg.gate.gate.min_rows}); add labelled conversation files to fresh.files (corrected answers "
+            "teach a retrain but never judge it); nothing was trained.",
+            champion,
+            counts=counts,
+        )
     if len(fresh) < cfg.fresh.min_train_rows:
         return RetrainResult(
             "skipped",

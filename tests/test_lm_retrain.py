@@ -128,13 +128,29 @@ def test_a_retrain_goes_on_from_the_champion_on_fresh_conversations_and_its_retr
 def test_too_few_fresh_conversations_train_nothing_and_the_cli_dispatches(world, capsys):
     from champion_cli.cli import main
 
-    reg, v1, _, _ = world
-    args = ["retrain", NAME, "--set", "fresh.feedback=false", "--set", "fresh.min_train_rows=1000", "--json"]
+    reg, v1, conversations, _ = world
+    args = [
+        "retrain",
+        NAME,
+        "--set",
+        "fresh.feedback=false",
+        "--set",
+        "fresh.min_train_rows=1000",
+        "--set",
+        "gate.gate.min_rows=10",
+        "--data",
+        str(conversations),
+        "--json",
+    ]
     code = main(args)
     captured = capsys.readouterr()
     assert code == 1, captured
     out = json.loads(captured.out)
     assert out["outcome"] == "skipped" and "fewer than fresh.min_train_rows (1000)" in out["reason"]
     assert [str(v.version) for v in reg.client.search_model_versions(f"name = '{NAME}'")] == [v1]
+    # Corrected answers alone teach but never judge: without labelled files there is no holdout.
+    assert main(["retrain", NAME, "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["outcome"] == "skipped" and "the fresh holdout has 0 labelled conversations" in out["reason"]
     assert main(["retrain", NAME, "--set", "fresh.files=['missing.csv']"]) == 2
     assert "fresh.files[0]: 'missing.csv' does not exist" in capsys.readouterr().err
