@@ -144,18 +144,20 @@ def check_drift(
         results.append(CHECKS[name](window, ref, cfg, getattr(checks, name), level))
     if checks.concept.enabled:
         results.append(_concept(window, ref, cfg))
-    if any(r.drifted for r in results):
-        status = DRIFT
-    elif any(r.status == OK for r in results):
-        status = OK
-    else:
-        status = INSUFFICIENT
+    status = overall_status(results)
     info = {"false_alarm_rate": cfg.calibration.false_alarm_rate, "level_per_check": level, **about}
     rows = max(window.sampled_from, len(window.texts))  # the window's rows, before any sampling
     return DriftDecision(status, model, str(version), rows, results, info)
 
 
 # --- the checks ---------------------------------------------------------------------------------------------
+
+
+def overall_status(results: list[CheckResult]) -> str:
+    """`drift` if any check fired, `ok` if one judged and none fired, else `insufficient_data`."""
+    if any(r.drifted for r in results):
+        return DRIFT
+    return OK if any(r.status == OK for r in results) else INSUFFICIENT
 
 
 def _too_few(name: str, statistic: str, rows: int, needed: int, what: str = "rows") -> CheckResult:

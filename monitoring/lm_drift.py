@@ -31,7 +31,16 @@ import numpy as np
 
 from champion.errors import ChampionError
 from monitoring import stats
-from monitoring.drift import DRIFT, INSUFFICIENT, NOT_COMPUTABLE, OK, CheckResult, DriftDecision
+from monitoring.drift import (
+    DRIFT,
+    INSUFFICIENT,
+    NOT_COMPUTABLE,
+    OK,
+    CheckResult,
+    DriftDecision,
+    overall_status,
+)
+from serving.lm_server import first_json_object
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -55,21 +64,6 @@ class LMReference:
     @property
     def intent_accuracy(self) -> float:
         return float((self.rows["intent"] == self.rows["true_intent"]).mean())
-
-
-def first_json_object(text: str) -> dict | None:
-    """The first JSON object in `text`, or None."""
-    decoder = json.JSONDecoder()
-    start = text.find("{")
-    while start != -1:
-        try:
-            value, _ = decoder.raw_decode(text, start)
-        except json.JSONDecodeError:
-            value = None
-        if isinstance(value, dict):
-            return value
-        start = text.find("{", start + 1)
-    return None
 
 
 def answer_features(answers) -> tuple[np.ndarray, np.ndarray]:
@@ -232,12 +226,7 @@ def check_generation_drift(
     results = [_CHECKS[name](window, ref, cfg, getattr(checks, name), level) for name in enabled]
     if cfg.checks.concept.enabled:
         results.append(_concept(window, ref, cfg))
-    if any(r.drifted for r in results):
-        status = DRIFT
-    elif any(r.status == OK for r in results):
-        status = OK
-    else:
-        status = INSUFFICIENT
+    status = overall_status(results)
     info = {
         "false_alarm_rate": cfg.calibration.false_alarm_rate,
         "level_per_check": level,

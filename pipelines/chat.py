@@ -81,17 +81,9 @@ def encode_for_training(tokenizer: Any, message: str, answer: str, max_length: i
 
 def parse_answer(text: str) -> dict[str, Any] | None:
     """The first JSON object in `text` (surrounding whitespace or an end token are fine), or None."""
-    decoder = json.JSONDecoder()
-    start = text.find("{")
-    while start != -1:
-        try:
-            value, _ = decoder.raw_decode(text, start)
-        except json.JSONDecodeError:
-            value = None
-        if isinstance(value, dict):
-            return value
-        start = text.find("{", start + 1)
-    return None
+    from serving.lm_server import first_json_object
+
+    return first_json_object(text)
 
 
 def load_reply_rows(path: str | os.PathLike[str]) -> pd.DataFrame:

@@ -355,8 +355,9 @@ class LMServer(ModelServer):
             m.agreement.labels(self.name, version, CANARY_ARM, str(agreed)).inc()
 
 
-def answer_intent(text: str) -> str | None:
-    """The `intent` of the first JSON object in `text`, or None when there is none (or it names none)."""
+def first_json_object(text: str) -> dict | None:
+    """The first JSON object in `text` (surrounding words or an end token are fine), or None. The one reader
+    of a generated JSON answer: the gate's scores, the drift checks and the canary's agreement use it."""
     decoder = json.JSONDecoder()
     start = text.find("{")
     while start != -1:
@@ -365,10 +366,15 @@ def answer_intent(text: str) -> str | None:
         except json.JSONDecodeError:
             value = None
         if isinstance(value, dict):
-            intent = value.get("intent")
-            return intent if isinstance(intent, str) else None
+            return value
         start = text.find("{", start + 1)
     return None
+
+
+def answer_intent(text: str) -> str | None:
+    """The `intent` of the first JSON object in `text`, or None when there is none (or it names none)."""
+    intent = (first_json_object(text) or {}).get("intent")
+    return intent if isinstance(intent, str) else None
 
 
 def same_answer(a: str, b: str) -> bool:
